@@ -1,0 +1,39 @@
+# The verbs a person types. Every target installs what it needs into .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch and torchvision are installed together, pinned to a matching pair (a lone unpinned torch can pull a
+# build that breaks torchvision). Override on other machines: make test TORCH_PIN="torch==X torchvision==Y".
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-slow train data lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install $(TORCH_PIN)
+	$(PY) -m pip install -e '.[dev]' $(TORCH_PIN)
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow and not gpu"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m "slow"
+
+# Grows into the full default experiment (python -m openseed.train); for now it runs the data steps that exist:
+# generate synthshapes, convert it to shards, and stream one joint training batch.
+train: $(STAMP)
+	$(PY) -m openseed.data.prepare_default --root data/synthshapes
+
+bench: $(STAMP)
+	$(PY) -m data_prep.benchmark
+
+lint: $(STAMP)
+	$(PY) -m ruff check openseed data_prep tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache

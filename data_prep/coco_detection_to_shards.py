@@ -1,0 +1,46 @@
+"""Convert a COCO-style detection data set (COCO instances, Objects365 v1/v2, LVIS, labelme exports) to shards.
+
+    python -m data_prep.coco_detection_to_shards --json zhiyuan_objv2_train.json --image-dir objects365/train \
+        --out shards/o365v2_train --name o365v2_train --no-masks
+
+Image paths are resolved under --image-dir as written in the JSON, or with leading folders dropped (Objects365 v2's
+``images/v2/patchN/...`` finds ``patchN/...``); LVIS images are found by the name in their ``coco_url``.
+Polygon and RLE masks are kept as compressed RLE unless --no-masks.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import partial
+
+from data_prep._cli import converter_parser, run
+from openseed.data.coco import load_coco_detection
+from openseed.data.shards import ConversionSummary, encode_detection, write_shards
+
+
+def convert(json_path, image_dir, out, name, maxcount=1000, workers=0, skip_missing=False, limit=None,
+            progress=True, keep_masks=True, drop_empty=False) -> ConversionSummary:
+    vocab, records, report = load_coco_detection(json_path, image_dir, skip_missing=skip_missing,
+                                                 drop_empty=drop_empty)
+    records = records[:limit] if limit is not None else records
+    has_masks = keep_masks and any(ann.get("segmentation") for r in records for ann in r.objects)
+    encode = partial(encode_detection, vocab=vocab, dataset=name, keep_masks=keep_masks)
+    return write_shards(records, encode, out, name, "det", "rle" if has_masks else "none", vocab,
+                        maxcount=maxcount, workers=workers, progress=progress,
+                        reader_skips=(report.skipped_images, report.skipped_objects))
+
+
+def main(argv=None) -> int:
+    parser = converter_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--json", required=True, help="COCO-style detection JSON")
+    parser.add_argument("--image-dir", required=True, help="root folder of the images")
+    parser.add_argument("--no-masks", action="store_true", help="drop segmentation masks (boxes only)")
+    parser.add_argument("--drop-empty", action="store_true",
+                        help="skip images without annotations (keep them for evaluation sets)")
+    args = parser.parse_args(argv)
+    return run(lambda a: convert(a.json, a.image_dir, a.out, a.name, a.maxcount, a.workers, a.skip_missing,
+                                 a.limit, not a.quiet, not a.no_masks, a.drop_empty), args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Reading COCO-format annotation files (panoptic and detection) into per-image records.
+
+Used by the shard converters in ``data_prep`` and by tests. Every problem names the file it comes from: a malformed
+JSON, an annotation with an unknown category id, an image that cannot be found.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from openseed.data.vocab import Vocabulary
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Input data that cannot be used as it is; the message names the file and what is wrong."""
+
+
+@dataclass
+class ImageRecord:
+    """One image and its raw COCO annotations.
+
+    Attributes:
+        image_id: the JSON's image id (0 allowed).
+        image_path: the resolved image file.
+        height, width: as the JSON says.
+        objects: COCO ``annotations`` (detection) or ``segments_info`` entries (panoptic) of this image.
+        panoptic_path: the PNG id map (panoptic only).
+        extra: per-image fields worth keeping (LVIS ``neg_category_ids`` / ``not_exhaustive_category_ids``).
+    """
+
+    image_id: int
+    image_path: Path
+    height: int
+    width: int
+    objects: list[dict]
+    panoptic_path: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class ReadReport:
+    """What a reader passed over, counted by reason (each also logged)."""
+
+    skipped_images: Counter = field(default_factory=Counter)
+    skipped_objects: Counter = field(default_factory=Counter)
+
+    def skip_image(self, reason: str, detail: str) -> None:
+        self.skipped_images[reason] += 1
+        log.warning("skipping image: %s (%s)", detail, reason)
+
+    def skip_object(self, reason: str, detail: str) -> None:
+        self.skipped_objects[reason] += 1
+        log.debug("skipping annotation: %s (%s)", detail, reason)
+
+
+def load_json(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"annotation file not found: {path}")
+    try:
+        with path.open("rb") as handle:
+            data = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: malformed JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object at the top level, found {type(data).__name__}")
+    return data
+
+
+def _require(data: dict, keys: tuple[str, ...], path: Path) -> None:
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise DataError(f"{path}: missing top-level key(s) {missing}; is this a COCO file of the right kind?")
+
+
+def resolve_image(image_dir: Path, file_name: str) -> Path | None:
+    """Find ``file_name`` under ``image_dir``: the path as written, else with leading folders dropped one by one.
+
+    Objects365 v2 writes ``images/v2/patch16/x.jpg`` while the downloaded tree is ``train/patch16/x.jpg``; COCO writes
+    bare names; labelme exports write ``JPEGImages/x.jpg`` relative to the JSON.
+    """
+    parts = Path(file_name).parts
+    for start in range(len(parts)):
+        candidate = image_dir.joinpath(*parts[start:])
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _image_file_name(image: dict) -> str:
+    if image.get("file_name"):
+        return str(image["file_name"])
+    if image.get("coco_url"):  # LVIS v1 gives only the COCO url
+        return str(image["coco_url"]).rsplit("/", 1)[-1]
+    raise KeyError("file_name")
+
+
+def _index_images(data: dict, path: Path) -> dict[int, dict]:
+    images = {}
+    for image in data["images"]:
+        try:
+            images[int(image["id"])] = image
+            _image_file_name(image)
+            int(image["height"]), int(image["width"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise DataError(f"{path}: image entry {image!r:.200} lacks a valid {err}") from err
+    return images
+
+
+def _locate(image: dict, image_dir: Path, json_path: Path, skip_missing: bool, report: ReadReport) -> Path | None:
+    name = _image_file_name(image)
+    found = resolve_image(image_dir, name)
+    if found is None:
+        message = f"{json_path}: image {name!r} (id {image['id']}) not found under {image_dir}"
+        if not skip_missing:
+            raise DataError(message + " (pass --skip-missing to count and skip such images)")
+        report.skip_image("missing image file", message)
+    return found
+
+
+def load_coco_detection(json_path: str | Path, image_dir: str | Path, skip_missing: bool = False,
+                        drop_empty: bool = False) -> tuple[Vocabulary, list[ImageRecord], ReadReport]:
+    """Read a COCO detection/instances JSON (COCO, LVIS, Objects365 v1/v2, labelme exports).
+
+    Crowd annotations are kept (flagged); degenerate boxes (w or h <= 0) are dropped and counted. Images without
+    annotations are kept unless ``drop_empty`` (evaluation needs them: they hold false positives).
+    """
+    json_path, image_dir = Path(json_path), Path(image_dir)
+    data = load_json(json_path)
+    _require(data, ("images", "annotations", "categories"), json_path)
+    try:
+        vocab = Vocabulary.from_coco_categories(data["categories"], default_is_thing=True)
+    except ValueError as err:
+        raise DataError(f"{json_path}: bad categories ({err})") from err
+    images = _index_images(data, json_path)
+    report = ReadReport()
+    per_image: dict[int, list[dict]] = {image_id: [] for image_id in images}
+    for ann in data["annotations"]:
+        try:
+            image_id, category_id = int(ann["image_id"]), int(ann["category_id"])
+            x, y, w, h = (float(v) for v in ann["bbox"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise DataError(f"{json_path}: annotation {ann.get('id')!r} lacks a valid {err}") from err
+        if category_id not in vocab:
+            raise DataError(f"{json_path}: annotation {ann.get('id')!r} has unknown category id {category_id}")
+        if image_id not in per_image:
+            raise DataError(f"{json_path}: annotation {ann.get('id')!r} refers to unknown image id {image_id}")
+        if w <= 0 or h <= 0:
+            report.skip_object("degenerate box", f"{json_path}: annotation {ann.get('id')!r} bbox {ann['bbox']}")
+            continue
+        per_image[image_id].append(ann)
+    records = []
+    for image_id, image in images.items():
+        objects = per_image[image_id]
+        if drop_empty and not objects:
+            report.skip_image("no annotations", f"{json_path}: image id {image_id}")
+            continue
+        path = _locate(image, image_dir, json_path, skip_missing, report)
+        if path is None:
+            continue
+        extra = {k: image[k] for k in ("neg_category_ids", "not_exhaustive_category_ids") if k in image}
+        records.append(ImageRecord(image_id, path, int(image["height"]), int(image["width"]), objects, extra=extra))
+    return vocab, records, report
+
+
+def load_coco_panoptic(json_path: str | Path, png_dir: str | Path, image_dir: str | Path,
+                       skip_missing: bool = False) -> tuple[Vocabulary, list[ImageRecord], ReadReport]:
+    """Read a COCO panoptic JSON with its PNG folder and image folder."""
+    json_path, png_dir, image_dir = Path(json_path), Path(png_dir), Path(image_dir)
+    data = load_json(json_path)
+    _require(data, ("images", "annotations", "categories"), json_path)
+    try:
+        vocab = Vocabulary.from_coco_categories(data["categories"], default_is_thing=True)
+    except ValueError as err:
+        raise DataError(f"{json_path}: bad categories ({err})") from err
+    if not all("isthing" in c for c in data["categories"]):
+        raise DataError(f"{json_path}: panoptic categories need an 'isthing' flag")
+    images = _index_images(data, json_path)
+    report = ReadReport()
+    records = []
+    for ann in data["annotations"]:
+        try:
+            image_id, png_name, segments = int(ann["image_id"]), str(ann["file_name"]), list(ann["segments_info"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise DataError(f"{json_path}: panoptic annotation {ann!r:.120} lacks a valid {err}") from err
+        if image_id not in images:
+            raise DataError(f"{json_path}: annotation {png_name!r} refers to unknown image id {image_id}")
+        for segment in segments:
+            if int(segment.get("category_id", -1)) not in vocab:
+                raise DataError(f"{json_path}: segment {segment.get('id')!r} of {png_name!r} has unknown category id "
+                                f"{segment.get('category_id')!r}")
+            if "id" not in segment:
+                raise DataError(f"{json_path}: a segment of {png_name!r} has no id")
+        png_path = png_dir / png_name
+        if not png_path.is_file():
+            message = f"{json_path}: panoptic PNG {png_name!r} not found in {png_dir}"
+            if not skip_missing:
+                raise DataError(message + " (pass --skip-missing to count and skip such images)")
+            report.skip_image("missing panoptic PNG", message)
+            continue
+        image = images[image_id]
+        path = _locate(image, image_dir, json_path, skip_missing, report)
+        if path is None:
+            continue
+        records.append(ImageRecord(image_id, path, int(image["height"]), int(image["width"]), segments,
+                                   panoptic_path=png_path))
+    return vocab, records, report

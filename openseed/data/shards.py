@@ -1,0 +1,436 @@
+"""The one shard schema: writing COCO-format records to webdataset tar shards, and reading samples back.
+
+Layout of a converted data set (a folder)::
+
+    DIR/manifest.json    {"schema_version", "name", "task": "seg"|"det", "mask_format", "num_samples",
+                          "shards": [{"file": "NAME-000000.tar", "count": N}, ...], "summary": {...}}
+    DIR/vocab.json       the ``Vocabulary`` (ids, raw names, isthing, synonyms)
+    DIR/NAME-000000.tar  ...
+
+One sample per image; its key is the zero-padded image id (no dots: webdataset splits names at the first dot):
+
+    KEY.jpg           JPEG bytes, as in the source when it is a JPEG (re-encoded at quality 95 otherwise)
+    KEY.panoptic.png  panoptic data: the raw COCO panoptic PNG (id = R + 256 G + 256^2 B), never decoded as an image
+    KEY.json          {"image_id", "dataset", "file_name", "height", "width", "mask_format": "panoptic"|"rle"|"none",
+                       "objects": [{"category_id", "label", "is_thing", "iscrowd", "bbox": [x0, y0, x1, y1],
+                                    "area", "segment_id" (panoptic), "rle": {"size", "counts"} (rle, optional),
+                                    "pseudo_mask": bool}], "extra": {...}}
+
+``label`` indexes the vocabulary; ``bbox`` is xyxy in pixels of the stored image with exclusive max (see
+``openseed.structures``); panoptic boxes and areas are recomputed from the PNG, not copied from the JSON.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import multiprocessing as mp
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from openseed.data.coco import DataError, ImageRecord
+from openseed.data.vocab import Vocabulary
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+VOCAB = "vocab.json"
+PANOPTIC_KEY = "panoptic.png"
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def sample_key(image_id: int) -> str:
+    if image_id < 0:
+        raise DataError(f"negative image id {image_id}")
+    return f"{image_id:012d}"
+
+
+# ---------------------------------------------------------------------------------------------------- encoding
+@dataclass
+class Encoded:
+    """What a converter worker returns for one record: the sample to write (or None) and what it dropped."""
+
+    sample: dict | None
+    skipped_image: str | None = None
+    skipped_objects: Counter = field(default_factory=Counter)
+    reencoded: bool = False
+
+
+def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
+    """COCO panoptic colour -> segment id, for an [H, W, 3] uint8 array."""
+    rgb = rgb.astype(np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+
+
+def _read_image_bytes(record: ImageRecord) -> tuple[bytes | None, str | None, bool]:
+    """JPEG bytes of the record's image: (bytes, reason if unusable, re-encoded?)."""
+    data = record.image_path.read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            size = image.size
+            if data[:3] != JPEG_MAGIC:
+                buffer = io.BytesIO()
+                image.convert("RGB").save(buffer, format="JPEG", quality=95)
+                return buffer.getvalue(), None, True
+            image.verify()
+    except Exception as err:  # PIL raises many types for broken files
+        return None, f"unreadable image ({type(err).__name__}: {err})", False
+    if size != (record.width, record.height):
+        return None, f"image size {size[0]}x{size[1]} differs from the JSON's {record.width}x{record.height}", False
+    return data, None, False
+
+
+def _header(record: ImageRecord, dataset: str, mask_format: str) -> dict:
+    return {"image_id": record.image_id, "dataset": dataset, "file_name": record.image_path.name,
+            "height": record.height, "width": record.width, "mask_format": mask_format, "extra": record.extra}
+
+
+def encode_panoptic(record: ImageRecord, vocab: Vocabulary, dataset: str) -> Encoded:
+    """One COCO panoptic image -> one sample. Boxes and areas come from the PNG; segments absent from it are dropped."""
+    image, reason, reencoded = _read_image_bytes(record)
+    if image is None:
+        return Encoded(None, f"{record.image_path}: {reason}")
+    png = record.panoptic_path.read_bytes()
+    try:
+        ids = rgb_to_id(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+    except Exception as err:
+        return Encoded(None, f"{record.panoptic_path}: unreadable PNG ({type(err).__name__}: {err})")
+    if ids.shape != (record.height, record.width):
+        return Encoded(None, f"{record.panoptic_path}: PNG is {ids.shape[1]}x{ids.shape[0]}, image is "
+                             f"{record.width}x{record.height}")
+    present, counts = np.unique(ids, return_counts=True)
+    area_of = dict(zip(present.tolist(), counts.tolist()))
+    result = Encoded(None, reencoded=reencoded)
+    objects, listed = [], set()
+    for segment in record.objects:
+        segment_id, category_id = int(segment["id"]), int(segment["category_id"])
+        listed.add(segment_id)
+        if segment_id not in area_of:
+            result.skipped_objects["segment absent from PNG"] += 1
+            continue
+        ys, xs = np.nonzero(ids == segment_id)
+        label = vocab.index_of_id(category_id)
+        objects.append({"category_id": category_id, "label": label, "is_thing": vocab.categories[label].is_thing,
+                        "iscrowd": int(segment.get("iscrowd", 0)), "segment_id": segment_id,
+                        "bbox": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
+                        "area": int(area_of[segment_id]), "pseudo_mask": False})
+    unlisted = set(area_of) - listed - {0}
+    if unlisted:  # the official evaluator treats such pixels as void too
+        result.skipped_objects["PNG id without segment (void)"] += len(unlisted)
+    header = _header(record, dataset, "panoptic")
+    result.sample = {"__key__": sample_key(record.image_id), "jpg": image, PANOPTIC_KEY: png,
+                     "json": json.dumps({**header, "objects": objects}).encode()}
+    return result
+
+
+def _annotation_rle(ann: dict, height: int, width: int) -> dict | None:
+    segmentation = ann.get("segmentation")
+    if not segmentation:
+        return None
+    if isinstance(segmentation, list):  # polygons
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation.get("counts"), list):  # uncompressed RLE
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    else:
+        rle = dict(segmentation)
+    counts = rle["counts"]
+    return {"size": [int(v) for v in rle["size"]], "counts": counts.decode() if isinstance(counts, bytes) else counts}
+
+
+def encode_detection(record: ImageRecord, vocab: Vocabulary, dataset: str, keep_masks: bool = True) -> Encoded:
+    """One COCO detection image -> one sample. Polygon and RLE masks are kept as compressed RLE."""
+    image, reason, reencoded = _read_image_bytes(record)
+    if image is None:
+        return Encoded(None, f"{record.image_path}: {reason}")
+    objects = []
+    for ann in record.objects:
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        label = vocab.index_of_id(int(ann["category_id"]))
+        entry = {"category_id": int(ann["category_id"]), "label": label, "is_thing": vocab.categories[label].is_thing,
+                 "iscrowd": int(ann.get("iscrowd", 0)), "bbox": [x, y, x + w, y + h],
+                 "area": float(ann.get("area", w * h)), "pseudo_mask": bool(ann.get("pseudo_mask", False))}
+        if keep_masks:
+            try:
+                rle = _annotation_rle(ann, record.height, record.width)
+            except Exception as err:
+                raise DataError(f"annotation {ann.get('id')!r} of image {record.image_id}: bad segmentation "
+                                f"({type(err).__name__}: {err})") from err
+            if rle is not None:
+                entry["rle"] = rle
+        objects.append(entry)
+    with_masks = [("rle" in o) for o in objects]
+    mask_format = "rle" if objects and all(with_masks) else "none"
+    if any(with_masks) and not all(with_masks):
+        mask_format = "rle"  # objects without "rle" then have no mask; the reader marks them
+    header = _header(record, dataset, mask_format)
+    return Encoded({"__key__": sample_key(record.image_id), "jpg": image,
+                    "json": json.dumps({**header, "objects": objects}).encode()}, reencoded=reencoded)
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+@dataclass
+class ConversionSummary:
+    """What a conversion wrote and passed over."""
+
+    name: str
+    written: int = 0
+    shards: list[dict] = field(default_factory=list)
+    skipped_images: Counter = field(default_factory=Counter)
+    skipped_objects: Counter = field(default_factory=Counter)
+    reencoded_images: int = 0
+    objects: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "written": self.written, "shards": len(self.shards), "objects": self.objects,
+                "skipped_images": dict(self.skipped_images), "skipped_objects": dict(self.skipped_objects),
+                "reencoded_images": self.reencoded_images, "seconds": round(self.seconds, 3),
+                "images_per_second": round(self.written / max(self.seconds, 1e-9), 1)}
+
+    def report(self) -> str:
+        d = self.as_dict()
+        lines = [f"{self.name}: wrote {d['written']} images ({d['objects']} objects) in {d['shards']} shards, "
+                 f"{d['seconds']} s, {d['images_per_second']} images/s"]
+        for kind in ("skipped_images", "skipped_objects"):
+            for reason, count in sorted(d[kind].items()):
+                lines.append(f"  {kind.replace('_', ' ')}: {count} ({reason})")
+        if self.reencoded_images:
+            lines.append(f"  re-encoded to JPEG: {self.reencoded_images}")
+        return "\n".join(lines)
+
+
+def write_shards(records: list[ImageRecord], encode: Callable[[ImageRecord], Encoded], out_dir: str | Path,
+                 name: str, task: str, mask_format: str, vocab: Vocabulary, maxcount: int = 1000, workers: int = 0,
+                 progress: bool = True, reader_skips: tuple[Counter, Counter] | None = None) -> ConversionSummary:
+    """Encode ``records`` (in ``workers`` processes; 0 = in this process) and write them in order to shards.
+
+    ``encode`` must be picklable when ``workers > 0`` (a module-level function or a ``functools.partial`` of one).
+    """
+    from tqdm import tqdm
+    from webdataset import TarWriter
+
+    if "." in name or "/" in name:
+        raise ValueError(f"data set name {name!r} must not contain dots or slashes")
+    if task not in ("seg", "det"):
+        raise ValueError(f"task must be 'seg' or 'det', not {task!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(f"{name}-*.tar"):
+        stale.unlink()
+    summary = ConversionSummary(name)
+    if reader_skips:
+        summary.skipped_images.update(reader_skips[0])
+        summary.skipped_objects.update(reader_skips[1])
+    start = time.perf_counter()
+    writer, shard_index, keys = None, 0, set()
+
+    def results() -> Iterator[Encoded]:
+        if workers > 0:
+            with mp.get_context("spawn" if torch.cuda.is_initialized() else "fork").Pool(workers) as pool:
+                yield from pool.imap(encode, records, chunksize=8)
+        else:
+            yield from map(encode, records)
+
+    try:
+        for result in tqdm(results(), total=len(records), desc=f"{name} -> shards", disable=not progress,
+                           unit="img"):
+            summary.skipped_objects.update(result.skipped_objects)
+            if result.sample is None:
+                summary.skipped_images[result.skipped_image.split(": ", 1)[-1].split(" (")[0]] += 1
+                log.warning("skipping image: %s", result.skipped_image)
+                continue
+            key = result.sample["__key__"]
+            if key in keys:
+                raise DataError(f"{name}: duplicate image id {int(key)}")
+            keys.add(key)
+            if writer is None or summary.shards[-1]["count"] >= maxcount:
+                if writer is not None:
+                    writer.close()
+                file_name = f"{name}-{shard_index:06d}.tar"
+                writer = TarWriter(str(out_dir / file_name))
+                summary.shards.append({"file": file_name, "count": 0})
+                shard_index += 1
+            writer.write(result.sample)
+            summary.shards[-1]["count"] += 1
+            summary.written += 1
+            summary.reencoded_images += int(result.reencoded)
+            summary.objects += len(json.loads(result.sample["json"])["objects"])
+    finally:
+        if writer is not None:
+            writer.close()
+    summary.seconds = time.perf_counter() - start
+    if summary.written == 0:
+        raise DataError(f"{name}: no image could be converted ({dict(summary.skipped_images)})")
+    vocab.save(out_dir / VOCAB)
+    manifest = {"schema_version": SCHEMA_VERSION, "name": name, "task": task, "mask_format": mask_format,
+                "num_samples": summary.written, "shards": summary.shards, "summary": summary.as_dict()}
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+@dataclass(frozen=True)
+class ShardSet:
+    """A converted data set on disk: its manifest, vocabulary and shard paths."""
+
+    root: Path
+    name: str
+    task: str
+    mask_format: str
+    vocabulary: Vocabulary
+    urls: tuple[str, ...]
+    counts: tuple[int, ...]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+    @classmethod
+    def open(cls, root: str | Path) -> "ShardSet":
+        root = Path(root)
+        manifest_path = root / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"no {MANIFEST} in {root}: convert the data set first "
+                                    "(python -m data_prep.coco_panoptic_to_shards / coco_detection_to_shards)")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            version = manifest["schema_version"]
+            shards = manifest["shards"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise DataError(f"{manifest_path}: not a valid manifest ({err})") from err
+        if version != SCHEMA_VERSION:
+            raise DataError(f"{manifest_path}: shard schema {version}, this openseed reads {SCHEMA_VERSION}; "
+                            "convert the data set again")
+        missing = [s["file"] for s in shards if not (root / s["file"]).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{root}: {len(missing)} shard(s) listed in {MANIFEST} are missing, e.g. {missing[0]}")
+        return cls(root, manifest["name"], manifest["task"], manifest["mask_format"], Vocabulary.load(root / VOCAB),
+                   tuple(str(root / s["file"]) for s in shards), tuple(int(s["count"]) for s in shards))
+
+
+@dataclass
+class Sample:
+    """One decoded image with its targets at the image's own resolution (before batching).
+
+    ``masks`` is bool [N, H, W] or None; objects without a mask in an "rle" data set have ``has_mask`` False and an
+    all-False mask. Crowd objects are not targets: their union is ``ignore_mask`` (bool [H, W]) when masks exist.
+    """
+
+    image: torch.Tensor
+    labels: torch.Tensor
+    boxes: torch.Tensor
+    is_thing: torch.Tensor
+    mask_is_pseudo: torch.Tensor
+    masks: torch.Tensor | None
+    ignore_mask: torch.Tensor | None
+    image_id: int
+    dataset: str
+    key: str
+    orig_size: tuple[int, int]
+    boxes_from_masks: bool  # segmentation data: boxes are re-derived from the masks after geometric transforms
+
+
+class SkipCounter:
+    """Counts (per process) and logs samples passed over while streaming."""
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+
+    def __call__(self, reason: str, where: str) -> None:
+        self.counts[reason] += 1
+        log.warning("skipping %s: %s (%d so far in this process)", where, reason, self.counts[reason])
+
+
+STREAM_SKIPS = SkipCounter()
+
+
+def decode_sample(raw: dict, vocabulary: Vocabulary | None = None) -> Sample | None:
+    """Decode one raw webdataset sample; a sample that cannot be decoded is logged, counted and gives None."""
+    from torchvision.io import ImageReadMode, decode_jpeg, decode_png
+
+    where = f"sample {raw.get('__key__')!r} in {raw.get('__url__')}"
+    try:
+        meta = json.loads(raw["json"])
+        image = decode_jpeg(torch.frombuffer(bytearray(raw["jpg"]), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except KeyError as err:
+        STREAM_SKIPS(f"missing member {err}", where)
+        return None
+    except (RuntimeError, ValueError) as err:
+        STREAM_SKIPS(f"corrupt data ({type(err).__name__}: {str(err)[:80]})", where)
+        return None
+    height, width = int(meta["height"]), int(meta["width"])
+    if tuple(image.shape[1:]) != (height, width):
+        STREAM_SKIPS(f"decoded image {tuple(image.shape[1:])} != JSON size {(height, width)}", where)
+        return None
+    objects = meta["objects"]
+    if vocabulary is not None:
+        for obj in objects:
+            if obj["label"] >= len(vocabulary) or vocabulary.categories[obj["label"]].id != obj["category_id"]:
+                raise DataError(f"{where}: label {obj['label']} / category {obj['category_id']} does not match the "
+                                "data set's vocab.json")
+    crowd = [o for o in objects if o["iscrowd"]]
+    kept = [o for o in objects if not o["iscrowd"]]
+    masks = ignore = None
+    if meta["mask_format"] == "panoptic":
+        try:
+            rgb = decode_png(torch.frombuffer(bytearray(raw[PANOPTIC_KEY]), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except (KeyError, RuntimeError) as err:
+            STREAM_SKIPS(f"bad panoptic PNG ({err})", where)
+            return None
+        rgb = rgb.to(torch.int32)
+        ids = rgb[0] + 256 * rgb[1] + 65536 * rgb[2]
+        masks = ids[None] == torch.tensor([o["segment_id"] for o in kept], dtype=torch.int32)[:, None, None]
+        ignore = torch.isin(ids, torch.tensor([o["segment_id"] for o in crowd], dtype=torch.int32))
+    elif meta["mask_format"] == "rle":
+        masks = torch.stack([_decode_rle(o, height, width) for o in kept]) if kept else \
+            torch.zeros((0, height, width), dtype=torch.bool)
+        ignore = torch.zeros((height, width), dtype=torch.bool)
+        for o in crowd:
+            ignore |= _decode_rle(o, height, width)
+    boxes = torch.tensor([o["bbox"] for o in kept], dtype=torch.float32).reshape(-1, 4)
+    return Sample(
+        image=image,
+        labels=torch.tensor([o["label"] for o in kept], dtype=torch.int64),
+        boxes=boxes,
+        is_thing=torch.tensor([bool(o["is_thing"]) for o in kept], dtype=torch.bool),
+        mask_is_pseudo=torch.tensor([bool(o.get("pseudo_mask", False)) for o in kept], dtype=torch.bool),
+        masks=masks, ignore_mask=ignore, image_id=int(meta["image_id"]), dataset=str(meta["dataset"]),
+        key=str(raw.get("__key__")), orig_size=(height, width), boxes_from_masks=meta["mask_format"] == "panoptic")
+
+
+def _decode_rle(obj: dict, height: int, width: int) -> torch.Tensor:
+    if "rle" not in obj:
+        return torch.zeros((height, width), dtype=torch.bool)
+    return torch.from_numpy(mask_utils.decode(obj["rle"]).astype(bool))
+
+
+def iter_raw_samples(urls: Iterable[str], on_error: Callable[[Exception], bool] | None = None) -> Iterator[dict]:
+    """Raw samples (dicts of bytes) from tar shards, in order. A broken shard is logged and counted, then skipped."""
+    from webdataset.tariterators import tarfile_samples
+
+    def handler(err: Exception) -> bool:
+        STREAM_SKIPS(f"unreadable shard data ({type(err).__name__}: {str(err)[:120]})", "shard")
+        return True
+
+    return tarfile_samples(({"url": url} for url in urls), handler=on_error or handler)
+
+
+def read_shards(root: str | Path) -> Iterator[Sample]:
+    """All samples of a converted data set, decoded, in shard order (for tests, tools and inspection)."""
+    shard_set = ShardSet.open(root)
+    decode = partial(decode_sample, vocabulary=shard_set.vocabulary)
+    for raw in iter_raw_samples(shard_set.urls):
+        sample = decode(raw)
+        if sample is not None:
+            yield sample
