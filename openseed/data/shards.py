@@ -103,7 +103,7 @@ def encode_panoptic(record: ImageRecord, vocab: Vocabulary, dataset: str) -> Enc
         return Encoded(None, f"{record.image_path}: {reason}")
     png = record.panoptic_path.read_bytes()
     try:
-        ids = rgb_to_id(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+        ids = rgb_to_id(_decode_image(png, "RGB"))
     except Exception as err:
         return Encoded(None, f"{record.panoptic_path}: unreadable PNG ({type(err).__name__}: {err})")
     if ids.shape != (record.height, record.width):
@@ -355,18 +355,26 @@ class SkipCounter:
 STREAM_SKIPS = SkipCounter()
 
 
-def decode_sample(raw: dict, vocabulary: Vocabulary | None = None) -> Sample | None:
-    """Decode one raw webdataset sample; a sample that cannot be decoded is logged, counted and gives None."""
-    from torchvision.io import ImageReadMode, decode_jpeg, decode_png
+def _decode_image(data: bytes, mode: str) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert(mode))
 
+
+def decode_sample(raw: dict, vocabulary: Vocabulary | None = None) -> Sample | None:
+    """Decode one raw webdataset sample; a sample that cannot be decoded is logged, counted and gives None.
+
+    Only the ``jpg`` member is decoded as an image (and must be a JPEG); the panoptic PNG is read as an id map.
+    """
     where = f"sample {raw.get('__key__')!r} in {raw.get('__url__')}"
     try:
         meta = json.loads(raw["json"])
-        image = decode_jpeg(torch.frombuffer(bytearray(raw["jpg"]), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        if bytes(raw["jpg"][:3]) != JPEG_MAGIC:
+            raise ValueError("the jpg member is not a JPEG")
+        image = torch.from_numpy(_decode_image(raw["jpg"], "RGB").copy()).permute(2, 0, 1)
     except KeyError as err:
         STREAM_SKIPS(f"missing member {err}", where)
         return None
-    except (RuntimeError, ValueError) as err:
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for broken data
         STREAM_SKIPS(f"corrupt data ({type(err).__name__}: {str(err)[:80]})", where)
         return None
     height, width = int(meta["height"]), int(meta["width"])
@@ -384,12 +392,10 @@ def decode_sample(raw: dict, vocabulary: Vocabulary | None = None) -> Sample | N
     masks = ignore = None
     if meta["mask_format"] == "panoptic":
         try:
-            rgb = decode_png(torch.frombuffer(bytearray(raw[PANOPTIC_KEY]), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        except (KeyError, RuntimeError) as err:
-            STREAM_SKIPS(f"bad panoptic PNG ({err})", where)
+            ids = torch.from_numpy(rgb_to_id(_decode_image(raw[PANOPTIC_KEY], "RGB")).astype(np.int32))
+        except Exception as err:
+            STREAM_SKIPS(f"bad panoptic PNG ({type(err).__name__}: {str(err)[:80]})", where)
             return None
-        rgb = rgb.to(torch.int32)
-        ids = rgb[0] + 256 * rgb[1] + 65536 * rgb[2]
         masks = ids[None] == torch.tensor([o["segment_id"] for o in kept], dtype=torch.int32)[:, None, None]
         ignore = torch.isin(ids, torch.tensor([o["segment_id"] for o in crowd], dtype=torch.int32))
     elif meta["mask_format"] == "rle":

@@ -1,0 +1,282 @@
+"""Streaming shards into joint training batches and finite evaluation batches (LightningDataModule).
+
+Training: every (rank, worker) draws shards at random *with replacement* (weighted by their sample counts, so each
+image is equally likely whatever the shard sizes), shuffles samples in a buffer, applies LSJ and batches. The streams
+are endless; each rank's loader is cut at exactly ``steps_per_epoch`` batches, so all DDP ranks run the same number of
+steps. The segmentation data sets the epoch ("balanced sampling"): ``steps_per_epoch = seg samples // (seg batch x
+world size)``, whatever the size of the detection data. A step's batch is ``{"seg": Batch, "det": Batch}``.
+
+Evaluation: finite; the samples are split over all (rank, worker) slots so that each is seen exactly once: by whole
+shards when there are at least as many shards as slots, else by sample index.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
+
+import torch
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from openseed.data.shards import Sample, ShardSet, decode_sample, iter_raw_samples
+from openseed.data.transforms import EvalResize, LargeScaleJitter, collate
+from openseed.structures import Batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One converted data set and the batch size it is read with (per rank)."""
+
+    path: str
+    batch_size: int
+
+    @classmethod
+    def of(cls, value: "DataSource | Mapping") -> "DataSource":
+        if isinstance(value, DataSource):
+            return value
+        unknown = set(value) - {"path", "batch_size"}
+        if unknown:
+            raise ValueError(f"unknown data source key(s) {sorted(unknown)}; expected path and batch_size")
+        if int(value["batch_size"]) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {value['batch_size']}")
+        return cls(str(value["path"]), int(value["batch_size"]))
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _shuffled(samples: Iterator, buffer_size: int, rng: random.Random) -> Iterator:
+    """Reservoir-style shuffle: keep ``buffer_size`` samples, emit a random one as each new one arrives."""
+    buffer = []
+    for sample in samples:
+        if len(buffer) < buffer_size:
+            buffer.append(sample)
+            continue
+        index = rng.randrange(buffer_size)
+        buffer[index], sample = sample, buffer[index]
+        yield sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class TrainStream:
+    """An endless, shuffled, augmented stream of batches from one shard set, for one (rank, worker) slot."""
+
+    def __init__(self, shards: ShardSet, batch_size: int, transform: Callable, pad_to: tuple[int, int] | None,
+                 shuffle_buffer: int):
+        self.shards, self.batch_size, self.transform = shards, batch_size, transform
+        self.pad_to, self.shuffle_buffer = pad_to, shuffle_buffer
+
+    def batches(self, seed: tuple) -> Iterator[Batch]:
+        rng = random.Random(repr(seed))
+        generator = torch.Generator().manual_seed(rng.getrandbits(63))
+
+        def endless_urls() -> Iterator[str]:
+            while True:
+                yield rng.choices(self.shards.urls, weights=self.shards.counts)[0]
+
+        samples = (decode_sample(raw, self.shards.vocabulary) for raw in iter_raw_samples(endless_urls()))
+        pending: list[Sample] = []
+        for sample in _shuffled((s for s in samples if s is not None), self.shuffle_buffer, rng):
+            pending.append(self.transform(sample, generator))
+            if len(pending) == self.batch_size:
+                yield collate(pending, self.shards.vocabulary, self.shards.task, pad_to=self.pad_to)
+                pending = []
+
+
+class JointTrainDataset(IterableDataset):
+    """Endless ``{"seg": Batch, "det": Batch}`` (or only the streams configured) for one rank."""
+
+    def __init__(self, streams: Mapping[str, TrainStream], rank: int, seed: int):
+        super().__init__()
+        self.streams, self.rank, self.seed = dict(streams), rank, seed
+        self.epoch = -1  # advanced in each (persistent) worker copy at every new iteration
+
+    def __iter__(self) -> Iterator[dict[str, Batch]]:
+        self.epoch += 1
+        worker, _ = _worker()
+        iterators = {name: stream.batches((self.seed, self.epoch, self.rank, worker, name))
+                     for name, stream in self.streams.items()}
+        while True:
+            yield {name: next(iterator) for name, iterator in iterators.items()}
+
+
+def split_for_slot(counts: Sequence[int], slot: int, num_slots: int) -> tuple[list[int], bool]:
+    """Which shards a slot reads and whether it must subsample them by index (see module docstring)."""
+    if len(counts) >= num_slots:
+        return list(range(slot, len(counts), num_slots)), False
+    return list(range(len(counts))), True
+
+
+def slot_sample_count(counts: Sequence[int], slot: int, num_slots: int) -> int:
+    shards, by_index = split_for_slot(counts, slot, num_slots)
+    if not by_index:
+        return sum(counts[i] for i in shards)
+    total = sum(counts)
+    return len(range(slot, total, num_slots))
+
+
+class EvalDataset(IterableDataset):
+    """One pass over a shard set for one rank, each sample in exactly one (rank, worker) slot."""
+
+    def __init__(self, shards: ShardSet, batch_size: int, transform: Callable, rank: int, world_size: int):
+        super().__init__()
+        self.shards, self.batch_size, self.transform = shards, batch_size, transform
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[Batch]:
+        worker, num_workers = _worker()
+        num_slots, slot = self.world_size * num_workers, self.rank * num_workers + worker
+        shard_ids, by_index = split_for_slot(self.shards.counts, slot, num_slots)
+        raws = iter_raw_samples(self.shards.urls[i] for i in shard_ids)
+        if by_index:
+            raws = itertools.islice(raws, slot, None, num_slots)
+        pending: list[Sample] = []
+        for raw in raws:
+            sample = decode_sample(raw, self.shards.vocabulary)
+            if sample is None:
+                continue
+            pending.append(self.transform(sample))
+            if len(pending) == self.batch_size:
+                yield collate(pending, self.shards.vocabulary, self.shards.task)
+                pending = []
+        if pending:
+            yield collate(pending, self.shards.vocabulary, self.shards.task)
+
+    def num_batches(self, num_workers: int) -> int:
+        workers = max(num_workers, 1)
+        num_slots = self.world_size * workers
+        return sum(-(-slot_sample_count(self.shards.counts, self.rank * workers + w, num_slots) // self.batch_size)
+                   for w in range(workers))
+
+
+class SizedLoader:
+    """A DataLoader over an endless or finite stream, cut at (or sized to) ``length`` batches per pass."""
+
+    def __init__(self, loader: DataLoader, length: int):
+        self.loader, self.length = loader, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        return itertools.islice(iter(self.loader), self.length)
+
+
+class OpenSeeDDataModule(LightningDataModule):
+    """Joint segmentation + detection training streams and any number of validation sets.
+
+    Args:
+        seg: training segmentation source (path to a converted data set, per-rank batch size); sets the epoch.
+        det: training detection source, or None for segmentation-only training.
+        val: validation sources, each evaluated on its own vocabulary.
+        image_size: LSJ crop size; training batches are padded to image_size x image_size.
+        scale_range: LSJ random scale range.
+        eval_short_edge, eval_max_size: evaluation resize (``EvalResize``).
+        num_workers: DataLoader workers per rank (per loader).
+        shuffle_buffer: samples held for shuffling per training stream and worker.
+        seed: base seed; the data order depends on (seed, epoch, rank, worker).
+        rank, world_size: override the distributed position (tests, tools); by default taken from the trainer.
+    """
+
+    def __init__(self, seg: DataSource | Mapping | None = None, det: DataSource | Mapping | None = None,
+                 val: Sequence[DataSource | Mapping] = (), image_size: int = 1024,
+                 scale_range: tuple[float, float] = (0.1, 2.0), eval_short_edge: int | None = None,
+                 eval_max_size: int | None = 1024, num_workers: int = 2, shuffle_buffer: int = 256, seed: int = 0,
+                 pin_memory: bool = False, rank: int | None = None, world_size: int | None = None):
+        super().__init__()
+        self.seg = DataSource.of(seg) if seg is not None else None
+        self.det = DataSource.of(det) if det is not None else None
+        self.val_sources = [DataSource.of(v) for v in val]
+        self.train_transform = LargeScaleJitter(image_size, tuple(scale_range))
+        self.eval_transform = EvalResize(eval_short_edge, eval_max_size)
+        self.image_size, self.num_workers, self.shuffle_buffer = image_size, num_workers, shuffle_buffer
+        self.seed, self.pin_memory = seed, pin_memory
+        self._rank, self._world_size = rank, world_size
+        self.train_sets: dict[str, ShardSet] = {}
+        self.val_sets: list[ShardSet] = []
+
+    # -------------------------------------------------------------------------------------------------- set-up
+    @property
+    def rank(self) -> int:
+        if self._rank is not None:
+            return self._rank
+        trainer = getattr(self, "trainer", None)
+        return trainer.global_rank if trainer is not None else _dist_info()[0]
+
+    @property
+    def world_size(self) -> int:
+        if self._world_size is not None:
+            return self._world_size
+        trainer = getattr(self, "trainer", None)
+        return trainer.world_size if trainer is not None else _dist_info()[1]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open every configured data set (manifest + vocabulary) and check it is of the right kind."""
+        if self.seg is not None and "seg" not in self.train_sets:
+            self.train_sets["seg"] = _open(self.seg.path, "seg", "training segmentation")
+        if self.det is not None and "det" not in self.train_sets:
+            self.train_sets["det"] = _open(self.det.path, "det", "training detection")
+        if not self.val_sets:
+            self.val_sets = [_open(v.path, None, "validation") for v in self.val_sources]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Training steps per epoch on every rank: one pass over the segmentation data across all ranks."""
+        self.setup()
+        if "seg" in self.train_sets:
+            source, shards = self.seg, self.train_sets["seg"]
+        elif "det" in self.train_sets:
+            source, shards = self.det, self.train_sets["det"]
+        else:
+            raise ValueError("no training data configured (set data.seg and/or data.det)")
+        return max(1, shards.num_samples // (source.batch_size * self.world_size))
+
+    # -------------------------------------------------------------------------------------------------- loaders
+    def _loader(self, dataset: IterableDataset, persistent: bool) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
+                          persistent_workers=persistent and workers > 0,
+                          prefetch_factor=2 if workers > 0 else None)
+
+    def train_dataloader(self) -> SizedLoader:
+        self.setup()
+        sources = {"seg": self.seg, "det": self.det}
+        pad = (self.image_size, self.image_size)
+        streams = {name: TrainStream(shards, sources[name].batch_size, self.train_transform, pad, self.shuffle_buffer)
+                   for name, shards in self.train_sets.items()}
+        dataset = JointTrainDataset(streams, self.rank, self.seed)
+        return SizedLoader(self._loader(dataset, persistent=True), self.steps_per_epoch)
+
+    def val_dataloader(self) -> list[SizedLoader]:
+        self.setup()
+        loaders = []
+        for source, shards in zip(self.val_sources, self.val_sets):
+            dataset = EvalDataset(shards, source.batch_size, self.eval_transform, self.rank, self.world_size)
+            loaders.append(SizedLoader(self._loader(dataset, persistent=False), dataset.num_batches(self.num_workers)))
+        return loaders
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _open(path: str, task: str | None, role: str) -> ShardSet:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{role} data not found at {path}; convert it with data_prep (see docs/data.md) "
+                                "or point the config at the right folder")
+    shards = ShardSet.open(path)
+    if task is not None and shards.task != task:
+        raise ValueError(f"{role} data at {path} is a {shards.task!r} data set, expected {task!r}")
+    return shards

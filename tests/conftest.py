@@ -1,0 +1,88 @@
+"""Shared fixtures: real data read in place from ../shared/realdata, converted shard sets, shard surgery."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REALDATA = Path(os.environ.get("OPENSEED_REALDATA", ROOT.parent / "shared" / "realdata"))
+PANOPTIC = REALDATA / "coco_panoptic_sample"
+LABELME = REALDATA / "labelme_coco"
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(f"real test data missing: {path} (set OPENSEED_REALDATA to the shared/realdata folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def panoptic_shards(tmp_path_factory) -> Path:
+    from data_prep.coco_panoptic_to_shards import convert
+
+    out = tmp_path_factory.mktemp("coco_panoptic_sample")
+    convert(_need(PANOPTIC / "panoptic_examples.json"), PANOPTIC / "panoptic_examples", PANOPTIC / "input_images",
+            out, "coco_panoptic_sample", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def labelme_shards(tmp_path_factory) -> Path:
+    from data_prep.coco_detection_to_shards import convert
+
+    out = tmp_path_factory.mktemp("labelme")
+    convert(_need(LABELME / "annotations.json"), LABELME, out, "labelme", progress=False)
+    return out
+
+
+def read_tar(path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def clone_shard_set(source: Path, out: Path, shard_sizes: list[int], mutate=None) -> Path:
+    """A shard set with the given shard sizes, made by repeating ``source``'s samples under new image ids.
+
+    ``mutate(global_index, members)`` may change a sample's members (name -> bytes) before it is written.
+    """
+    manifest = json.loads((source / "manifest.json").read_text())
+    members = [m for s in manifest["shards"] for m in read_tar(source / s["file"])]
+    samples: dict[str, dict[str, bytes]] = {}
+    for name, data in members:
+        key, ext = name.split(".", 1)
+        samples.setdefault(key, {})[ext] = data
+    originals = list(samples.values())
+    out.mkdir(parents=True, exist_ok=True)
+    shards, index = [], 0
+    for shard_no, size in enumerate(shard_sizes):
+        tar_members = []
+        for _ in range(size):
+            sample = dict(originals[index % len(originals)])
+            meta = json.loads(sample["json"])
+            meta["image_id"] = index + 1
+            sample["json"] = json.dumps(meta).encode()
+            if mutate is not None:
+                mutate(index, sample)
+            tar_members += [(f"{index + 1:012d}.{ext}", data) for ext, data in sorted(sample.items())]
+            index += 1
+        file_name = f"{manifest['name']}-{shard_no:06d}.tar"
+        write_tar(out / file_name, tar_members)
+        shards.append({"file": file_name, "count": size})
+    (out / "vocab.json").write_text((source / "vocab.json").read_text())
+    manifest.update(shards=shards, num_samples=index)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out

@@ -1,0 +1,57 @@
+import random
+
+import pytest
+
+from openseed.data.vocab import Vocabulary, clean_class_name
+from tests.conftest import PANOPTIC
+
+
+@pytest.mark.parametrize("raw, clean", [
+    ("wall-brick", "brick wall"), ("sky-other-merged", "sky"), ("door-stuff", "door"),
+    ("floor-other-merged", "floor"), ("window-blind", "window blind"), ("aerosol_can", "aerosol can"),
+    ("Traffic Sign", "traffic sign"), ("playingfield", "playingfield"), ("person", "person"),
+    ("tv", "tv"), ("hair drier", "hair drier"), ("water-other", "water"),
+])
+def test_clean_class_name(raw, clean):
+    assert clean_class_name(raw) == clean
+
+
+def test_all_coco_panoptic_names_clean_to_words():
+    import json
+
+    categories = json.loads((PANOPTIC / "panoptic_coco_categories.json").read_text())
+    vocab = Vocabulary.from_coco_categories(categories)
+    names = vocab.prompt_names()
+    assert len(names) == 133 and vocab.num_things == 80
+    assert all("-" not in n and "merged" not in n and n == n.strip() for n in names)
+    assert len(set(names)) == 133  # cleaning never merges two COCO classes into one name
+
+
+def test_synonyms_sampled_in_training_canonical_in_evaluation():
+    vocab = Vocabulary.from_coco_categories([{"id": 3, "name": "Sofa/Couch"}, {"id": 7, "name": "dog"}])
+    assert vocab.categories[0].synonyms == ("sofa", "couch")
+    assert vocab.prompt_names() == ["sofa", "dog"]
+    drawn = {vocab.prompt_names(random.Random(seed))[0] for seed in range(50)}
+    assert drawn == {"sofa", "couch"}
+
+
+def test_ids_labels_and_round_trip(tmp_path):
+    vocab = Vocabulary.from_coco_categories([{"id": 0, "name": "_background_"}, {"id": 5, "name": "cat"},
+                                             {"id": 9, "name": "grass-merged", "isthing": 0}])
+    assert vocab.index_of_id(0) == 0 and vocab.index_of_id(9) == 2 and vocab.is_thing == [True, True, False]
+    with pytest.raises(KeyError, match="unknown category id 4"):
+        vocab.index_of_id(4)
+    vocab.save(tmp_path / "vocab.json")
+    assert Vocabulary.load(tmp_path / "vocab.json") == vocab
+
+
+def test_bad_vocabularies_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match="duplicate category id 1"):
+        Vocabulary.from_coco_categories([{"id": 1, "name": "a"}, {"id": 1, "name": "b"}])
+    with pytest.raises(ValueError, match="at least one"):
+        Vocabulary([])
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json"):
+        Vocabulary.load(tmp_path / "bad.json")
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        Vocabulary.load(tmp_path / "missing.json")
