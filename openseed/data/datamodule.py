@@ -1,7 +1,8 @@
 """Streaming shards into joint training batches and finite evaluation batches (LightningDataModule).
 
-Training: every (rank, worker) draws shards at random *with replacement* (weighted by their sample counts, so each
-image is equally likely whatever the shard sizes), shuffles samples in a buffer, applies LSJ and batches. The streams
+Training: every (rank, worker) draws shards uniformly at random *with replacement* and reads each drawn shard whole
+(so every image is equally likely, whatever the shard sizes: a shard of 1 image and one of 1,000 are drawn equally
+often, and each draw yields every image of the shard once), shuffles samples in a buffer, applies LSJ and batches. The streams
 are endless; each rank's loader is cut at exactly ``steps_per_epoch`` batches, so all DDP ranks run the same number of
 steps. The segmentation data sets the epoch ("balanced sampling"): ``steps_per_epoch = seg samples // (seg batch x
 world size)``, whatever the size of the detection data. A step's batch is ``{"seg": Batch, "det": Batch}``.
@@ -82,7 +83,7 @@ class TrainStream:
 
         def endless_urls() -> Iterator[str]:
             while True:
-                yield rng.choices(self.shards.urls, weights=self.shards.counts)[0]
+                yield rng.choice(self.shards.urls)
 
         samples = (decode_sample(raw, self.shards.vocabulary) for raw in iter_raw_samples(endless_urls()))
         pending: list[Sample] = []

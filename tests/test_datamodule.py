@@ -1,0 +1,116 @@
+"""DDP safety of the streams: equal training steps on every rank, validation split disjointly and completely."""
+
+import pytest
+import torch
+
+from openseed.data.datamodule import OpenSeeDDataModule, split_for_slot
+from openseed.structures import Batch
+from tests.conftest import clone_shard_set
+
+UNEVEN = [1, 23, 2, 9]  # shards of very different sizes (35 samples)
+
+
+@pytest.fixture(scope="module")
+def uneven_seg(panoptic_shards, tmp_path_factory):
+    return clone_shard_set(panoptic_shards, tmp_path_factory.mktemp("uneven_seg"), UNEVEN)
+
+
+@pytest.fixture(scope="module")
+def uneven_det(labelme_shards, tmp_path_factory):
+    return clone_shard_set(labelme_shards, tmp_path_factory.mktemp("uneven_det"), [40, 3])
+
+
+def _module(seg, det, rank, world_size, workers, val=(), **kw):
+    return OpenSeeDDataModule(seg={"path": str(seg), "batch_size": 2}, det={"path": str(det), "batch_size": 3},
+                              val=val, image_size=64, num_workers=workers, shuffle_buffer=8, rank=rank,
+                              world_size=world_size, **kw)
+
+
+def test_two_ranks_two_workers_get_the_same_number_of_steps(uneven_seg, uneven_det):
+    steps, seen = [], []
+    for rank in (0, 1):
+        module = _module(uneven_seg, uneven_det, rank, 2, workers=2)
+        assert module.steps_per_epoch == 35 // (2 * 2)  # set by the segmentation data alone
+        loader = module.train_dataloader()
+        for epoch in range(2):
+            batches = list(loader)
+            steps.append(len(batches))
+            for batch in batches:
+                assert set(batch) == {"seg", "det"}
+                assert isinstance(batch["seg"], Batch) and batch["seg"].task == "seg" and len(batch["seg"]) == 2
+                assert batch["det"].task == "det" and len(batch["det"]) == 3
+                assert batch["seg"].images.shape == (2, 3, 64, 64)
+            seen.append([t.image_id for b in batches for t in b["seg"].targets])
+    assert steps == [8, 8, 8, 8]
+    assert seen[0] != seen[2]  # ranks draw different data
+    assert seen[0] != seen[1]  # and a new order every epoch
+
+
+def test_training_order_is_reproducible_for_a_seed(uneven_seg, uneven_det):
+    def ids(seed):
+        loader = _module(uneven_seg, uneven_det, 0, 1, workers=0, seed=seed).train_dataloader()
+        return [t.image_id for b in loader for t in b["seg"].targets]
+
+    assert ids(7) == ids(7) and ids(7) != ids(8)
+
+
+def test_training_samples_are_drawn_in_proportion_to_shard_sizes(uneven_seg, uneven_det):
+    """Shards are resampled uniformly and read whole: every image is (about) equally likely."""
+    module = _module(uneven_seg, uneven_det, 0, 1, workers=0)
+    module.shuffle_buffer = 1
+    stream = module.train_dataloader().loader.dataset.streams["seg"]
+    ids = [t.image_id for _, batch in zip(range(150), stream.batches((0,))) for t in batch.targets]
+    counts = torch.bincount(torch.tensor(ids), minlength=36)[1:].float()
+    first_shard, big_shard = counts[0], counts[1:24].mean()  # 1-sample shard vs the 23-sample shard
+    assert 0.4 < first_shard / big_shard < 2.5
+    assert (counts > 0).sum() >= 33
+
+
+@pytest.mark.parametrize("sizes", [UNEVEN, [3, 5, 1, 7, 2, 4, 6, 8, 1], [35]])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_validation_is_split_disjointly_and_completely(panoptic_shards, tmp_path, sizes, workers):
+    val = clone_shard_set(panoptic_shards, tmp_path / "val", sizes)
+    total = sum(sizes)
+    per_rank = []
+    for rank in (0, 1):
+        module = OpenSeeDDataModule(val=[{"path": str(val), "batch_size": 3}], eval_max_size=64,
+                                    num_workers=workers, rank=rank, world_size=2)
+        (loader,) = module.val_dataloader()
+        batches = list(loader)
+        assert len(batches) == len(loader)  # the announced length is exact
+        per_rank.append([t.image_id for b in batches for t in b.targets])
+    first, second = per_rank
+    assert not set(first) & set(second)
+    assert sorted(first + second) == list(range(1, total + 1))
+    assert len(first) + len(second) == total  # each sample exactly once
+
+
+def test_split_modes():
+    assert split_for_slot([5, 5, 5, 5], 1, 4) == ([1], False)
+    assert split_for_slot([5, 5, 5, 5, 5], 0, 2) == ([0, 2, 4], False)
+    assert split_for_slot([5, 5], 3, 4) == ([0, 1], True)
+
+
+def test_wrong_kind_of_data_is_refused(uneven_seg, uneven_det):
+    module = OpenSeeDDataModule(seg={"path": str(uneven_det), "batch_size": 2})
+    with pytest.raises(ValueError, match="'det' data set, expected 'seg'"):
+        module.setup()
+    with pytest.raises(FileNotFoundError, match="training detection data not found"):
+        OpenSeeDDataModule(seg={"path": str(uneven_seg), "batch_size": 1}, det={"path": "/nonexistent",
+                                                                                 "batch_size": 1}).setup()
+    with pytest.raises(ValueError, match="unknown data source key"):
+        OpenSeeDDataModule(seg={"path": str(uneven_seg), "batch_size": 1, "batchsize": 3})
+
+
+def test_corrupt_sample_inside_training_stream_is_skipped(panoptic_shards, uneven_det, tmp_path):
+    def corrupt(index, sample):
+        if index % 2 == 0:
+            sample["jpg"] = b"\xff\xd8\xff" + b"\x00" * 50
+
+    broken = clone_shard_set(panoptic_shards, tmp_path / "broken", [4, 4], mutate=corrupt)
+    module = OpenSeeDDataModule(seg={"path": str(broken), "batch_size": 2}, det={"path": str(uneven_det),
+                                "batch_size": 1}, image_size=64, num_workers=0, shuffle_buffer=2)
+    batches = list(module.train_dataloader())
+    assert len(batches) == 4
+    ids = {t.image_id for b in batches for t in b["seg"].targets}
+    assert ids and all(i % 2 == 0 for i in ids)  # only the intact (odd index -> even id) samples come through
