@@ -27,7 +27,7 @@ test-slow: $(STAMP)
 # Grows into the full default experiment (python -m openseed.train); for now it runs the data steps that exist:
 # generate synthshapes, convert it to shards, and stream one joint training batch.
 train: $(STAMP)
-	$(PY) -m openseed.data.prepare_default --root data/synthshapes
+	$(PY) -m data_prep.prepare_synthshapes --root data/synthshapes --check-loader
 
 bench: $(STAMP)
 	$(PY) -m data_prep.benchmark

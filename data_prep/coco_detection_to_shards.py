@@ -19,7 +19,7 @@ from openseed.data.shards import ConversionSummary, encode_detection, write_shar
 
 
 def convert(json_path, image_dir, out, name, maxcount=1000, workers=0, skip_missing=False, limit=None,
-            progress=True, keep_masks=True, drop_empty=False) -> ConversionSummary:
+            progress=True, keep_masks=True, drop_empty=False, source=None) -> ConversionSummary:
     vocab, records, report = load_coco_detection(json_path, image_dir, skip_missing=skip_missing,
                                                  drop_empty=drop_empty)
     records = records[:limit] if limit is not None else records
@@ -27,7 +27,7 @@ def convert(json_path, image_dir, out, name, maxcount=1000, workers=0, skip_miss
     encode = partial(encode_detection, vocab=vocab, dataset=name, keep_masks=keep_masks)
     return write_shards(records, encode, out, name, "det", "rle" if has_masks else "none", vocab,
                         maxcount=maxcount, workers=workers, progress=progress,
-                        reader_skips=(report.skipped_images, report.skipped_objects))
+                        reader_skips=(report.skipped_images, report.skipped_objects), source=source)
 
 
 def main(argv=None) -> int:

@@ -18,12 +18,13 @@ from openseed.data.shards import ConversionSummary, encode_panoptic, write_shard
 
 
 def convert(json_path, png_dir, image_dir, out, name, maxcount=1000, workers=0, skip_missing=False, limit=None,
-            progress=True) -> ConversionSummary:
+            progress=True, source=None) -> ConversionSummary:
     vocab, records, report = load_coco_panoptic(json_path, png_dir, image_dir, skip_missing=skip_missing)
     records = records[:limit] if limit is not None else records
     encode = partial(encode_panoptic, vocab=vocab, dataset=name)
     return write_shards(records, encode, out, name, "seg", "panoptic", vocab, maxcount=maxcount, workers=workers,
-                        progress=progress, reader_skips=(report.skipped_images, report.skipped_objects))
+                        progress=progress, reader_skips=(report.skipped_images, report.skipped_objects),
+                        source=source)
 
 
 def main(argv=None) -> int:

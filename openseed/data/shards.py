@@ -212,10 +212,12 @@ class ConversionSummary:
 
 def write_shards(records: list[ImageRecord], encode: Callable[[ImageRecord], Encoded], out_dir: str | Path,
                  name: str, task: str, mask_format: str, vocab: Vocabulary, maxcount: int = 1000, workers: int = 0,
-                 progress: bool = True, reader_skips: tuple[Counter, Counter] | None = None) -> ConversionSummary:
+                 progress: bool = True, reader_skips: tuple[Counter, Counter] | None = None,
+                 source: dict | None = None) -> ConversionSummary:
     """Encode ``records`` (in ``workers`` processes; 0 = in this process) and write them in order to shards.
 
     ``encode`` must be picklable when ``workers > 0`` (a module-level function or a ``functools.partial`` of one).
+    ``source`` is stored in the manifest (what was converted), so that callers can tell a stale conversion.
     """
     from tqdm import tqdm
     from webdataset import TarWriter
@@ -274,7 +276,8 @@ def write_shards(records: list[ImageRecord], encode: Callable[[ImageRecord], Enc
         raise DataError(f"{name}: no image could be converted ({dict(summary.skipped_images)})")
     vocab.save(out_dir / VOCAB)
     manifest = {"schema_version": SCHEMA_VERSION, "name": name, "task": task, "mask_format": mask_format,
-                "num_samples": summary.written, "shards": summary.shards, "summary": summary.as_dict()}
+                "num_samples": summary.written, "shards": summary.shards, "summary": summary.as_dict(),
+                "source": source or {}}
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return summary
 

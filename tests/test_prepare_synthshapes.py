@@ -1,0 +1,70 @@
+"""synthshapes end to end: generate -> shards -> joint batches, with the class splits intact."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_prep import synthetic
+from data_prep.prepare_synthshapes import prepare_synthshapes
+from openseed.data.datamodule import OpenSeeDDataModule
+from openseed.data.shards import ShardSet, read_shards
+
+
+@pytest.fixture(scope="module")
+def shard_dirs(tmp_path_factory):
+    return prepare_synthshapes(tmp_path_factory.mktemp("synth"), scale=0.02, workers=2, progress=False)
+
+
+def test_vocabularies_and_class_splits(shard_dirs):
+    seg, det = ShardSet.open(shard_dirs["seg_train"]), ShardSet.open(shard_dirs["det_train"])
+    assert seg.task == "seg" and seg.mask_format == "panoptic" and len(seg.vocabulary) == 22
+    assert det.task == "det" and det.mask_format == "none" and len(det.vocabulary) == 32
+    assert ShardSet.open(shard_dirs["det_val"]).mask_format == "rle"
+    assert "brick wall" in seg.vocabulary.prompt_names() and seg.vocabulary.num_things == 16
+    det_only = set(synthetic.det_only_classes())
+    assert not det_only & set(seg.vocabulary.names) and det_only <= set(det.vocabulary.names)
+    labels = {det.vocabulary.names[int(label)] for s in read_shards(shard_dirs["det_train"]) for label in s.labels}
+    assert labels & det_only  # detection-only classes really occur, with boxes only
+    assert all(s.masks is None for s in read_shards(shard_dirs["det_train"]))
+
+
+def test_seg_shards_match_the_generated_pngs(shard_dirs):
+    raw = shard_dirs["seg_val"].parents[1] / "raw" / "seg_val"
+    gt = {a["image_id"]: a for a in json.loads((raw / "panoptic.json").read_text())["annotations"]}
+    vocab = ShardSet.open(shard_dirs["seg_val"]).vocabulary
+    for sample in read_shards(shard_dirs["seg_val"]):
+        ann = gt[sample.image_id]
+        rgb = np.asarray(Image.open(raw / "panoptic" / ann["file_name"]).convert("RGB")).astype(np.int64)
+        ids = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+        assert len(sample.labels) == len(ann["segments_info"])
+        for i, segment in enumerate(ann["segments_info"]):
+            assert np.array_equal(sample.masks[i].numpy(), ids == segment["id"])
+            assert vocab.categories[int(sample.labels[i])].id == segment["category_id"]
+        assert sample.masks.sum(0).eq(1).all()  # no void in synthshapes: every pixel in exactly one segment
+
+
+def test_prepare_is_cached(shard_dirs):
+    manifest = shard_dirs["seg_train"] / "manifest.json"
+    before = manifest.stat().st_mtime_ns
+    again = prepare_synthshapes(shard_dirs["seg_train"].parents[1], scale=0.02, workers=2, progress=False)
+    assert again == shard_dirs and manifest.stat().st_mtime_ns == before
+
+
+def test_joint_batches_from_synthshapes(shard_dirs):
+    module = OpenSeeDDataModule(seg={"path": str(shard_dirs["seg_train"]), "batch_size": 4},
+                                det={"path": str(shard_dirs["det_train"]), "batch_size": 8},
+                                val=[{"path": str(shard_dirs["seg_val"]), "batch_size": 4}],
+                                image_size=160, num_workers=0)
+    loader = module.train_dataloader()
+    assert len(loader) == 40 // 4
+    batch = next(iter(loader))
+    seg, det = batch["seg"], batch["det"]
+    assert seg.images.shape == (4, 3, 160, 160) and det.images.shape == (8, 3, 160, 160)
+    assert seg.vocabulary is module.train_sets["seg"].vocabulary and len(det.vocabulary) == 32
+    for target in seg.targets:
+        assert target.masks is not None and target.masks.shape[0] == len(target.labels)
+        assert target.is_thing.any() or len(target) > 0
+    assert all(t.masks is None for t in det.targets)
+    assert sum(len(b) for b in module.val_dataloader()[0]) == 4
