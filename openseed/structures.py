@@ -28,6 +28,7 @@ class Targets:
         masks: bool [N, H, W] at the padded batch size, or None when the data has no masks (boxes-only detection).
         is_thing: bool [N].
         mask_is_pseudo: bool [N]; True where the mask was decoded by a model (offline mask assistance), not annotated.
+        has_mask: bool [N]; False for objects without a mask (their rows in ``masks`` are all False).
         ignore_mask: bool [H, W] at the padded batch size, or None: crowd regions, never targets; evaluation and
             losses may ignore predictions there.
         image_id: the data set's image id.
@@ -40,6 +41,7 @@ class Targets:
     masks: Tensor | None
     is_thing: Tensor
     mask_is_pseudo: Tensor
+    has_mask: Tensor
     ignore_mask: Tensor | None
     image_id: int
     orig_size: tuple[int, int]
@@ -48,7 +50,7 @@ class Targets:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Targets":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Targets:
         return _map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))
 
 
@@ -76,12 +78,12 @@ class Batch:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return replace(self, images=self.images.to(device, non_blocking=non_blocking),
                        padding_mask=self.padding_mask.to(device, non_blocking=non_blocking),
                        targets=[t.to(device, non_blocking) for t in self.targets])
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         """Called by DataLoader(pin_memory=True) on custom batch types."""
         return replace(self, images=self.images.pin_memory(), padding_mask=self.padding_mask.pin_memory(),
                        targets=[_map_tensors(t, Tensor.pin_memory) for t in self.targets])

@@ -32,7 +32,7 @@ def test_two_ranks_two_workers_get_the_same_number_of_steps(uneven_seg, uneven_d
         module = _module(uneven_seg, uneven_det, rank, 2, workers=2)
         assert module.steps_per_epoch == 35 // (2 * 2)  # set by the segmentation data alone
         loader = module.train_dataloader()
-        for epoch in range(2):
+        for _ in range(2):  # two epochs
             batches = list(loader)
             steps.append(len(batches))
             for batch in batches:

@@ -144,7 +144,7 @@ def load_coco_detection(json_path: str | Path, image_dir: str | Path, skip_missi
     for ann in data["annotations"]:
         try:
             image_id, category_id = int(ann["image_id"]), int(ann["category_id"])
-            x, y, w, h = (float(v) for v in ann["bbox"])
+            _, _, w, h = (float(v) for v in ann["bbox"])
         except (KeyError, TypeError, ValueError) as err:
             raise DataError(f"{json_path}: annotation {ann.get('id')!r} lacks a valid {err}") from err
         if category_id not in vocab:

@@ -1,11 +1,11 @@
 """Streaming shards into joint training batches and finite evaluation batches (LightningDataModule).
 
-Training: every (rank, worker) draws shards uniformly at random *with replacement* and reads each drawn shard whole
-(so every image is equally likely, whatever the shard sizes: a shard of 1 image and one of 1,000 are drawn equally
-often, and each draw yields every image of the shard once), shuffles samples in a buffer, applies LSJ and batches. The streams
-are endless; each rank's loader is cut at exactly ``steps_per_epoch`` batches, so all DDP ranks run the same number of
-steps. The segmentation data sets the epoch ("balanced sampling"): ``steps_per_epoch = seg samples // (seg batch x
-world size)``, whatever the size of the detection data. A step's batch is ``{"seg": Batch, "det": Batch}``.
+Training: every (rank, worker) draws shards uniformly at random *with replacement* and reads each drawn shard
+whole (so every image is equally likely, whatever the shard sizes: each draw yields every image of the shard once),
+shuffles samples in a buffer, applies LSJ and batches. The streams are endless; each rank's loader is cut at
+exactly ``steps_per_epoch`` batches, so all DDP ranks run the same number of steps. The segmentation data sets the
+epoch ("balanced sampling"): ``steps_per_epoch = seg samples // (seg batch x world size)``, whatever the size of the
+detection data. A step's batch is ``{"seg": Batch, "det": Batch}``.
 
 Evaluation: finite; the samples are split over all (rank, worker) slots so that each is seen exactly once: by whole
 shards when there are at least as many shards as slots, else by sample index.
@@ -16,9 +16,9 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from lightning import LightningDataModule
@@ -39,7 +39,7 @@ class DataSource:
     batch_size: int
 
     @classmethod
-    def of(cls, value: "DataSource | Mapping") -> "DataSource":
+    def of(cls, value: DataSource | Mapping) -> DataSource:
         if isinstance(value, DataSource):
             return value
         unknown = set(value) - {"path", "batch_size"}
@@ -85,7 +85,8 @@ class TrainStream:
             while True:
                 yield rng.choice(self.shards.urls)
 
-        samples = (decode_sample(raw, self.shards.vocabulary) for raw in iter_raw_samples(endless_urls()))
+        samples = (decode_sample(raw, self.shards.vocabulary, dense_masks=False)
+                   for raw in iter_raw_samples(endless_urls()))
         pending: list[Sample] = []
         for sample in _shuffled((s for s in samples if s is not None), self.shuffle_buffer, rng):
             pending.append(self.transform(sample, generator))
@@ -143,7 +144,7 @@ class EvalDataset(IterableDataset):
             raws = itertools.islice(raws, slot, None, num_slots)
         pending: list[Sample] = []
         for raw in raws:
-            sample = decode_sample(raw, self.shards.vocabulary)
+            sample = decode_sample(raw, self.shards.vocabulary, dense_masks=False)
             if sample is None:
                 continue
             pending.append(self.transform(sample))

@@ -28,10 +28,10 @@ import logging
 import multiprocessing as mp
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ MANIFEST = "manifest.json"
 VOCAB = "vocab.json"
 PANOPTIC_KEY = "panoptic.png"
 JPEG_MAGIC = b"\xff\xd8\xff"
+CROWD_INDEX = 255  # crowd pixels in a Sample.segment_map
 
 
 def sample_key(image_id: int) -> str:
@@ -200,8 +201,8 @@ class ConversionSummary:
 
     def report(self) -> str:
         d = self.as_dict()
-        lines = [f"{self.name}: wrote {d['written']} images ({d['objects']} objects) in {d['shards']} shards, "
-                 f"{d['seconds']} s, {d['images_per_second']} images/s"]
+        lines = [(f"{self.name}: wrote {d['written']} images ({d['objects']} objects) in {d['shards']} shards, "
+                  f"{d['seconds']} s, {d['images_per_second']} images/s")]
         for kind in ("skipped_images", "skipped_objects"):
             for reason, count in sorted(d[kind].items()):
                 lines.append(f"  {kind.replace('_', ' ')}: {count} ({reason})")
@@ -300,7 +301,7 @@ class ShardSet:
         return sum(self.counts)
 
     @classmethod
-    def open(cls, root: str | Path) -> "ShardSet":
+    def open(cls, root: str | Path) -> ShardSet:
         root = Path(root)
         manifest_path = root / MANIFEST
         if not manifest_path.is_file():
@@ -317,7 +318,8 @@ class ShardSet:
                             "convert the data set again")
         missing = [s["file"] for s in shards if not (root / s["file"]).is_file()]
         if missing:
-            raise FileNotFoundError(f"{root}: {len(missing)} shard(s) listed in {MANIFEST} are missing, e.g. {missing[0]}")
+            raise FileNotFoundError(f"{root}: {len(missing)} shard(s) listed in {MANIFEST} are missing, "
+                                    f"e.g. {missing[0]}")
         return cls(root, manifest["name"], manifest["task"], manifest["mask_format"], Vocabulary.load(root / VOCAB),
                    tuple(str(root / s["file"]) for s in shards), tuple(int(s["count"]) for s in shards))
 
@@ -326,8 +328,13 @@ class ShardSet:
 class Sample:
     """One decoded image with its targets at the image's own resolution (before batching).
 
-    ``masks`` is bool [N, H, W] or None; objects without a mask in an "rle" data set have ``has_mask`` False and an
-    all-False mask. Crowd objects are not targets: their union is ``ignore_mask`` (bool [H, W]) when masks exist.
+    ``masks`` is bool [N, H, W] or None (boxes-only data). ``has_mask`` [N] is False for an object of an "rle" data
+    set that came without a mask (its row in ``masks`` is all False). Crowd objects are not targets: their union is
+    ``ignore_mask`` (bool [H, W]) when the data has masks.
+
+    Panoptic samples may instead carry ``segment_map`` (uint8 [H, W]: 0 = no target, i + 1 = object i,
+    ``CROWD_INDEX`` = crowd) with ``masks`` and ``ignore_mask`` None: geometric transforms then move one map
+    instead of N masks, and ``materialised()`` builds the masks at the output size.
     """
 
     image: torch.Tensor
@@ -335,6 +342,7 @@ class Sample:
     boxes: torch.Tensor
     is_thing: torch.Tensor
     mask_is_pseudo: torch.Tensor
+    has_mask: torch.Tensor
     masks: torch.Tensor | None
     ignore_mask: torch.Tensor | None
     image_id: int
@@ -342,6 +350,15 @@ class Sample:
     key: str
     orig_size: tuple[int, int]
     boxes_from_masks: bool  # segmentation data: boxes are re-derived from the masks after geometric transforms
+    segment_map: torch.Tensor | None = None
+
+    def materialised(self) -> Sample:
+        """The same sample with ``masks`` / ``ignore_mask`` built from ``segment_map`` (no-op without one)."""
+        if self.segment_map is None:
+            return self
+        indices = torch.arange(1, len(self.labels) + 1, dtype=torch.uint8)
+        return replace(self, masks=self.segment_map[None] == indices[:, None, None],
+                       ignore_mask=self.segment_map == CROWD_INDEX, segment_map=None)
 
 
 class SkipCounter:
@@ -363,10 +380,11 @@ def _decode_image(data: bytes, mode: str) -> np.ndarray:
         return np.asarray(image.convert(mode))
 
 
-def decode_sample(raw: dict, vocabulary: Vocabulary | None = None) -> Sample | None:
+def decode_sample(raw: dict, vocabulary: Vocabulary | None = None, dense_masks: bool = True) -> Sample | None:
     """Decode one raw webdataset sample; a sample that cannot be decoded is logged, counted and gives None.
 
     Only the ``jpg`` member is decoded as an image (and must be a JPEG); the panoptic PNG is read as an id map.
+    With ``dense_masks=False`` a panoptic sample keeps a compact ``segment_map`` for the transforms to move.
     """
     where = f"sample {raw.get('__key__')!r} in {raw.get('__url__')}"
     try:
@@ -392,15 +410,18 @@ def decode_sample(raw: dict, vocabulary: Vocabulary | None = None) -> Sample | N
                                 "data set's vocab.json")
     crowd = [o for o in objects if o["iscrowd"]]
     kept = [o for o in objects if not o["iscrowd"]]
-    masks = ignore = None
+    masks = ignore = segment_map = None
     if meta["mask_format"] == "panoptic":
         try:
             ids = torch.from_numpy(rgb_to_id(_decode_image(raw[PANOPTIC_KEY], "RGB")).astype(np.int32))
         except Exception as err:
             STREAM_SKIPS(f"bad panoptic PNG ({type(err).__name__}: {str(err)[:80]})", where)
             return None
-        masks = ids[None] == torch.tensor([o["segment_id"] for o in kept], dtype=torch.int32)[:, None, None]
-        ignore = torch.isin(ids, torch.tensor([o["segment_id"] for o in crowd], dtype=torch.int32))
+        if len(kept) < CROWD_INDEX:
+            segment_map = _segment_map(ids, [o["segment_id"] for o in kept], [o["segment_id"] for o in crowd])
+        else:  # too many segments for a uint8 map: dense masks straight away
+            masks = ids[None] == torch.tensor([o["segment_id"] for o in kept], dtype=torch.int32)[:, None, None]
+            ignore = torch.isin(ids, torch.tensor([o["segment_id"] for o in crowd], dtype=torch.int32))
     elif meta["mask_format"] == "rle":
         masks = torch.stack([_decode_rle(o, height, width) for o in kept]) if kept else \
             torch.zeros((0, height, width), dtype=torch.bool)
@@ -408,14 +429,29 @@ def decode_sample(raw: dict, vocabulary: Vocabulary | None = None) -> Sample | N
         for o in crowd:
             ignore |= _decode_rle(o, height, width)
     boxes = torch.tensor([o["bbox"] for o in kept], dtype=torch.float32).reshape(-1, 4)
-    return Sample(
+    sample = Sample(
         image=image,
         labels=torch.tensor([o["label"] for o in kept], dtype=torch.int64),
         boxes=boxes,
         is_thing=torch.tensor([bool(o["is_thing"]) for o in kept], dtype=torch.bool),
         mask_is_pseudo=torch.tensor([bool(o.get("pseudo_mask", False)) for o in kept], dtype=torch.bool),
+        has_mask=torch.tensor([meta["mask_format"] == "panoptic" or "rle" in o for o in kept], dtype=torch.bool),
         masks=masks, ignore_mask=ignore, image_id=int(meta["image_id"]), dataset=str(meta["dataset"]),
-        key=str(raw.get("__key__")), orig_size=(height, width), boxes_from_masks=meta["mask_format"] == "panoptic")
+        key=str(raw.get("__key__")), orig_size=(height, width), boxes_from_masks=meta["mask_format"] == "panoptic",
+        segment_map=segment_map)
+    return sample if not dense_masks else sample.materialised()
+
+
+def _segment_map(ids: torch.Tensor, targets: list[int], crowd: list[int]) -> torch.Tensor:
+    """Panoptic id map -> uint8 map (0 none, i + 1 = targets[i], CROWD_INDEX = crowd) in one sorted look-up."""
+    segment_ids = torch.tensor(targets + crowd, dtype=torch.int32)
+    values = torch.tensor(list(range(1, len(targets) + 1)) + [CROWD_INDEX] * len(crowd), dtype=torch.uint8)
+    if len(segment_ids) == 0:
+        return torch.zeros(ids.shape, dtype=torch.uint8)
+    order = torch.argsort(segment_ids)
+    segment_ids, values = segment_ids[order], values[order]
+    position = torch.searchsorted(segment_ids, ids).clamp_(max=len(segment_ids) - 1)
+    return torch.where(segment_ids[position] == ids, values[position], torch.zeros((), dtype=torch.uint8))
 
 
 def _decode_rle(obj: dict, height: int, width: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torchvision.transforms.v2.functional as F
 from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 
-from openseed.data.shards import Sample
+from openseed.data.shards import CROWD_INDEX, Sample
 from openseed.data.vocab import Vocabulary
 from openseed.structures import Batch, Targets
 
@@ -31,6 +31,21 @@ def tight_boxes(masks: torch.Tensor) -> torch.Tensor:
     return boxes + torch.tensor([0.0, 0.0, 1.0, 1.0])
 
 
+def segment_map_boxes(segment_map: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tight boxes (as ``tight_boxes``) of labels 1..count in a uint8 map, in one pass; also which are present."""
+    height, width = segment_map.shape
+    index = segment_map.flatten().long()
+    xs = torch.arange(width).repeat(height)
+    ys = torch.arange(height).repeat_interleave(width)
+    bins = 256
+    low_x = torch.full((bins,), width).scatter_reduce(0, index, xs, "amin")
+    high_x = torch.full((bins,), -1).scatter_reduce(0, index, xs, "amax")
+    low_y = torch.full((bins,), height).scatter_reduce(0, index, ys, "amin")
+    high_y = torch.full((bins,), -1).scatter_reduce(0, index, ys, "amax")
+    boxes = torch.stack([low_x, low_y, high_x + 1, high_y + 1], 1)[1: count + 1].float()
+    return boxes, high_x[1: count + 1] >= 0
+
+
 def _wrapped(sample: Sample) -> dict:
     height, width = sample.image.shape[-2:]
     items = {"image": tv_tensors.Image(sample.image),
@@ -39,6 +54,8 @@ def _wrapped(sample: Sample) -> dict:
         items["masks"] = tv_tensors.Mask(sample.masks.to(torch.uint8))
     if sample.ignore_mask is not None:
         items["ignore"] = tv_tensors.Mask(sample.ignore_mask[None].to(torch.uint8))
+    if sample.segment_map is not None:
+        items["segment_map"] = tv_tensors.Mask(sample.segment_map[None])
     return items
 
 
@@ -46,20 +63,29 @@ def _finish(sample: Sample, items: dict) -> Sample:
     """Unwrap transformed tensors; re-derive or clip boxes and drop objects with nothing left."""
     image = items["image"].as_subclass(torch.Tensor)
     height, width = image.shape[-2:]
-    masks = items["masks"].as_subclass(torch.Tensor).bool() if "masks" in items else None
-    ignore = items["ignore"].as_subclass(torch.Tensor)[0].bool() if "ignore" in items else None
     boxes = items["boxes"].as_subclass(torch.Tensor).clone()
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-    if sample.boxes_from_masks:
-        keep = masks.flatten(1).any(1)
-        boxes = tight_boxes(masks[keep])
-    else:
-        keep = ((boxes[:, 2] - boxes[:, 0]) >= MIN_BOX_SIDE) & ((boxes[:, 3] - boxes[:, 1]) >= MIN_BOX_SIDE)
+    if "segment_map" in items:  # panoptic: boxes and masks of the objects still present, from the moved map
+        segment_map = items["segment_map"].as_subclass(torch.Tensor)[0]
+        boxes, keep = segment_map_boxes(segment_map, len(sample.labels))
         boxes = boxes[keep]
+        present = torch.nonzero(keep).flatten().to(torch.uint8) + 1
+        masks = segment_map[None] == present[:, None, None]
+        ignore = segment_map == CROWD_INDEX
+    else:
+        masks = items["masks"].as_subclass(torch.Tensor).bool() if "masks" in items else None
+        ignore = items["ignore"].as_subclass(torch.Tensor)[0].bool() if "ignore" in items else None
+        if sample.boxes_from_masks:
+            keep = masks.flatten(1).any(1)
+            boxes = tight_boxes(masks[keep])
+        else:
+            keep = ((boxes[:, 2] - boxes[:, 0]) >= MIN_BOX_SIDE) & ((boxes[:, 3] - boxes[:, 1]) >= MIN_BOX_SIDE)
+            boxes = boxes[keep]
+        masks = None if masks is None else masks[keep]
     return replace(sample, image=image, boxes=boxes, labels=sample.labels[keep], is_thing=sample.is_thing[keep],
-                   mask_is_pseudo=sample.mask_is_pseudo[keep], masks=None if masks is None else masks[keep],
-                   ignore_mask=ignore)
+                   mask_is_pseudo=sample.mask_is_pseudo[keep], has_mask=sample.has_mask[keep], masks=masks,
+                   ignore_mask=ignore, segment_map=None)
 
 
 def _apply(items: dict, fn) -> dict:
@@ -141,12 +167,13 @@ def collate(samples: list[Sample], vocabulary: Vocabulary, task: str, size_divis
     padding = torch.ones((len(samples), height, width), dtype=torch.bool)
     targets = []
     for i, sample in enumerate(samples):
+        sample = sample.materialised()
         h, w = sample.image.shape[-2:]
         images[i, :, :h, :w] = sample.image
         padding[i, :h, :w] = False
         targets.append(Targets(
             labels=sample.labels, boxes=sample.boxes, masks=_pad(sample.masks, height, width),
-            is_thing=sample.is_thing, mask_is_pseudo=sample.mask_is_pseudo,
+            is_thing=sample.is_thing, mask_is_pseudo=sample.mask_is_pseudo, has_mask=sample.has_mask,
             ignore_mask=None if sample.ignore_mask is None else _pad(sample.ignore_mask[None], height, width)[0],
             image_id=sample.image_id, orig_size=sample.orig_size, image_size=(int(h), int(w))))
     return Batch(images=images, padding_mask=padding, targets=targets, vocabulary=vocabulary, task=task,
@@ -154,8 +181,8 @@ def collate(samples: list[Sample], vocabulary: Vocabulary, task: str, size_divis
 
 
 def _pad(masks: torch.Tensor | None, height: int, width: int) -> torch.Tensor | None:
-    if masks is None:
-        return None
+    if masks is None or masks.shape[-2:] == (height, width):
+        return masks
     out = torch.zeros((masks.shape[0], height, width), dtype=torch.bool)
     out[:, : masks.shape[1], : masks.shape[2]] = masks
     return out

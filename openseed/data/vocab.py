@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 # COCO panoptic suffixes that say how the class was built, not what it is.
 _DROPPED_SUFFIXES = ("-merged", "-other", "-stuff")
@@ -78,7 +78,7 @@ class Vocabulary:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_names(cls, names: Iterable[str], is_thing: bool | Sequence[bool] = True) -> "Vocabulary":
+    def from_names(cls, names: Iterable[str], is_thing: bool | Sequence[bool] = True) -> Vocabulary:
         """A vocabulary from plain names (ids 0..K-1), e.g. a user's list of words for the predictor."""
         names = list(names)
         flags = [is_thing] * len(names) if isinstance(is_thing, bool) else list(is_thing)
@@ -87,7 +87,7 @@ class Vocabulary:
         return cls([_make_category(i, n, f) for i, (n, f) in enumerate(zip(names, flags))])
 
     @classmethod
-    def from_coco_categories(cls, categories: Sequence[dict], default_is_thing: bool = True) -> "Vocabulary":
+    def from_coco_categories(cls, categories: Sequence[dict], default_is_thing: bool = True) -> Vocabulary:
         """From a COCO ``categories`` list. ``isthing`` is read where present (COCO panoptic); detection JSONs
         have only things. LVIS-style ``synonyms`` lists are used when present."""
         result = []
@@ -150,7 +150,7 @@ class Vocabulary:
                 for c in self.categories]
 
     @classmethod
-    def from_json(cls, entries: Sequence[dict]) -> "Vocabulary":
+    def from_json(cls, entries: Sequence[dict]) -> Vocabulary:
         return cls([Category(int(e["id"]), str(e["name"]), bool(e["isthing"]), tuple(e["synonyms"]))
                     for e in entries])
 
@@ -158,7 +158,7 @@ class Vocabulary:
         Path(path).write_text(json.dumps({"categories": self.to_json()}, indent=1))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Vocabulary":
+    def load(cls, path: str | Path) -> Vocabulary:
         path = Path(path)
         try:
             data = json.loads(path.read_text())
