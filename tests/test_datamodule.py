@@ -114,3 +114,41 @@ def test_corrupt_sample_inside_training_stream_is_skipped(panoptic_shards, uneve
     assert len(batches) == 4
     ids = {t.image_id for b in batches for t in b["seg"].targets}
     assert ids and all(i % 2 == 0 for i in ids)  # only the intact (odd index -> even id) samples come through
+
+
+def _ddp_worker(rank, world_size, port, seg, det, val, out):
+    import json
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world_size)
+    try:
+        module = OpenSeeDDataModule(seg={"path": seg, "batch_size": 2}, det={"path": det, "batch_size": 3},
+                                    val=[{"path": val, "batch_size": 2}], image_size=64, eval_max_size=64,
+                                    num_workers=2, shuffle_buffer=4)  # rank and world size from torch.distributed
+        steps = sum(1 for _ in module.train_dataloader())
+        val_ids = [t.image_id for b in module.val_dataloader()[0] for t in b.targets]
+        gathered = [None] * world_size
+        torch.distributed.all_gather_object(gathered, {"steps": steps, "val": val_ids})
+        if rank == 0:
+            with open(out, "w") as handle:
+                json.dump(gathered, handle)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_real_ddp_processes_with_gloo(uneven_seg, uneven_det, panoptic_shards, tmp_path):
+    """Two real processes (gloo), two loader workers each: same step count, validation split exactly once."""
+    import json
+    import socket
+
+    val = clone_shard_set(panoptic_shards, tmp_path / "val", [2, 9, 1])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "result.json"
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(uneven_seg), str(uneven_det), str(val), str(out)),
+                                nprocs=2, join=True)
+    ranks = json.loads(out.read_text())
+    assert [r["steps"] for r in ranks] == [8, 8]
+    assert not set(ranks[0]["val"]) & set(ranks[1]["val"])
+    assert sorted(ranks[0]["val"] + ranks[1]["val"]) == list(range(1, 13))

@@ -63,7 +63,8 @@ class Encoded:
     """What a converter worker returns for one record: the sample to write (or None) and what it dropped."""
 
     sample: dict | None
-    skipped_image: str | None = None
+    skip_reason: str | None = None  # short, used to count skips ("unreadable image")
+    skip_detail: str | None = None  # the file and what exactly is wrong, logged
     skipped_objects: Counter = field(default_factory=Counter)
     reencoded: bool = False
 
@@ -74,8 +75,8 @@ def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
 
 
-def _read_image_bytes(record: ImageRecord) -> tuple[bytes | None, str | None, bool]:
-    """JPEG bytes of the record's image: (bytes, reason if unusable, re-encoded?)."""
+def _read_image_bytes(record: ImageRecord) -> tuple[bytes | None, Encoded | None, bool]:
+    """JPEG bytes of the record's image: (bytes, a skip result if unusable, re-encoded?)."""
     data = record.image_path.read_bytes()
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -86,10 +87,15 @@ def _read_image_bytes(record: ImageRecord) -> tuple[bytes | None, str | None, bo
                 return buffer.getvalue(), None, True
             image.verify()
     except Exception as err:  # PIL raises many types for broken files
-        return None, f"unreadable image ({type(err).__name__}: {err})", False
+        return None, _skip("unreadable image", record.image_path, f"{type(err).__name__}: {err}"), False
     if size != (record.width, record.height):
-        return None, f"image size {size[0]}x{size[1]} differs from the JSON's {record.width}x{record.height}", False
+        return None, _skip("image size differs from the JSON", record.image_path,
+                           f"{size[0]}x{size[1]} vs {record.width}x{record.height}"), False
     return data, None, False
+
+
+def _skip(reason: str, path: Path, detail: str) -> Encoded:
+    return Encoded(None, skip_reason=reason, skip_detail=f"{path}: {reason} ({detail})")
 
 
 def _header(record: ImageRecord, dataset: str, mask_format: str) -> dict:
@@ -99,17 +105,17 @@ def _header(record: ImageRecord, dataset: str, mask_format: str) -> dict:
 
 def encode_panoptic(record: ImageRecord, vocab: Vocabulary, dataset: str) -> Encoded:
     """One COCO panoptic image -> one sample. Boxes and areas come from the PNG; segments absent from it are dropped."""
-    image, reason, reencoded = _read_image_bytes(record)
+    image, skipped, reencoded = _read_image_bytes(record)
     if image is None:
-        return Encoded(None, f"{record.image_path}: {reason}")
+        return skipped
     png = record.panoptic_path.read_bytes()
     try:
         ids = rgb_to_id(_decode_image(png, "RGB"))
     except Exception as err:
-        return Encoded(None, f"{record.panoptic_path}: unreadable PNG ({type(err).__name__}: {err})")
+        return _skip("unreadable panoptic PNG", record.panoptic_path, f"{type(err).__name__}: {err}")
     if ids.shape != (record.height, record.width):
-        return Encoded(None, f"{record.panoptic_path}: PNG is {ids.shape[1]}x{ids.shape[0]}, image is "
-                             f"{record.width}x{record.height}")
+        return _skip("panoptic PNG size differs from the image", record.panoptic_path,
+                     f"{ids.shape[1]}x{ids.shape[0]} vs {record.width}x{record.height}")
     present, counts = np.unique(ids, return_counts=True)
     area_of = dict(zip(present.tolist(), counts.tolist()))
     result = Encoded(None, reencoded=reencoded)
@@ -151,9 +157,9 @@ def _annotation_rle(ann: dict, height: int, width: int) -> dict | None:
 
 def encode_detection(record: ImageRecord, vocab: Vocabulary, dataset: str, keep_masks: bool = True) -> Encoded:
     """One COCO detection image -> one sample. Polygon and RLE masks are kept as compressed RLE."""
-    image, reason, reencoded = _read_image_bytes(record)
+    image, skipped, reencoded = _read_image_bytes(record)
     if image is None:
-        return Encoded(None, f"{record.image_path}: {reason}")
+        return skipped
     objects = []
     for ann in record.objects:
         x, y, w, h = (float(v) for v in ann["bbox"])
@@ -250,8 +256,8 @@ def write_shards(records: list[ImageRecord], encode: Callable[[ImageRecord], Enc
                            unit="img"):
             summary.skipped_objects.update(result.skipped_objects)
             if result.sample is None:
-                summary.skipped_images[result.skipped_image.split(": ", 1)[-1].split(" (")[0]] += 1
-                log.warning("skipping image: %s", result.skipped_image)
+                summary.skipped_images[result.skip_reason] += 1
+                log.warning("skipping image: %s", result.skip_detail)
                 continue
             key = result.sample["__key__"]
             if key in keys:
