@@ -55,3 +55,17 @@ def test_bad_vocabularies_fail_clearly(tmp_path):
         Vocabulary.load(tmp_path / "bad.json")
     with pytest.raises(FileNotFoundError, match="missing.json"):
         Vocabulary.load(tmp_path / "missing.json")
+
+
+def test_model_side_imports_stay_light():
+    """openseed.structures (the model's view of data) must not import Lightning or webdataset."""
+    import subprocess
+    import sys
+
+    code = ("import sys, openseed.structures, openseed.data.vocab; "
+            "bad = [m for m in ('lightning', 'webdataset') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    from openseed.data import OpenSeeDDataModule, Vocabulary
+
+    assert Vocabulary.__module__ == "openseed.data.vocab" and OpenSeeDDataModule.__name__ == "OpenSeeDDataModule"
