@@ -101,6 +101,17 @@ def _image_file_name(image: dict) -> str:
     raise KeyError("file_name")
 
 
+def _load_coco(json_path: Path) -> tuple[dict, Vocabulary, dict[int, dict]]:
+    """The JSON, its vocabulary and its images by id, with the checks both kinds of file share."""
+    data = load_json(json_path)
+    _require(data, ("images", "annotations", "categories"), json_path)
+    try:
+        vocab = Vocabulary.from_coco_categories(data["categories"], default_is_thing=True)
+    except ValueError as err:
+        raise DataError(f"{json_path}: bad categories ({err})") from err
+    return data, vocab, _index_images(data, json_path)
+
+
 def _index_images(data: dict, path: Path) -> dict[int, dict]:
     images = {}
     for image in data["images"]:
@@ -132,13 +143,7 @@ def load_coco_detection(json_path: str | Path, image_dir: str | Path, skip_missi
     annotations are kept unless ``drop_empty`` (evaluation needs them: they hold false positives).
     """
     json_path, image_dir = Path(json_path), Path(image_dir)
-    data = load_json(json_path)
-    _require(data, ("images", "annotations", "categories"), json_path)
-    try:
-        vocab = Vocabulary.from_coco_categories(data["categories"], default_is_thing=True)
-    except ValueError as err:
-        raise DataError(f"{json_path}: bad categories ({err})") from err
-    images = _index_images(data, json_path)
+    data, vocab, images = _load_coco(json_path)
     report = ReadReport()
     per_image: dict[int, list[dict]] = {image_id: [] for image_id in images}
     for ann in data["annotations"]:
@@ -173,15 +178,9 @@ def load_coco_panoptic(json_path: str | Path, png_dir: str | Path, image_dir: st
                        skip_missing: bool = False) -> tuple[Vocabulary, list[ImageRecord], ReadReport]:
     """Read a COCO panoptic JSON with its PNG folder and image folder."""
     json_path, png_dir, image_dir = Path(json_path), Path(png_dir), Path(image_dir)
-    data = load_json(json_path)
-    _require(data, ("images", "annotations", "categories"), json_path)
-    try:
-        vocab = Vocabulary.from_coco_categories(data["categories"], default_is_thing=True)
-    except ValueError as err:
-        raise DataError(f"{json_path}: bad categories ({err})") from err
+    data, vocab, images = _load_coco(json_path)
     if not all("isthing" in c for c in data["categories"]):
         raise DataError(f"{json_path}: panoptic categories need an 'isthing' flag")
-    images = _index_images(data, json_path)
     report = ReadReport()
     records = []
     for ann in data["annotations"]:

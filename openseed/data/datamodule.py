@@ -208,19 +208,20 @@ class OpenSeeDDataModule(LightningDataModule):
         self.val_sets: list[ShardSet] = []
 
     # -------------------------------------------------------------------------------------------------- set-up
+    def _position(self) -> tuple[int, int]:
+        """(rank, world size): the constructor's overrides, else the trainer's, else torch.distributed's."""
+        trainer = getattr(self, "trainer", None)
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else _dist_info()
+        return (rank if self._rank is None else self._rank,
+                world_size if self._world_size is None else self._world_size)
+
     @property
     def rank(self) -> int:
-        if self._rank is not None:
-            return self._rank
-        trainer = getattr(self, "trainer", None)
-        return trainer.global_rank if trainer is not None else _dist_info()[0]
+        return self._position()[0]
 
     @property
     def world_size(self) -> int:
-        if self._world_size is not None:
-            return self._world_size
-        trainer = getattr(self, "trainer", None)
-        return trainer.world_size if trainer is not None else _dist_info()[1]
+        return self._position()[1]
 
     def setup(self, stage: str | None = None) -> None:
         """Open every configured data set (manifest + vocabulary) and check it is of the right kind."""
