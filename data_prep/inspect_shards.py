@@ -1,0 +1,85 @@
+"""Look at a converted data set: a summary of its manifest, and a picture of samples with their targets.
+
+    python -m data_prep.inspect_shards DIR [--out samples.png] [--count 8] [--lsj 512]
+
+The picture shows each sample's masks (coloured, half transparent), boxes and class names exactly as the training
+pipeline delivers them; with ``--lsj SIZE`` after large-scale jitter at that size, otherwise at the stored size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from collections import Counter
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from openseed.data.shards import Sample, ShardSet, read_shards
+from openseed.data.transforms import LargeScaleJitter
+
+
+def _colour(index: int) -> tuple[int, int, int]:
+    rng = np.random.default_rng(index)
+    return tuple(int(v) for v in rng.integers(40, 256, 3))
+
+
+def render(sample: Sample, names: list[str]) -> Image.Image:
+    """The image with masks blended in, crowd/ignore regions greyed, boxes and labels drawn."""
+    canvas = sample.image.permute(1, 2, 0).numpy().astype(np.float32)
+    if sample.ignore_mask is not None:
+        canvas[sample.ignore_mask.numpy()] = canvas[sample.ignore_mask.numpy()] * 0.3 + 128 * 0.7
+    if sample.masks is not None:
+        for i, mask in enumerate(sample.masks.numpy()):
+            canvas[mask] = canvas[mask] * 0.5 + np.array(_colour(i)) * 0.5
+    image = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for i, (box, label) in enumerate(zip(sample.boxes.tolist(), sample.labels.tolist())):
+        draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=_colour(i))
+        draw.text((box[0] + 2, box[1] + 1), names[label], fill=(255, 255, 255))
+    return image
+
+
+def grid(images: list[Image.Image], columns: int = 4) -> Image.Image:
+    columns = min(columns, len(images))
+    width = max(i.width for i in images)
+    height = max(i.height for i in images)
+    rows = -(-len(images) // columns)
+    sheet = Image.new("RGB", (columns * width, rows * height), (32, 32, 32))
+    for k, image in enumerate(images):
+        sheet.paste(image, ((k % columns) * width, (k // columns) * height))
+    return sheet
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", help="a converted data set folder (with manifest.json)")
+    parser.add_argument("--out", default=None, help="write a PNG of the first --count samples here")
+    parser.add_argument("--count", type=int, default=8)
+    parser.add_argument("--lsj", type=int, default=None, help="apply large-scale jitter at this size first")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        shard_set = ShardSet.open(args.root)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    vocab = shard_set.vocabulary
+    print(f"{shard_set.name}: task {shard_set.task}, masks {shard_set.mask_format}, {shard_set.num_samples} images "
+          f"in {len(shard_set.urls)} shards, {len(vocab)} classes ({vocab.num_things} things)")
+    samples = list(itertools.islice(read_shards(args.root), args.count))
+    labels = Counter(vocab.prompt_names()[int(label)] for s in samples for label in s.labels)
+    print(f"first {len(samples)} images: {sum(labels.values())} targets; most common: {labels.most_common(5)}")
+    if args.out:
+        if args.lsj:
+            generator = torch.Generator().manual_seed(args.seed)
+            samples = [LargeScaleJitter(args.lsj)(s, generator) for s in samples]
+        grid([render(s, vocab.prompt_names()) for s in samples]).save(args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
