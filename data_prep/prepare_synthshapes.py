@@ -53,21 +53,25 @@ def prepare_synthshapes(root: str | Path, seed: int = 0, scale: float = 1.0, ima
     return result
 
 
-def check_loader(shard_dirs: dict[str, Path], image_size: int, steps: int = 3) -> None:
-    """Stream a few joint training batches and one validation pass; print what came out."""
-    from openseed.data.datamodule import OpenSeeDDataModule
+def check_loader(shard_dirs: dict[str, Path], steps: int = 3) -> None:
+    """Build the data module of ``conf/data/synthshapes.yaml`` on these shards, stream a few joint training batches
+    and one validation pass, and print what came out."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
 
-    module = OpenSeeDDataModule(seg={"path": str(shard_dirs["seg_train"]), "batch_size": 8},
-                                det={"path": str(shard_dirs["det_train"]), "batch_size": 16},
-                                val=[{"path": str(shard_dirs[s]), "batch_size": 16} for s in ("seg_val", "det_val")],
-                                image_size=image_size, eval_max_size=image_size, num_workers=2)
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    overrides = ["+data=synthshapes", "+paths=default", f"data.seg.path={shard_dirs['seg_train']}",
+                 f"data.det.path={shard_dirs['det_train']}", f"data.val.0.path={shard_dirs['seg_val']}",
+                 f"data.val.1.path={shard_dirs['det_val']}"]
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        module = instantiate(compose(overrides=overrides).data)
     start = time.perf_counter()
     loader = module.train_dataloader()
     for step, batch in zip(range(steps), loader):
         parts = ", ".join(f"{k}: {tuple(b.images.shape)} images, {sum(len(t) for t in b.targets)} targets"
                           for k, b in batch.items())
         print(f"train step {step}: {parts}")
-    print(f"training epoch = {len(loader)} steps (seg batch 8); first {steps} steps in "
+    print(f"training epoch = {len(loader)} steps (seg batch {module.seg.batch_size}); first {steps} steps in "
           f"{time.perf_counter() - start:.1f} s")
     for val_loader, shards in zip(module.val_dataloader(), module.val_sets):
         seen = sum(len(b) for b in val_loader)
@@ -87,7 +91,7 @@ def main(argv=None) -> int:
     dirs = prepare_synthshapes(args.root, args.seed, args.scale, args.image_size, args.workers)
     print(f"synthshapes shards ready under {Path(args.root) / 'shards'} ({time.perf_counter() - start:.1f} s)")
     if args.check_loader:
-        check_loader(dirs, args.image_size)
+        check_loader(dirs)
     return 0
 
 

@@ -68,3 +68,13 @@ def test_joint_batches_from_synthshapes(shard_dirs):
         assert target.is_thing.any() or len(target) > 0
     assert all(t.masks is None for t in det.targets)
     assert sum(len(b) for b in module.val_dataloader()[0]) == 4
+
+
+def test_check_loader_uses_the_synthshapes_config(shard_dirs, capsys):
+    from data_prep.prepare_synthshapes import check_loader
+
+    check_loader(shard_dirs, steps=2)
+    out = capsys.readouterr().out
+    assert "train step 1: seg: (16, 3, 160, 160) images" in out and "det: (32, 3, 160, 160) images" in out
+    assert "training epoch = 2 steps (seg batch 16)" in out  # 40 seg_train images at scale 0.02
+    assert "validation synthshapes_seg_val: 4 of 4 images" in out
