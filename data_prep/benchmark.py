@@ -40,11 +40,13 @@ def converter_rows(raw: Path, workers: int) -> list[str]:
     return rows
 
 
-def loader_images_per_second(shard_dir: Path, image_size: int, batch_size: int, workers: int, batches: int) -> float:
+def loader_images_per_second(shard_dir: Path, image_size: int, scale_range: tuple[float, float], batch_size: int,
+                             workers: int, batches: int) -> float:
     from openseed.data.datamodule import JointTrainDataset, OpenSeeDDataModule, SizedLoader, TrainStream
     from openseed.data.shards import ShardSet
 
-    module = OpenSeeDDataModule(image_size=image_size, num_workers=workers, rank=0, world_size=1)
+    module = OpenSeeDDataModule(image_size=image_size, scale_range=scale_range, num_workers=workers, rank=0,
+                                world_size=1)
     stream = TrainStream(ShardSet.open(shard_dir), batch_size, module.train_transform, (image_size, image_size),
                          shuffle_buffer=64)
     warmup = 3 if workers == 0 else 2 * workers
@@ -77,14 +79,16 @@ def main(argv=None) -> int:
         coco = Path(tmp) / "coco"
         coco_panoptic_to_shards.convert(pan / "panoptic_examples.json", pan / "panoptic_examples",
                                         pan / "input_images", coco, "coco_sample", progress=False)
-        settings = [("COCO panoptic photos (~640x480)", coco, 1024, 4),
-                    ("synthshapes seg_train (160x160)", shard_dirs["seg_train"], 1024, 4),
-                    ("synthshapes seg_train (160x160)", shard_dirs["seg_train"], 160, 16)]
-        print("\n| training batches | LSJ size | batch | workers | images/s |\n|---|---|---|---|---|")
-        for name, path, size, batch in settings:
+        # (data, LSJ size, LSJ scale range, batch): the paper's setting, and the CPU default of conf/data/synthshapes
+        settings = [("COCO panoptic photos (~640x480)", coco, 1024, (0.1, 2.0), 4),
+                    ("synthshapes seg_train (160x160)", shard_dirs["seg_train"], 1024, (0.1, 2.0), 4),
+                    ("synthshapes seg_train (160x160)", shard_dirs["seg_train"], 160, (0.5, 1.5), 16)]
+        print("\n| training batches | LSJ size | scales | batch | workers | images/s |\n|---|---|---|---|---|---|")
+        for name, path, size, scales, batch in settings:
             for workers in (0, args.workers):
-                speed = loader_images_per_second(path, size, batch, workers, args.batches)
-                print(f"| {name} | {size} | {batch} | {workers} | {speed:.1f} |", flush=True)
+                speed = loader_images_per_second(path, size, scales, batch, workers, args.batches)
+                print(f"| {name} | {size} | {scales[0]}-{scales[1]} | {batch} | {workers} | {speed:.1f} |",
+                      flush=True)
     return 0
 
 
