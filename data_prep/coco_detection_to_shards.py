@@ -24,8 +24,9 @@ def convert(json_path, image_dir, out, name, maxcount=1000, workers=0, skip_miss
                                                  drop_empty=drop_empty)
     records = records[:limit] if limit is not None else records
     has_masks = keep_masks and any(ann.get("segmentation") for r in records for ann in r.objects)
-    encode = partial(encode_detection, vocab=vocab, dataset=name, keep_masks=keep_masks)
-    return write_shards(records, encode, out, name, "det", "rle" if has_masks else "none", vocab,
+    mask_format = "rle" if has_masks else "none"
+    encode = partial(encode_detection, vocab=vocab, dataset=name, mask_format=mask_format)
+    return write_shards(records, encode, out, name, "det", mask_format, vocab,
                         maxcount=maxcount, workers=workers, progress=progress,
                         reader_skips=(report.skipped_images, report.skipped_objects), source=source)
 

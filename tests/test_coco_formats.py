@@ -63,3 +63,16 @@ def test_png_images_are_stored_as_jpeg(tmp_path):
         original = np.asarray(Image.open(tmp_path / "img" / name))
         difference = np.abs(sample.image.permute(1, 2, 0).numpy().astype(int) - original.astype(int)).mean()
         assert difference < 3  # JPEG at quality 95, same picture
+
+
+def test_image_without_annotations_keeps_the_data_sets_mask_format(tmp_path):
+    data = _labelme_json()
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != 1]
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    summary = convert(tmp_path / "ann.json", LABELME, tmp_path / "out", "lm", progress=False)
+    assert summary.written == 3  # kept: an evaluation set needs its empty images
+    samples = {s.image_id: s for s in read_shards(tmp_path / "out")}
+    assert samples[1].masks.shape == (0, 375, 500) and len(samples[1].labels) == 0
+    assert samples[0].masks.shape[0] == len(samples[0].labels) > 0
+    dropped = convert(tmp_path / "ann.json", LABELME, tmp_path / "out2", "lm", progress=False, drop_empty=True)
+    assert dropped.written == 2 and dropped.skipped_images == {"no annotations": 1}

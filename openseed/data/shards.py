@@ -67,6 +67,7 @@ class Encoded:
     skip_detail: str | None = None  # the file and what exactly is wrong, logged
     skipped_objects: Counter = field(default_factory=Counter)
     reencoded: bool = False
+    num_objects: int = 0
 
 
 def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
@@ -76,22 +77,26 @@ def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
 
 
 def _read_image_bytes(record: ImageRecord) -> tuple[bytes | None, Encoded | None, bool]:
-    """JPEG bytes of the record's image: (bytes, a skip result if unusable, re-encoded?)."""
+    """JPEG bytes of the record's image: (bytes, a skip result if unusable, re-encoded?).
+
+    The image is decoded once in full, so a truncated or corrupt file is reported here, with its path, rather
+    than while training."""
     data = record.image_path.read_bytes()
+    jpeg = data
     try:
         with Image.open(io.BytesIO(data)) as image:
+            image.load()
             size = image.size
             if data[:3] != JPEG_MAGIC:
                 buffer = io.BytesIO()
                 image.convert("RGB").save(buffer, format="JPEG", quality=95)
-                return buffer.getvalue(), None, True
-            image.verify()
+                jpeg = buffer.getvalue()
     except Exception as err:  # PIL raises many types for broken files
         return None, _skip("unreadable image", record.image_path, f"{type(err).__name__}: {err}"), False
     if size != (record.width, record.height):
         return None, _skip("image size differs from the JSON", record.image_path,
                            f"{size[0]}x{size[1]} vs {record.width}x{record.height}"), False
-    return data, None, False
+    return jpeg, None, jpeg is not data
 
 
 def _skip(reason: str, path: Path, detail: str) -> Encoded:
@@ -138,6 +143,7 @@ def encode_panoptic(record: ImageRecord, vocab: Vocabulary, dataset: str) -> Enc
     header = _header(record, dataset, "panoptic")
     result.sample = {"__key__": sample_key(record.image_id), "jpg": image, PANOPTIC_KEY: png,
                      "json": json.dumps({**header, "objects": objects}).encode()}
+    result.num_objects = len(objects)
     return result
 
 
@@ -155,8 +161,11 @@ def _annotation_rle(ann: dict, height: int, width: int) -> dict | None:
     return {"size": [int(v) for v in rle["size"]], "counts": counts.decode() if isinstance(counts, bytes) else counts}
 
 
-def encode_detection(record: ImageRecord, vocab: Vocabulary, dataset: str, keep_masks: bool = True) -> Encoded:
-    """One COCO detection image -> one sample. Polygon and RLE masks are kept as compressed RLE."""
+def encode_detection(record: ImageRecord, vocab: Vocabulary, dataset: str, mask_format: str = "rle") -> Encoded:
+    """One COCO detection image -> one sample. With ``mask_format="rle"`` polygon and RLE masks are kept as
+    compressed RLE (objects without one get ``has_mask`` False when read); with "none" only boxes are kept."""
+    if mask_format not in ("rle", "none"):
+        raise ValueError(f"mask_format must be 'rle' or 'none', not {mask_format!r}")
     image, skipped, reencoded = _read_image_bytes(record)
     if image is None:
         return skipped
@@ -167,7 +176,7 @@ def encode_detection(record: ImageRecord, vocab: Vocabulary, dataset: str, keep_
         entry = {"category_id": int(ann["category_id"]), "label": label, "is_thing": vocab.categories[label].is_thing,
                  "iscrowd": int(ann.get("iscrowd", 0)), "bbox": [x, y, x + w, y + h],
                  "area": float(ann.get("area", w * h)), "pseudo_mask": bool(ann.get("pseudo_mask", False))}
-        if keep_masks:
+        if mask_format == "rle":
             try:
                 rle = _annotation_rle(ann, record.height, record.width)
             except Exception as err:
@@ -176,13 +185,10 @@ def encode_detection(record: ImageRecord, vocab: Vocabulary, dataset: str, keep_
             if rle is not None:
                 entry["rle"] = rle
         objects.append(entry)
-    with_masks = [("rle" in o) for o in objects]
-    mask_format = "rle" if objects and all(with_masks) else "none"
-    if any(with_masks) and not all(with_masks):
-        mask_format = "rle"  # objects without "rle" then have no mask; the reader marks them
     header = _header(record, dataset, mask_format)
     return Encoded({"__key__": sample_key(record.image_id), "jpg": image,
-                    "json": json.dumps({**header, "objects": objects}).encode()}, reencoded=reencoded)
+                    "json": json.dumps({**header, "objects": objects}).encode()}, reencoded=reencoded,
+                   num_objects=len(objects))
 
 
 # ---------------------------------------------------------------------------------------------------- writing
@@ -274,7 +280,7 @@ def write_shards(records: list[ImageRecord], encode: Callable[[ImageRecord], Enc
             summary.shards[-1]["count"] += 1
             summary.written += 1
             summary.reencoded_images += int(result.reencoded)
-            summary.objects += len(json.loads(result.sample["json"])["objects"])
+            summary.objects += result.num_objects
     finally:
         if writer is not None:
             writer.close()
