@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -66,6 +67,7 @@ def main(argv=None) -> int:
     parser.add_argument("--realdata", default=str(ROOT.parent / "shared" / "realdata"))
     parser.add_argument("--batches", type=int, default=30, help="timed batches per loader setting")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--repeats", type=int, default=3, help="loader measurements per setting; the median is shown")
     args = parser.parse_args(argv)
 
     shard_dirs = prepare_synthshapes(args.root, progress=False)
@@ -86,7 +88,8 @@ def main(argv=None) -> int:
         print("\n| training batches | LSJ size | scales | batch | workers | images/s |\n|---|---|---|---|---|---|")
         for name, path, size, scales, batch in settings:
             for workers in (0, args.workers):
-                speed = loader_images_per_second(path, size, scales, batch, workers, args.batches)
+                speed = statistics.median(loader_images_per_second(path, size, scales, batch, workers, args.batches)
+                                          for _ in range(args.repeats))
                 print(f"| {name} | {size} | {scales[0]}-{scales[1]} | {batch} | {workers} | {speed:.1f} |",
                       flush=True)
     return 0
