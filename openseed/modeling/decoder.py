@@ -1,0 +1,272 @@
+"""The OpenSeeD decoder: three query types, conditioned decoding, layer-wise box refinement, open-vocabulary heads.
+
+SPEC.md section 2. Queries are laid out along one axis as ``[conditioned (G x M) | foreground | background]``:
+
+- foreground: language-guided selection of the top encoder tokens (score = max text similarity over the vocabulary);
+  content = the token's (projected) feature, reference = its proposal box (anchor at the token's cell refined by a box
+  head). The proposals are returned for supervision ("interm" outputs).
+- background: learned content embeddings and learned anchor boxes, the same for every image.
+- conditioned: built from (box, class) pairs: content = the class's text embedding through a learned projection,
+  reference = the box (with noise in training). ``G`` groups of ``M`` slots, ``M`` = most boxes in an image.
+
+Self-attention masks: matching (fg + bg) queries never see conditioned ones; a conditioned group sees itself and the
+matching queries, never another group; nobody sees a conditioned padding slot. Each layer: self-attention ->
+deformable cross-attention around the reference box -> FFN, post-norm. Boxes are refined layer by layer (detached
+between layers; the loss box of layer l uses the undetached reference from layer l - 1: "look forward twice").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from openseed.modeling.layers import MLP, activation, grid_positions, inverse_sigmoid, sine_embedding
+from openseed.modeling.outputs import ConditionedOutputs, Outputs, Prediction
+from openseed.modeling.pixel_decoder import EncoderMemory
+from openseed.ops import MSDeformAttn
+
+
+@dataclass
+class Conditions:
+    """Boxes (and classes) the conditioned queries are built from, per image.
+
+    Attributes:
+        labels: per image, long [N_i] indices into the vocabulary the text embeddings were computed for.
+        boxes: per image, [N_i, 4] cxcywh normalised by the padded size.
+        add_noise: jitter the boxes (training); False for box-prompted inference.
+        num_groups: groups of conditioned queries; None = as many as fit in the decoder's budget.
+    """
+
+    labels: list[Tensor]
+    boxes: list[Tensor]
+    add_noise: bool = True
+    num_groups: int | None = None
+
+
+class TextClassifier(nn.Module):
+    """logits = exp(s) * cos(W h, t_k) + b: W projects queries into the text space, s a learned log-scale,
+    b a learned bias (initialised to the prior probability ``prior_prob``, so sigmoid focal training starts calm)."""
+
+    def __init__(self, hidden_dim: int, text_dim: int, logit_scale_init: float = 1.0, prior_prob: float = 0.01):
+        super().__init__()
+        self.project = nn.Linear(hidden_dim, text_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
+        bias = -torch.log(torch.tensor((1 - prior_prob) / prior_prob))
+        self.bias = nn.Parameter(bias.clone())
+
+    def forward(self, queries: Tensor, text: Tensor) -> Tensor:
+        """queries [B, Q, hidden], text [K, text_dim] -> logits [B, Q, K]."""
+        projected = F.normalize(self.project(queries), dim=-1)
+        return self.logit_scale.exp() * projected @ F.normalize(text, dim=-1).t() + self.bias
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, dim: int, num_levels: int, num_heads: int, num_points: int, ffn_dim: int, dropout: float,
+                 act: str = "relu"):
+        super().__init__()
+        self.num_heads = num_heads
+        self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.norm1 = nn.LayerNorm(dim)
+        self.cross_attn = MSDeformAttn(dim, num_levels, num_heads, num_points)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), activation(act), nn.Dropout(dropout), nn.Linear(ffn_dim, dim))
+        self.norm3 = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, tgt: Tensor, query_pos: Tensor, reference_boxes: Tensor, memory: EncoderMemory,
+                attn_mask: Tensor | None) -> Tensor:
+        """tgt, query_pos [B, Q, D]; reference_boxes [B, Q, 4] (cxcywh, detached); attn_mask [B * heads, Q, Q]."""
+        q = k = tgt + query_pos
+        attended = self.self_attn(q, k, tgt, attn_mask=attn_mask, need_weights=False)[0]
+        tgt = self.norm1(tgt + self.dropout(attended))
+        levels = memory.spatial_shapes.shape[0]
+        reference = reference_boxes[:, :, None].expand(-1, -1, levels, -1)
+        sampled = self.cross_attn(tgt + query_pos, reference, memory.memory, memory.spatial_shapes,
+                                  memory.level_start_index, memory.padding_mask)
+        tgt = self.norm2(tgt + self.dropout(sampled))
+        return self.norm3(tgt + self.dropout(self.ffn(tgt)))
+
+
+class OpenSeeDDecoder(nn.Module):
+    """Encoder memory + text embeddings (+ conditions) -> ``Outputs``.
+
+    Args:
+        hidden_dim: query width. text_dim: width of the text embeddings. mask_dim: channels of mask features.
+        num_levels: encoder levels. num_fg, num_bg: matching queries of each type. With ``decoupled=False`` there are
+            no background queries and ``num_fg + num_bg`` queries come from the one language-guided selection.
+        conditioned: build conditioned queries when conditions are given (training: from ground truth).
+        cond_budget: conditioned queries per image at most (groups x slots); box_noise_scale: box jitter (fraction
+            of the box size) of the conditioned references in training.
+        anchor_size: anchor side of level l proposals = anchor_size * 2^l (normalised).
+    """
+
+    def __init__(self, hidden_dim: int = 256, text_dim: int = 512, mask_dim: int = 256, num_levels: int = 4,
+                 num_fg: int = 300, num_bg: int = 100, num_layers: int = 9, num_heads: int = 8, num_points: int = 4,
+                 ffn_dim: int = 2048, dropout: float = 0.0, decoupled: bool = True, conditioned: bool = True,
+                 cond_budget: int = 100, box_noise_scale: float = 0.4, anchor_size: float = 0.05,
+                 logit_scale_init: float = 1.0):
+        super().__init__()
+        self.hidden_dim, self.num_heads = hidden_dim, num_heads
+        self.decoupled, self.conditioned = decoupled, conditioned
+        self.num_fg = num_fg if decoupled else num_fg + num_bg
+        self.num_bg = num_bg if decoupled else 0
+        self.cond_budget, self.box_noise_scale, self.anchor_size = cond_budget, box_noise_scale, anchor_size
+        # language-guided foreground selection on encoder tokens
+        self.enc_output = nn.Linear(hidden_dim, hidden_dim)
+        self.enc_norm = nn.LayerNorm(hidden_dim)
+        self.enc_class = TextClassifier(hidden_dim, text_dim, logit_scale_init)
+        self.enc_box = MLP(hidden_dim, hidden_dim, 4, 3)
+        # background queries
+        if self.num_bg:
+            self.bg_content = nn.Embedding(self.num_bg, hidden_dim)
+            self.bg_anchor = nn.Embedding(self.num_bg, 4)
+            anchors = torch.rand(self.num_bg, 4) * torch.tensor([1.0, 1.0, 0.6, 0.6]) + torch.tensor([0, 0, 0.2, 0.2])
+            self.bg_anchor.weight.data.copy_(inverse_sigmoid(anchors.clamp(0.01, 0.99)))
+        # conditioned queries
+        if conditioned:
+            self.cond_content = nn.Linear(text_dim, hidden_dim)
+        self.ref_point_head = MLP(2 * hidden_dim, hidden_dim, hidden_dim, 2)
+        self.layers = nn.ModuleList(DecoderLayer(hidden_dim, num_levels, num_heads, num_points, ffn_dim, dropout)
+                                    for _ in range(num_layers))
+        self.norm = nn.LayerNorm(hidden_dim)
+        self.class_head = TextClassifier(hidden_dim, text_dim, logit_scale_init)
+        self.box_head = MLP(hidden_dim, hidden_dim, 4, 3)
+        self.mask_head = MLP(hidden_dim, hidden_dim, mask_dim, 3)
+        for head in (self.box_head, self.enc_box):
+            nn.init.zeros_(head.layers[-1].weight)
+            nn.init.zeros_(head.layers[-1].bias)
+
+    # ------------------------------------------------------------------------------------------------ queries
+    def _anchors(self, memory: EncoderMemory) -> tuple[Tensor, Tensor]:
+        """Unsigmoided anchor boxes [S, 4] at every token's cell and which tokens may propose [B, S]."""
+        anchors = []
+        for level, (height, width) in enumerate(memory.spatial_shapes.tolist()):
+            centres = grid_positions(height, width, memory.memory.device)
+            size = torch.full_like(centres, self.anchor_size * 2.0**level)
+            anchors.append(torch.cat([centres, size], -1))
+        anchors = torch.cat(anchors, 0)
+        inside = ((anchors > 0.01) & (anchors < 0.99)).all(-1)
+        valid = inside[None] & ~memory.padding_mask
+        return inverse_sigmoid(anchors), valid
+
+    def select_foreground(self, memory: EncoderMemory, text: Tensor) -> tuple[Tensor, Tensor, Prediction, Tensor]:
+        """Top-``num_fg`` encoder tokens by their best text similarity.
+
+        Returns (content [B, F, D] detached, reference boxes [B, F, 4] detached, proposal predictions without
+        masks (logits [B, F, K], boxes [B, F, 4]), undetached content for the proposals' masks).
+        """
+        anchors, valid = self._anchors(memory)
+        if int(valid.sum(1).min()) < self.num_fg:
+            raise ValueError(f"only {int(valid.sum(1).min())} encoder tokens can propose boxes but {self.num_fg} "
+                             "foreground queries are asked for: use larger images or fewer queries")
+        features = self.enc_norm(self.enc_output(memory.memory.masked_fill(~valid[..., None], 0.0)))
+        logits = self.enc_class(features, text)
+        boxes_unsig = self.enc_box(features) + anchors
+        scores = logits.max(-1).values.masked_fill(~valid, float("-inf"))
+        index = scores.topk(self.num_fg, dim=1).indices
+        gather = lambda x: torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
+        content = gather(features)
+        boxes = gather(boxes_unsig).sigmoid()
+        return content.detach(), boxes.detach(), Prediction(gather(logits), boxes, None), content
+
+    def _conditioned_queries(self, conditions: Conditions, text: Tensor, batch: int
+                             ) -> tuple[Tensor, Tensor, Tensor, int, int]:
+        """Content [B, G*M, D], reference boxes [B, G*M, 4], target index [B, G*M] (-1 = padding), G, M."""
+        device = text.device
+        slots = max([1] + [len(labels) for labels in conditions.labels])
+        groups = conditions.num_groups or max(1, self.cond_budget // slots)
+        content = text.new_zeros(batch, groups * slots, self.hidden_dim)
+        boxes = text.new_tensor([0.5, 0.5, 0.1, 0.1]).repeat(batch, groups * slots, 1)
+        target_index = torch.full((batch, groups * slots), -1, dtype=torch.long, device=device)
+        for i, (labels, image_boxes) in enumerate(zip(conditions.labels, conditions.boxes)):
+            count = len(labels)
+            if count == 0:
+                continue
+            embedded = self.cond_content(text[labels.to(device)])
+            for group in range(groups):
+                start = group * slots
+                noisy = image_boxes.to(device, text.dtype)
+                if conditions.add_noise and self.box_noise_scale > 0:
+                    noisy = jitter_boxes(noisy, self.box_noise_scale)
+                content[i, start: start + count] = embedded
+                boxes[i, start: start + count] = noisy
+                target_index[i, start: start + count] = torch.arange(count, device=device)
+        return content, boxes, target_index, groups, slots
+
+    def _attention_mask(self, target_index: Tensor, groups: int, slots: int, num_matching: int) -> Tensor:
+        """bool [B * heads, Q, Q], True = may not attend (see module docstring)."""
+        batch = target_index.shape[0]
+        num_cond = groups * slots
+        total = num_cond + num_matching
+        group_of = torch.arange(num_cond, device=target_index.device) // slots
+        blocked = torch.zeros(total, total, dtype=torch.bool, device=target_index.device)
+        blocked[num_cond:, :num_cond] = True
+        blocked[:num_cond, :num_cond] = group_of[:, None] != group_of[None, :]
+        blocked = blocked[None].repeat(batch, 1, 1)
+        padding = target_index < 0  # [B, G*M]
+        blocked[:, :, :num_cond] |= padding[:, None, :]
+        diagonal = torch.arange(num_cond, device=target_index.device)
+        blocked[:, diagonal, diagonal] = False  # a padding slot sees itself (no empty softmax row)
+        return blocked.repeat_interleave(self.num_heads, dim=0)
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def _predict(self, tgt: Tensor, boxes: Tensor, text: Tensor, mask_features: Tensor) -> Prediction:
+        hidden = self.norm(tgt)
+        masks = torch.einsum("bqc,bchw->bqhw", self.mask_head(hidden), mask_features)
+        return Prediction(self.class_head(hidden, text), boxes, masks)
+
+    def forward(self, memory: EncoderMemory, text: Tensor, conditions: Conditions | None = None) -> Outputs:
+        """memory: the pixel decoder's output; text: [K, text_dim] embeddings of the vocabulary."""
+        batch = memory.memory.shape[0]
+        fg_content, fg_boxes, proposals, proposal_content = self.select_foreground(memory, text)
+        proposals.masks = self._predict(proposal_content, proposals.boxes, text, memory.mask_features).masks
+        contents, boxes = [fg_content], [fg_boxes]
+        if self.num_bg:
+            contents.append(self.bg_content.weight[None].expand(batch, -1, -1))
+            boxes.append(self.bg_anchor.weight.sigmoid()[None].expand(batch, -1, -1))
+        num_matching = self.num_fg + self.num_bg
+        use_conditions = conditions is not None and self.conditioned
+        if conditions is not None and not self.conditioned:
+            raise ValueError("conditions given to a decoder built with conditioned=False")
+        attn_mask, num_cond, cond = None, 0, None
+        if use_conditions:
+            cond_content, cond_boxes, target_index, groups, slots = self._conditioned_queries(conditions, text, batch)
+            contents.insert(0, cond_content)
+            boxes.insert(0, cond_boxes)
+            num_cond = groups * slots
+            attn_mask = self._attention_mask(target_index, groups, slots, num_matching)
+        tgt = torch.cat(contents, 1)
+        reference = torch.cat(boxes, 1)  # undetached: the background anchors learn through "look forward twice"
+        predictions = [self._predict(tgt, reference, text, memory.mask_features)]
+        reference_in = reference.detach()
+        for layer in self.layers:
+            query_pos = self.ref_point_head(sine_embedding(reference_in, self.hidden_dim // 2))
+            tgt = layer(tgt, query_pos, reference_in, memory, attn_mask)
+            delta = self.box_head(self.norm(tgt))
+            loss_boxes = (delta + inverse_sigmoid(reference)).sigmoid()
+            reference = (delta + inverse_sigmoid(reference_in)).sigmoid()
+            reference_in = reference.detach()
+            predictions.append(self._predict(tgt, loss_boxes, text, memory.mask_features))
+        matching = [_slice(p, num_cond, num_cond + num_matching) for p in predictions]
+        if use_conditions:
+            cond = ConditionedOutputs([_slice(p, 0, num_cond) for p in predictions], target_index, groups)
+        return Outputs(final=matching[-1], aux=matching[:-1], proposals=proposals, conditioned=cond,
+                       num_fg=self.num_fg, num_bg=self.num_bg, mask_features=memory.mask_features)
+
+
+def _slice(prediction: Prediction, start: int, stop: int) -> Prediction:
+    return Prediction(prediction.logits[:, start:stop], prediction.boxes[:, start:stop],
+                      None if prediction.masks is None else prediction.masks[:, start:stop])
+
+
+def jitter_boxes(boxes: Tensor, scale: float) -> Tensor:
+    """Move each corner of cxcywh boxes by up to ``scale`` x half the box size, uniformly (DN-DETR box noise)."""
+    xyxy = torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], -1)
+    half = boxes[:, 2:].repeat(1, 2) / 2
+    xyxy = (xyxy + (torch.rand_like(xyxy) * 2 - 1) * half * scale).clamp(0, 1)
+    low, high = torch.minimum(xyxy[:, :2], xyxy[:, 2:]), torch.maximum(xyxy[:, :2], xyxy[:, 2:])
+    size = (high - low).clamp(min=1e-3)
+    return torch.cat([(low + high) / 2, size], -1)
