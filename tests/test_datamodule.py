@@ -78,6 +78,7 @@ def test_validation_is_split_disjointly_and_completely(panoptic_shards, tmp_path
         (loader,) = module.val_dataloader()
         batches = list(loader)
         assert len(batches) == len(loader)  # the announced length is exact
+        assert all(b.images.shape[-2:] == (64, 64) for b in batches)  # padded like LSJ training batches
         per_rank.append([t.image_id for b in batches for t in b.targets])
     first, second = per_rank
     assert not set(first) & set(second)

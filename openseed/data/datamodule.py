@@ -130,10 +130,11 @@ def slot_sample_count(counts: Sequence[int], slot: int, num_slots: int) -> int:
 class EvalDataset(IterableDataset):
     """One pass over a shard set for one rank, each sample in exactly one (rank, worker) slot."""
 
-    def __init__(self, shards: ShardSet, batch_size: int, transform: Callable, rank: int, world_size: int):
+    def __init__(self, shards: ShardSet, batch_size: int, transform: Callable, rank: int, world_size: int,
+                 pad_to: tuple[int, int] | None = None):
         super().__init__()
         self.shards, self.batch_size, self.transform = shards, batch_size, transform
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.pad_to = rank, world_size, pad_to
 
     def __iter__(self) -> Iterator[Batch]:
         worker, num_workers = _worker()
@@ -149,10 +150,10 @@ class EvalDataset(IterableDataset):
                 continue
             pending.append(self.transform(sample))
             if len(pending) == self.batch_size:
-                yield collate(pending, self.shards.vocabulary, self.shards.task)
+                yield collate(pending, self.shards.vocabulary, self.shards.task, pad_to=self.pad_to)
                 pending = []
         if pending:
-            yield collate(pending, self.shards.vocabulary, self.shards.task)
+            yield collate(pending, self.shards.vocabulary, self.shards.task, pad_to=self.pad_to)
 
     def num_batches(self, num_workers: int) -> int:
         workers = max(num_workers, 1)
@@ -183,7 +184,10 @@ class OpenSeeDDataModule(LightningDataModule):
         val: validation sources, each evaluated on its own vocabulary.
         image_size: LSJ crop size; training batches are padded to image_size x image_size.
         scale_range: LSJ random scale range.
-        eval_short_edge, eval_max_size: evaluation resize (``EvalResize``).
+        eval_short_edge, eval_max_size: evaluation resize (``EvalResize``). With ``eval_short_edge=None`` (longer
+            side to ``eval_max_size``) evaluation batches are padded to ``eval_max_size`` squared, like the LSJ
+            training batches, so that the model sees the same normalised coordinates in training and evaluation;
+            otherwise to a multiple of 32.
         num_workers: DataLoader workers per rank (per loader).
         shuffle_buffer: samples held for shuffling per training stream and worker.
         seed: base seed; the data order depends on (seed, epoch, rank, worker).
@@ -201,6 +205,7 @@ class OpenSeeDDataModule(LightningDataModule):
         self.val_sources = [DataSource.of(v) for v in val]
         self.train_transform = LargeScaleJitter(image_size, tuple(scale_range))
         self.eval_transform = EvalResize(eval_short_edge, eval_max_size)
+        self.eval_pad_to = (eval_max_size, eval_max_size) if eval_short_edge is None else None
         self.image_size, self.num_workers, self.shuffle_buffer = image_size, num_workers, shuffle_buffer
         self.seed, self.pin_memory = seed, pin_memory
         self._rank, self._world_size = rank, world_size
@@ -264,7 +269,8 @@ class OpenSeeDDataModule(LightningDataModule):
         self.setup()
         loaders = []
         for source, shards in zip(self.val_sources, self.val_sets):
-            dataset = EvalDataset(shards, source.batch_size, self.eval_transform, self.rank, self.world_size)
+            dataset = EvalDataset(shards, source.batch_size, self.eval_transform, self.rank, self.world_size,
+                                  pad_to=self.eval_pad_to)
             loaders.append(SizedLoader(self._loader(dataset, persistent=False), dataset.num_batches(self.num_workers)))
         return loaders
 
