@@ -1,0 +1,364 @@
+"""Set criterion: matched class / box / mask losses with deep supervision, proposals and conditioned queries.
+
+Loss keys (all UNWEIGHTED; ``SetCriterion.weight_dict`` maps each to its weight, ``total_loss`` sums them)::
+
+    loss_class, loss_bbox, loss_giou, loss_mask, loss_dice        final decoder output
+    <key>_aux{i}                                                  outputs.aux[i] (i = 0 before the first layer)
+    <key>_proposals                                               encoder proposals (the fg queries)
+    <key>_cond{l}                                                 conditioned predictions, layer l
+
+The key set depends only on the task, the criterion's configuration and the structure of ``Outputs`` (number of aux
+layers, whether ``conditioned`` is given and its number of layers), never on the batch contents: terms with nothing to
+supervise are zeros still connected to the graph (through an empty slice of the predictions, so every prediction
+gets a (zero) gradient and a NaN prediction cannot leak into a zero term). The mask keys are present on detection
+data too: they are non-zero only when the detection targets carry masks (offline pseudo masks / annotated masks).
+
+Rules (SPEC section 3):
+- matching: seg + decoupled: fg queries x thing targets and bg queries x stuff targets; seg, not decoupled: all
+  matching queries x all targets; det: fg queries x all targets. Proposals are fg queries only and follow the same
+  rule (things on decoupled seg data, all targets otherwise).
+- class loss: sigmoid focal loss over every supervised query and class (seg: all queries; det: fg queries only, bg
+  queries get no loss at all), one-hot at the matched label, 0 elsewhere.
+- box losses: L1 + GIoU on matched pairs (cxcywh normalised by the padded size).
+- mask losses: on matched pairs whose target ``has_mask``, when the targets carry masks and the predictions have
+  masks; BCE + dice on PointRend uncertainty-sampled points.
+- conditioned queries: supervised by ``target_index`` directly; normalised by ``num_boxes * num_groups``.
+- online mask assistance (det data): the last conditioned layer's group-0 masks of each GT (detached, binarised at
+  logit 0) enter the fg matching's mask cost terms only.
+- everything else is normalised by ``num_boxes``: the batch's number of targets averaged over distributed ranks,
+  clamped to >= 1.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
+
+from openseed.losses.matcher import HungarianMatcher, MatchTarget, build_match_groups
+from openseed.losses.point_sampling import point_sample, sample_masks, uncertain_points_with_randomness
+from openseed.modeling.outputs import ConditionedOutputs, Outputs, Prediction, targets_to_model_boxes
+from openseed.structures import Targets
+
+BASE_KEYS = ("loss_class", "loss_bbox", "loss_giou", "loss_mask", "loss_dice")
+_KEY_RE = re.compile(r"^(loss_[a-z]+)(?:_aux\d+|_proposals|_cond\d+)?$")
+
+MaskAssistance = Literal["none", "online"]
+
+
+@dataclass
+class _Prepared:
+    """One image's targets on the loss device, boxes in the model convention."""
+
+    labels: Tensor
+    boxes: Tensor
+    masks: Tensor | None
+    has_mask: Tensor
+    is_thing: Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def _zero(*tensors: Tensor | None) -> Tensor:
+    """A float32 zero connected to the graph of every given tensor (empty-slice sum: zero gradient, NaN-proof)."""
+    present = [t for t in tensors if t is not None]
+    out = present[0].reshape(-1)[:0].float().sum()
+    for t in present[1:]:
+        out = out + t.reshape(-1)[:0].float().sum()
+    return out
+
+
+def dice_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-row dice loss ``1 - (2 |p t| + 1) / (|p| + |t| + 1)`` of [N, P] logits against [N, P] targets -> [N]."""
+    prob = logits.sigmoid()
+    numerator = 2.0 * (prob * targets).sum(-1)
+    denominator = prob.sum(-1) + targets.sum(-1)
+    return 1.0 - (numerator + 1.0) / (denominator + 1.0)
+
+
+def sigmoid_bce_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-row mean sigmoid BCE of [N, P] logits -> [N]."""
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(-1)
+
+
+class SetCriterion(nn.Module):
+    """OpenSeeD losses. ``forward`` returns unweighted terms; ``total_loss`` applies ``weight_dict``."""
+
+    def __init__(self, matcher: HungarianMatcher | None = None, weight_dict: Mapping[str, float] | None = None, *,
+                 class_weight: float = 4.0, bbox_weight: float = 5.0, giou_weight: float = 2.0,
+                 mask_weight: float = 5.0, dice_weight: float = 5.0,
+                 focal_alpha: float = 0.25, focal_gamma: float = 2.0,
+                 num_points: int = 12544, oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75,
+                 decoupled: bool = True, mask_assistance: MaskAssistance = "none") -> None:
+        """
+        Args:
+            matcher: the Hungarian matcher (default: ``HungarianMatcher()`` with the SPEC costs).
+            weight_dict: optional weights overriding the defaults, by base key ("loss_class", ...) or by full key
+                ("loss_class_aux3", ...).
+            class_weight, bbox_weight, giou_weight, mask_weight, dice_weight: base weights of the five terms.
+            focal_alpha, focal_gamma: sigmoid focal loss parameters.
+            num_points, oversample_ratio, importance_sample_ratio: PointRend point selection for the mask losses.
+            decoupled: fg queries match things and bg queries stuff on segmentation data.
+            mask_assistance: "none" or "online" (conditioned masks enter the detection matching cost).
+        """
+        super().__init__()
+        if mask_assistance not in ("none", "online"):
+            raise ValueError(f"mask_assistance must be 'none' or 'online', got {mask_assistance!r}")
+        self.matcher = matcher if matcher is not None else HungarianMatcher()
+        self.base_weights = {"loss_class": class_weight, "loss_bbox": bbox_weight, "loss_giou": giou_weight,
+                             "loss_mask": mask_weight, "loss_dice": dice_weight}
+        self.weight_dict: dict[str, float] = dict(self.base_weights)
+        for key, value in (weight_dict or {}).items():
+            if _KEY_RE.match(key) is None or _KEY_RE.match(key).group(1) not in self.base_weights:
+                raise KeyError(f"unknown loss key in weight_dict: {key}")
+            if key in self.base_weights:
+                self.base_weights[key] = float(value)
+            self.weight_dict[key] = float(value)
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.num_points = num_points
+        self.oversample_ratio = oversample_ratio
+        self.importance_sample_ratio = importance_sample_ratio
+        self.decoupled = decoupled
+        self.mask_assistance: MaskAssistance = mask_assistance
+
+    def extra_repr(self) -> str:
+        return (f"weights={self.base_weights}, decoupled={self.decoupled}, mask_assistance={self.mask_assistance}, "
+                f"num_points={self.num_points}")
+
+    # ------------------------------------------------------------------ weights
+    def weight_for(self, key: str) -> float:
+        """Weight of a loss key: an explicit entry of ``weight_dict``, else its base term's weight."""
+        if key in self.weight_dict:
+            return self.weight_dict[key]
+        match = _KEY_RE.match(key)
+        if match is None or match.group(1) not in self.base_weights:
+            raise KeyError(f"not a loss key: {key}")
+        return self.base_weights[match.group(1)]
+
+    def expected_keys(self, num_aux: int, with_proposals: bool = True, num_cond_layers: int = 0) -> list[str]:
+        """The keys ``forward`` returns for Outputs with ``num_aux`` aux layers, proposals, and conditioned layers."""
+        suffixes = [""] + [f"_aux{i}" for i in range(num_aux)]
+        suffixes += ["_proposals"] if with_proposals else []
+        suffixes += [f"_cond{layer}" for layer in range(num_cond_layers)]
+        return [key + suffix for suffix in suffixes for key in BASE_KEYS]
+
+    def total_loss(self, losses: Mapping[str, Tensor]) -> Tensor:
+        """Weighted sum of the loss terms."""
+        terms = [self.weight_for(key) * value for key, value in losses.items()]
+        if not terms:
+            raise ValueError("no loss terms")
+        return torch.stack(terms).sum()
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, outputs: Outputs, targets: list[Targets], task: Literal["seg", "det"],
+                padded_size: tuple[int, int]) -> dict[str, Tensor]:
+        """Unweighted loss terms (see the module docstring for keys and rules).
+
+        Args:
+            outputs: the decoder's outputs for the batch.
+            targets: one ``Targets`` per image (boxes in pixel xyxy, masks at the padded size or None).
+            task: "seg" or "det".
+            padded_size: (H, W) of the padded batch images.
+        """
+        if task not in ("seg", "det"):
+            raise ValueError(f"task must be 'seg' or 'det', got {task!r}")
+        # Losses in float32 even under mixed precision (the predictions are cast where they are used).
+        with torch.autocast(device_type=outputs.final.logits.device.type, enabled=False):
+            losses = self._forward(outputs, targets, task, padded_size)
+        for key in losses:
+            self.weight_dict.setdefault(key, self.weight_for(key))
+        return losses
+
+    def _forward(self, outputs: Outputs, targets: list[Targets], task: str,
+                 padded_size: tuple[int, int]) -> dict[str, Tensor]:
+        batch = outputs.final.logits.shape[0]
+        if len(targets) != batch:
+            raise ValueError(f"{len(targets)} targets for a batch of {batch}")
+        device = outputs.final.logits.device
+        prepared = [self._prepare(t, padded_size, device) for t in targets]
+        num_boxes = self._num_boxes(prepared, device)
+
+        assistance = None
+        if task == "det" and self.mask_assistance == "online" and outputs.conditioned is not None:
+            assistance = self._assistance_masks(outputs.conditioned, prepared)
+
+        num_fg, num_bg = outputs.num_fg, outputs.num_bg
+        losses: dict[str, Tensor] = {}
+        losses.update(self._matched_losses(outputs.final, prepared, task, num_fg, num_bg, num_boxes, assistance, ""))
+        for i, aux in enumerate(outputs.aux):
+            losses.update(self._matched_losses(aux, prepared, task, num_fg, num_bg, num_boxes, assistance,
+                                               f"_aux{i}"))
+        if outputs.proposals is not None:
+            losses.update(self._matched_losses(outputs.proposals, prepared, task, num_fg, 0, num_boxes, assistance,
+                                               "_proposals"))
+        if outputs.conditioned is not None:
+            losses.update(self._conditioned_losses(outputs.conditioned, prepared, num_boxes))
+        return losses
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _prepare(t: Targets, padded_size: tuple[int, int], device: torch.device) -> _Prepared:
+        boxes = t.boxes.to(device=device, dtype=torch.float32)
+        return _Prepared(
+            labels=t.labels.to(device=device, dtype=torch.long),
+            boxes=targets_to_model_boxes(boxes, padded_size),
+            masks=None if t.masks is None else t.masks.to(device),
+            has_mask=t.has_mask.to(device=device, dtype=torch.bool),
+            is_thing=t.is_thing.to(device=device, dtype=torch.bool),
+        )
+
+    @staticmethod
+    def _num_boxes(prepared: list[_Prepared], device: torch.device) -> float:
+        count = torch.tensor(float(sum(len(p) for p in prepared)), device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(count)
+            count = count / dist.get_world_size()
+        return max(float(count.item()), 1.0)
+
+    @staticmethod
+    def _assistance_masks(conditioned: ConditionedOutputs, prepared: list[_Prepared]) -> list[Tensor] | None:
+        """Per image [N, h, w] float masks decoded by the last conditioned layer's first group (detached, binary)."""
+        masks = conditioned.predictions[-1].masks if conditioned.predictions else None
+        if masks is None:
+            return None
+        slots_per_group = conditioned.target_index.shape[1] // max(conditioned.num_groups, 1)
+        out = []
+        for b, p in enumerate(prepared):
+            index = conditioned.target_index[b, :slots_per_group].to(masks.device)
+            valid = (index >= 0) & (index < len(p))
+            image = masks.new_zeros((len(p), *masks.shape[-2:]), dtype=torch.float32)
+            image[index[valid]] = (masks[b, :slots_per_group][valid].detach() > 0).float()
+            out.append(image)
+        return out
+
+    def _match_targets(self, prepared: list[_Prepared], task: str,
+                       assistance: list[Tensor] | None) -> list[MatchTarget]:
+        match_targets: list[MatchTarget] = []
+        for b, p in enumerate(prepared):
+            if task == "seg":
+                match_targets.append({"labels": p.labels, "boxes": p.boxes, "masks": p.masks,
+                                      "mask_valid": p.has_mask})
+            else:  # detection: mask cost terms only against assistance masks
+                match_targets.append({"labels": p.labels, "boxes": p.boxes,
+                                      "masks": None if assistance is None else assistance[b], "mask_valid": None})
+        return match_targets
+
+    def _matched_losses(self, pred: Prediction, prepared: list[_Prepared], task: str, num_fg: int, num_bg: int,
+                        num_boxes: float, assistance: list[Tensor] | None, suffix: str) -> dict[str, Tensor]:
+        groups = build_match_groups([p.is_thing for p in prepared], task, num_fg, num_bg, self.decoupled)
+        indices = self.matcher(pred, self._match_targets(prepared, task, assistance), groups)
+
+        # Class: focal over every supervised query (det: fg only) and class.
+        supervised = pred.logits.shape[1] if task == "seg" else min(num_fg, pred.logits.shape[1])
+        logits = pred.logits[:, :supervised].float()
+        onehot = torch.zeros_like(logits)
+        batch_idx = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)])
+        query_idx = torch.cat([q for q, _ in indices])
+        labels = torch.cat([p.labels[t] for p, (_, t) in zip(prepared, indices, strict=True)])
+        onehot[batch_idx, query_idx, labels] = 1.0
+        loss_class = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma,
+                                        reduction="sum") / num_boxes
+        loss_class = loss_class + _zero(pred.logits, pred.boxes, pred.masks)
+
+        boxes_src = pred.boxes[batch_idx, query_idx]
+        boxes_tgt = torch.cat([p.boxes[t] for p, (_, t) in zip(prepared, indices, strict=True)])
+        loss_bbox, loss_giou = self._box_losses(boxes_src, boxes_tgt, pred.boxes, num_boxes)
+
+        mask_items = [(b, q, t) for b, (q, t) in enumerate(indices)]
+        loss_mask, loss_dice = self._mask_losses(pred, prepared, mask_items, num_boxes)
+        return {"loss_class" + suffix: loss_class, "loss_bbox" + suffix: loss_bbox, "loss_giou" + suffix: loss_giou,
+                "loss_mask" + suffix: loss_mask, "loss_dice" + suffix: loss_dice}
+
+    @staticmethod
+    def _box_losses(src: Tensor, tgt: Tensor, anchor: Tensor, normaliser: float) -> tuple[Tensor, Tensor]:
+        zero = _zero(anchor)
+        if src.shape[0] == 0:
+            return zero, zero.clone()
+        src = src.float()
+        loss_bbox = F.l1_loss(src, tgt, reduction="sum") / normaliser
+        loss_giou = generalized_box_iou_loss(box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"),
+                                             reduction="sum") / normaliser
+        return loss_bbox + zero, loss_giou + zero
+
+    def _mask_losses(self, pred: Prediction, prepared: list[_Prepared], items: list[tuple[int, Tensor, Tensor]],
+                     normaliser: float) -> tuple[Tensor, Tensor]:
+        """BCE + dice on uncertainty-sampled points. ``items``: (image, query indices, target indices) per image."""
+        zero = _zero(pred.masks if pred.masks is not None else pred.logits)
+        if pred.masks is None:
+            return zero, zero.clone()
+        src_list, tgt_image, tgt_index = [], [], []
+        for b, q, t in items:
+            p = prepared[b]
+            if p.masks is None or q.numel() == 0:
+                continue
+            keep = p.has_mask[t]
+            if not bool(keep.any()):
+                continue
+            src_list.append(pred.masks[b, q[keep]])
+            tgt_image.append(torch.full((int(keep.sum()),), b, dtype=torch.long, device=q.device))
+            tgt_index.append(t[keep])
+        if not src_list:
+            return zero, zero.clone()
+        src = torch.cat(src_list).float().unsqueeze(1)  # [P, 1, h, w]
+        images = torch.cat(tgt_image)
+        index = torch.cat(tgt_index)
+        coords = uncertain_points_with_randomness(src, self.num_points, self.oversample_ratio,
+                                                  self.importance_sample_ratio)
+        point_logits = point_sample(src, coords)[:, 0]  # [P, S]
+        with torch.no_grad():
+            point_labels = torch.zeros_like(point_logits)
+            for b in images.unique().tolist():
+                rows = torch.nonzero(images == b).flatten()
+                point_labels[rows] = sample_masks(prepared[b].masks, coords[rows], index[rows])
+        loss_mask = sigmoid_bce_loss(point_logits, point_labels).sum() / normaliser
+        loss_dice = dice_loss(point_logits, point_labels).sum() / normaliser
+        return loss_mask + zero, loss_dice + zero
+
+    def _conditioned_losses(self, conditioned: ConditionedOutputs, prepared: list[_Prepared],
+                            num_boxes: float) -> dict[str, Tensor]:
+        target_index = conditioned.target_index
+        normaliser = num_boxes * max(conditioned.num_groups, 1)
+        slot_b, slot_q = torch.nonzero(target_index >= 0, as_tuple=True)
+        gt = target_index[slot_b, slot_q]
+        # Per-image (slots, GT indices), shared by every layer.
+        items = []
+        labels_list, boxes_list = [], []
+        for b, p in enumerate(prepared):
+            sel = slot_b == b
+            q, t = slot_q[sel], gt[sel]
+            if t.numel() and int(t.max()) >= len(p):
+                raise ValueError(f"conditioned target_index {int(t.max())} out of range for {len(p)} targets")
+            items.append((b, q, t))
+            labels_list.append(p.labels[t])
+            boxes_list.append(p.boxes[t])
+        batch_idx = torch.cat([torch.full_like(q, b) for b, q, _ in items])
+        query_idx = torch.cat([q for _, q, _ in items])
+        labels = torch.cat(labels_list)
+        boxes_tgt = torch.cat(boxes_list)
+
+        losses: dict[str, Tensor] = {}
+        for layer, pred in enumerate(conditioned.predictions):
+            suffix = f"_cond{layer}"
+            logits = pred.logits[batch_idx, query_idx].float()  # only the non-padding slots
+            onehot = torch.zeros_like(logits)
+            onehot[torch.arange(labels.shape[0], device=labels.device), labels] = 1.0
+            loss_class = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma,
+                                            reduction="sum") / normaliser
+            losses["loss_class" + suffix] = loss_class + _zero(pred.logits, pred.boxes, pred.masks)
+            loss_bbox, loss_giou = self._box_losses(pred.boxes[batch_idx, query_idx], boxes_tgt, pred.boxes,
+                                                    normaliser)
+            losses["loss_bbox" + suffix] = loss_bbox
+            losses["loss_giou" + suffix] = loss_giou
+            loss_mask, loss_dice = self._mask_losses(pred, prepared, items, normaliser)
+            losses["loss_mask" + suffix] = loss_mask
+            losses["loss_dice" + suffix] = loss_dice
+        return losses

