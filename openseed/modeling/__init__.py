@@ -1,0 +1,1 @@
+"""OpenSeeD model parts: backbone, pixel decoder, decoder, text encoder."""
