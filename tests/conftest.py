@@ -41,6 +41,14 @@ def labelme_shards(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def synth_shards(tmp_path_factory) -> dict[str, Path]:
+    """synthshapes at scale 0.02 (40 / 4 / 80 / 4 images), generated and converted once per test session."""
+    from data_prep.prepare_synthshapes import prepare_synthshapes
+
+    return prepare_synthshapes(tmp_path_factory.mktemp("synth"), scale=0.02, workers=2, progress=False)
+
+
 def read_tar(path: Path) -> list[tuple[str, bytes]]:
     with tarfile.open(path) as tar:
         return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]

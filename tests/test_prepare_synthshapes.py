@@ -13,8 +13,8 @@ from openseed.data.shards import ShardSet, read_shards
 
 
 @pytest.fixture(scope="module")
-def shard_dirs(tmp_path_factory):
-    return prepare_synthshapes(tmp_path_factory.mktemp("synth"), scale=0.02, workers=2, progress=False)
+def shard_dirs(synth_shards):
+    return synth_shards
 
 
 def test_vocabularies_and_class_splits(shard_dirs):
