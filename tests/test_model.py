@@ -103,10 +103,9 @@ def test_conditioned_groups_are_independent(seg_batch, monkeypatch):
     model = build_openseed("tiny").eval()
 
     def run(second_group_shift):
-        calls = itertools.count()
-
-        def jitter(boxes, scale):  # per image, group 0 is called first, group 1 second
-            return boxes if next(calls) % 2 == 0 else (boxes + second_group_shift).clamp(0.01, 0.99)
+        def jitter(boxes, scale):  # one call per image over both groups, group-major: shift group 1 only
+            half = boxes.shape[0] // 2
+            return torch.cat([boxes[:half], (boxes[half:] + second_group_shift).clamp(0.01, 0.99)])
 
         monkeypatch.setattr(decoder_module, "jitter_boxes", jitter)
         conditions = _conditions(seg_batch)

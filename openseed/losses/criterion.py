@@ -172,7 +172,8 @@ class SetCriterion(nn.Module):
         if task not in ("seg", "det"):
             raise ValueError(f"task must be 'seg' or 'det', got {task!r}")
         # Losses in float32 even under mixed precision (the predictions are cast where they are used).
-        with torch.autocast(device_type=outputs.final.logits.device.type, enabled=False):
+        with torch.autocast(device_type=outputs.final.logits.device.type, enabled=False), \
+                torch.profiler.record_function("criterion"):
             losses = self._forward(outputs, targets, task, padded_size)
         for key in losses:
             self.weight_dict.setdefault(key, self.weight_for(key))

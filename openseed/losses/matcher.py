@@ -201,7 +201,8 @@ class HungarianMatcher(nn.Module):
             target index spaces, concatenated over groups and sorted by query index.
         """
         # Costs are computed in float32 even under mixed precision (point sums overflow float16).
-        with torch.autocast(device_type=pred.logits.device.type, enabled=False):
+        with torch.autocast(device_type=pred.logits.device.type, enabled=False), \
+                torch.profiler.record_function("matcher"):
             return self._match(pred, targets, groups, use_masks)
 
     def _match(self, pred: Prediction, targets: Sequence[MatchTarget], groups: Sequence[Sequence[MatchGroup]] | None,

@@ -181,19 +181,20 @@ class OpenSeeDDecoder(nn.Module):
         content = text.new_zeros(batch, groups * slots, self.hidden_dim)
         boxes = text.new_tensor([0.5, 0.5, 0.1, 0.1]).repeat(batch, groups * slots, 1)
         target_index = torch.full((batch, groups * slots), -1, dtype=torch.long, device=device)
+        projected = self.cond_content(text)  # [K, D]: one projection per class, shared by all its boxes
         for i, (labels, image_boxes) in enumerate(zip(conditions.labels, conditions.boxes)):
             count = len(labels)
             if count == 0:
                 continue
-            embedded = self.cond_content(text[labels.to(device)])
-            for group in range(groups):
-                start = group * slots
-                noisy = image_boxes.to(device, text.dtype)
-                if conditions.add_noise and self.box_noise_scale > 0:
-                    noisy = jitter_boxes(noisy, self.box_noise_scale)
-                content[i, start: start + count] = embedded
-                boxes[i, start: start + count] = noisy
-                target_index[i, start: start + count] = torch.arange(count, device=device)
+            # slots of this image's boxes in every group, group-major: g * slots + j
+            index = (torch.arange(groups, device=device)[:, None] * slots
+                     + torch.arange(count, device=device)[None]).flatten()
+            noisy = image_boxes.to(device, text.dtype).repeat(groups, 1)
+            if conditions.add_noise and self.box_noise_scale > 0:
+                noisy = jitter_boxes(noisy, self.box_noise_scale)
+            content[i, index] = projected[labels.to(device)].repeat(groups, 1)
+            boxes[i, index] = noisy
+            target_index[i, index] = torch.arange(count, device=device).repeat(groups)
         return content, boxes, target_index, groups, slots
 
     def _attention_mask(self, target_index: Tensor, groups: int, slots: int, num_matching: int) -> Tensor:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from openseed.data.vocab import Vocabulary
 from openseed.modeling.backbone import Backbone, build_backbone
@@ -99,7 +100,10 @@ class OpenSeeD(nn.Module):
         """uint8 or float [B, 3, H, W] (RGB, 0-255; H, W multiples of 32) -> ``EncoderMemory``."""
         pixels = (images.float() - self.pixel_mean) / self.pixel_std
         pixels = pixels.masked_fill(padding_mask[:, None], 0.0)
-        return self.pixel_decoder(self.backbone(pixels), padding_mask)
+        with record_function("backbone"):
+            features = self.backbone(pixels)
+        with record_function("pixel_decoder"):
+            return self.pixel_decoder(features, padding_mask)
 
     def forward(self, images: Tensor, padding_mask: Tensor, vocabulary: Vocabulary,
                 targets: list[Targets] | None = None, conditions: Conditions | None = None,
@@ -116,13 +120,15 @@ class OpenSeeD(nn.Module):
             text: precomputed [K, text_dim] embeddings of ``vocabulary`` (skips the text encoder).
         """
         if text is None:
-            text = self.embed_vocabulary(vocabulary)
+            with record_function("text_encoder"):
+                text = self.embed_vocabulary(vocabulary)
         memory = self.encode_images(images, padding_mask)
         if conditions is None and targets is not None and self.training and self.decoder.conditioned:
             padded = tuple(images.shape[-2:])
             conditions = Conditions(labels=[t.labels for t in targets],
                                     boxes=[targets_to_model_boxes(t.boxes, padded) for t in targets])
-        return self.decoder(memory, text, conditions)
+        with record_function("decoder"):
+            return self.decoder(memory, text, conditions)
 
     @torch.no_grad()
     def segment_boxes(self, images: Tensor, padding_mask: Tensor, boxes: list[Tensor], names: list[list[str]],

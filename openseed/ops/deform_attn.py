@@ -182,7 +182,8 @@ def ms_deform_attn(
     """
     _check_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     fn = _select_backend(backend, value)
-    return fn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    with torch.profiler.record_function("ms_deform_attn"):
+        return fn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
 class MSDeformAttn(nn.Module):

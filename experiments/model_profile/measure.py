@@ -1,0 +1,127 @@
+"""Model size and training-step cost.
+
+    python experiments/model_profile/measure.py [--steps 5] [--size small] [--data data/synthshapes]
+
+1. Parameter counts of the Swin-T and Swin-L configurations (whole model and each part). Their text tower is a
+   randomly initialised CLIP ViT-B/32-sized text transformer (12 layers, width 512, projection 512): the same
+   shapes as the pretrained one, which cannot be downloaded here.
+2. Forward + backward time and peak memory of one joint training step (segmentation + detection batch, the batch
+   sizes and image size of conf/data/synthshapes.yaml) for the small configuration on this machine's CPU.
+3. Where a training step's time goes: the forward time of backbone, pixel decoder, text encoder and decoder, inside
+   them the deformable attention, the matcher and the rest of the criterion, and the backward pass (torch.profiler;
+   the regions are marked with ``record_function`` in the code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from data_prep.prepare_synthshapes import prepare_synthshapes  # noqa: E402
+from openseed.data.datamodule import OpenSeeDDataModule  # noqa: E402
+from openseed.losses.criterion import SetCriterion  # noqa: E402
+from openseed.modeling.openseed import build_openseed  # noqa: E402
+from openseed.modeling.text_encoder import CLIPTower, TextEncoder, build_text_tower  # noqa: E402
+
+PARTS = ("backbone", "pixel_decoder", "decoder", "text_encoder")
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def parameter_table() -> None:
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    print("| configuration | " + " | ".join(PARTS) + " | whole model |\n|---|" + "---|" * (len(PARTS) + 1))
+    for size in ("swint", "swinl", "small", "tiny"):
+        if size in ("swint", "swinl"):
+            model = build_openseed(size, text_tower="tiny")
+            clip = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=512, intermediate_size=2048,
+                                                              num_hidden_layers=12, num_attention_heads=8,
+                                                              projection_dim=512))
+            tokenizer = build_text_tower("tiny").tokenizer
+            model.text_encoder = TextEncoder(CLIPTower(clip, tokenizer), 512)
+        else:
+            model = build_openseed(size)
+        cells = [f"{count(getattr(model, part)) / 1e6:.2f} M" for part in PARTS]
+        print(f"| {size} | " + " | ".join(cells) + f" | {count(model) / 1e6:.2f} M |", flush=True)
+        del model
+
+
+def joint_step(model, criterion, batch) -> torch.Tensor:
+    total = 0
+    for task, part in batch.items():
+        outputs = model(part.images, part.padding_mask, part.vocabulary, part.targets)
+        losses = criterion(outputs, part.targets, task, tuple(part.images.shape[-2:]))
+        total = total + criterion.total_loss(losses)
+    total.backward()
+    return total
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--size", default="small")
+    parser.add_argument("--data", default=str(ROOT / "data" / "synthshapes"))
+    parser.add_argument("--num-points", type=int, default=1600, help="point samples per mask in the criterion")
+    parser.add_argument("--skip-params", action="store_true")
+    args = parser.parse_args(argv)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    if not args.skip_params:
+        parameter_table()
+
+    dirs = prepare_synthshapes(args.data, progress=False)
+    data = OpenSeeDDataModule(seg={"path": str(dirs["seg_train"]), "batch_size": 16},
+                              det={"path": str(dirs["det_train"]), "batch_size": 32}, image_size=160,
+                              scale_range=(0.5, 1.5), num_workers=0)
+    batches = [b for _, b in zip(range(args.steps + 1), data.train_dataloader())]
+    torch.manual_seed(0)
+    model = build_openseed(args.size)
+    criterion = SetCriterion(num_points=args.num_points)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    joint_step(model, criterion, batches[0])  # warm-up
+    optimizer.step()
+    optimizer.zero_grad()
+    times = []
+    for batch in batches[1:]:
+        start = time.perf_counter()
+        joint_step(model, criterion, batch)
+        times.append(time.perf_counter() - start)
+        optimizer.step()
+        optimizer.zero_grad()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times.sort()
+    print(f"\n{args.size}: joint step (16 seg + 32 det images, 160 px) forward+backward median "
+          f"{times[len(times) // 2]:.2f} s over {len(times)} steps; peak resident memory {peak / 1024:.0f} MiB "
+          f"(+{(peak - before) / 1024:.0f} MiB over the loaded model and data)")
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        joint_step(model, criterion, batches[1])
+        step_ms = (time.perf_counter() - start) * 1000
+    totals = {e.key: e.cpu_time_total / 1000 for e in prof.key_averages()}
+    regions = ["backbone", "pixel_decoder", "text_encoder", "decoder", "ms_deform_attn", "matcher", "criterion"]
+    print(f"\nprofiled step: {step_ms:.0f} ms (profiler overhead included)\n\n| region | ms | share of step |\n|---|---|---|")
+    for region in regions:
+        ms = totals.get(region, 0.0)
+        note = {"ms_deform_attn": " (forward, inside pixel decoder + decoder)",
+                "matcher": " (inside criterion)", "criterion": " (matcher included)"}.get(region, "")
+        print(f"| {region}{note} | {ms:.0f} | {100 * ms / step_ms:.0f}% |")
+    backward = sum(v for k, v in totals.items() if k.startswith("autograd::engine::evaluate_function"))
+    print(f"| backward pass (all parts) | {backward:.0f} | {100 * backward / step_ms:.0f}% |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
