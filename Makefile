@@ -33,7 +33,7 @@ bench: $(STAMP)
 	$(PY) -m data_prep.benchmark
 
 lint: $(STAMP)
-	$(PY) -m ruff check openseed data_prep tests
+	$(PY) -m ruff check openseed data_prep tests experiments
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -112,7 +112,8 @@ def main(argv=None) -> int:
         step_ms = (time.perf_counter() - start) * 1000
     totals = {e.key: e.cpu_time_total / 1000 for e in prof.key_averages()}
     regions = ["backbone", "pixel_decoder", "text_encoder", "decoder", "ms_deform_attn", "matcher", "criterion"]
-    print(f"\nprofiled step: {step_ms:.0f} ms (profiler overhead included)\n\n| region | ms | share of step |\n|---|---|---|")
+    print(f"\nprofiled step: {step_ms:.0f} ms (profiler overhead included)\n")
+    print("| region | ms | share of step |\n|---|---|---|")
     for region in regions:
         ms = totals.get(region, 0.0)
         note = {"ms_deform_attn": " (forward, inside pixel decoder + decoder)",
