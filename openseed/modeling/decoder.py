@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from openseed.modeling.layers import MLP, activation, grid_positions, inverse_sigmoid, sine_embedding
+from openseed.modeling.layers import MLP, feed_forward, grid_positions, inverse_sigmoid, sine_embedding
 from openseed.modeling.outputs import ConditionedOutputs, Outputs, Prediction
 from openseed.modeling.pixel_decoder import EncoderMemory
 from openseed.ops import MSDeformAttn
@@ -72,7 +72,7 @@ class DecoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.cross_attn = MSDeformAttn(dim, num_levels, num_heads, num_points)
         self.norm2 = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), activation(act), nn.Dropout(dropout), nn.Linear(ffn_dim, dim))
+        self.ffn = feed_forward(dim, ffn_dim, dropout, act)
         self.norm3 = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 

@@ -56,5 +56,9 @@ def grid_positions(height: int, width: int, device: torch.device) -> Tensor:
     return torch.stack([grid_x, grid_y], dim=-1).reshape(-1, 2)
 
 
-def activation(name: str) -> nn.Module:
-    return {"relu": nn.ReLU(), "gelu": nn.GELU()}[name]
+def feed_forward(dim: int, ffn_dim: int, dropout: float, act: str = "relu") -> nn.Sequential:
+    """The transformer FFN: Linear -> activation -> dropout -> Linear."""
+    layers = {"relu": nn.ReLU, "gelu": nn.GELU}
+    if act not in layers:
+        raise ValueError(f"unknown activation {act!r}; choose from {sorted(layers)}")
+    return nn.Sequential(nn.Linear(dim, ffn_dim), layers[act](), nn.Dropout(dropout), nn.Linear(ffn_dim, dim))

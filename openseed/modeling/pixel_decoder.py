@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from openseed.modeling.layers import activation, grid_positions, sine_embedding
+from openseed.modeling.layers import feed_forward, grid_positions, sine_embedding
 from openseed.ops import MSDeformAttn
 
 
@@ -55,7 +55,7 @@ class DeformableEncoderLayer(nn.Module):
         super().__init__()
         self.attention = MSDeformAttn(dim, num_levels, num_heads, num_points)
         self.norm1 = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), activation(act), nn.Dropout(dropout), nn.Linear(ffn_dim, dim))
+        self.ffn = feed_forward(dim, ffn_dim, dropout, act)
         self.norm2 = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
