@@ -29,3 +29,20 @@ def test_unknown_key_is_refused(monkeypatch, tmp_path):
         cfg = compose(overrides=["+data=synthshapes", "+paths=default", "+data.image_sise=3"])
     with pytest.raises(Exception, match="image_sise"):
         instantiate(cfg.data)
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_model_configs_build(name):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(overrides=[f"+model={name}", "+model.decoupled=false"])
+    model = instantiate(cfg.model)
+    assert model.config["decoupled"] is False and model.decoder.num_bg == 0
+
+
+@pytest.mark.parametrize("name", ["swint", "swinl"])
+def test_full_size_model_configs_name_real_sizes(name):
+    from openseed.modeling.openseed import MODEL_SIZES
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(overrides=[f"+model={name}"])
+    assert cfg.model.size == name and MODEL_SIZES[name].num_fg == 300 and MODEL_SIZES[name].decoder_layers == 9
