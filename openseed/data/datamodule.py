@@ -17,7 +17,7 @@ import itertools
 import logging
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -73,9 +73,9 @@ class TrainStream:
     """An endless, shuffled, augmented stream of batches from one shard set, for one (rank, worker) slot."""
 
     def __init__(self, shards: ShardSet, batch_size: int, transform: Callable, pad_to: tuple[int, int] | None,
-                 shuffle_buffer: int):
+                 shuffle_buffer: int, keep_masks: bool = True):
         self.shards, self.batch_size, self.transform = shards, batch_size, transform
-        self.pad_to, self.shuffle_buffer = pad_to, shuffle_buffer
+        self.pad_to, self.shuffle_buffer, self.keep_masks = pad_to, shuffle_buffer, keep_masks
 
     def batches(self, seed: tuple) -> Iterator[Batch]:
         rng = random.Random(repr(seed))
@@ -89,10 +89,18 @@ class TrainStream:
                    for raw in iter_raw_samples(endless_urls()))
         pending: list[Sample] = []
         for sample in _shuffled((s for s in samples if s is not None), self.shuffle_buffer, rng):
+            if not self.keep_masks:
+                sample = _without_masks(sample)
             pending.append(self.transform(sample, generator))
             if len(pending) == self.batch_size:
                 yield collate(pending, self.shards.vocabulary, self.shards.task, pad_to=self.pad_to)
                 pending = []
+
+
+def _without_masks(sample: Sample) -> Sample:
+    """A detection sample with boxes only (its masks, annotated or pseudo, are not used for training)."""
+    return replace(sample, masks=None, ignore_mask=None, segment_map=None,
+                   has_mask=torch.zeros_like(sample.has_mask), mask_is_pseudo=torch.zeros_like(sample.mask_is_pseudo))
 
 
 class JointTrainDataset(IterableDataset):
@@ -191,6 +199,8 @@ class OpenSeeDDataModule(LightningDataModule):
         num_workers: DataLoader workers per rank (per loader).
         shuffle_buffer: samples held for shuffling per training stream and worker.
         seed: base seed; the data order depends on (seed, epoch, rank, worker).
+        det_masks: train with the masks a detection data set carries (annotated, or pseudo masks from
+            ``data_prep.pseudo_masks``: offline mask assistance); by default detection data gives boxes only.
         rank, world_size: override the distributed position (tests, tools); by default taken from the trainer.
     """
 
@@ -198,7 +208,8 @@ class OpenSeeDDataModule(LightningDataModule):
                  val: Sequence[DataSource | Mapping] = (), image_size: int = 1024,
                  scale_range: tuple[float, float] = (0.1, 2.0), eval_short_edge: int | None = None,
                  eval_max_size: int | None = 1024, num_workers: int = 2, shuffle_buffer: int = 256, seed: int = 0,
-                 pin_memory: bool = False, rank: int | None = None, world_size: int | None = None):
+                 pin_memory: bool = False, det_masks: bool = False, rank: int | None = None,
+                 world_size: int | None = None):
         super().__init__()
         self.seg = DataSource.of(seg) if seg is not None else None
         self.det = DataSource.of(det) if det is not None else None
@@ -207,7 +218,7 @@ class OpenSeeDDataModule(LightningDataModule):
         self.eval_transform = EvalResize(eval_short_edge, eval_max_size)
         self.eval_pad_to = (eval_max_size, eval_max_size) if eval_short_edge is None else None
         self.image_size, self.num_workers, self.shuffle_buffer = image_size, num_workers, shuffle_buffer
-        self.seed, self.pin_memory = seed, pin_memory
+        self.seed, self.pin_memory, self.det_masks = seed, pin_memory, det_masks
         self._rank, self._world_size = rank, world_size
         self.train_sets: dict[str, ShardSet] = {}
         self.val_sets: list[ShardSet] = []
@@ -260,7 +271,8 @@ class OpenSeeDDataModule(LightningDataModule):
         self.setup()
         sources = {"seg": self.seg, "det": self.det}
         pad = (self.image_size, self.image_size)
-        streams = {name: TrainStream(shards, sources[name].batch_size, self.train_transform, pad, self.shuffle_buffer)
+        streams = {name: TrainStream(shards, sources[name].batch_size, self.train_transform, pad, self.shuffle_buffer,
+                                     keep_masks=name == "seg" or self.det_masks)
                    for name, shards in self.train_sets.items()}
         dataset = JointTrainDataset(streams, self.rank, self.seed)
         return SizedLoader(self._loader(dataset, persistent=True), self.steps_per_epoch)

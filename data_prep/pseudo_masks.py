@@ -1,0 +1,129 @@
+"""Offline mask assistance: decode a mask for every box of a detection data set with a trained model.
+
+    python -m data_prep.pseudo_masks --ckpt model.pt --shards data/shards/objects365v1_train \
+        --out data/shards/objects365v1_train_pseudo [--image-size 1024 --batch-size 8]
+
+Each box's class name and box become a conditioned query (box-prompted decoding, no noise); its mask is written as
+compressed RLE with ``pseudo_mask: true`` (paper Tables 7-8). Images and everything else are copied untouched; boxes
+that already have an annotated mask keep it unless ``--overwrite``; crowd boxes get no mask. Train with the result
+by pointing ``data.det.path`` at it and setting ``data.det_masks=true``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pycocotools import mask as mask_utils
+from tqdm import tqdm
+
+from openseed.data.shards import MANIFEST, VOCAB, ShardSet, decode_sample, iter_raw_samples
+from openseed.data.transforms import EvalResize, collate
+
+
+def _rle(mask: np.ndarray) -> dict:
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()}
+
+
+def pseudo_mask_shards(model, shards_dir: str | Path, out_dir: str | Path, image_size: int = 1024,
+                       batch_size: int = 8, overwrite: bool = False, progress: bool = True) -> dict:
+    """Write a copy of a detection shard set with a pseudo mask for every non-crowd box; returns a summary."""
+    from webdataset import TarWriter
+
+    source = ShardSet.open(shards_dir)
+    if source.task != "det":
+        raise ValueError(f"{shards_dir} is a {source.task!r} data set; pseudo masks are for detection data")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = source.vocabulary.prompt_names()
+    resize = EvalResize(None, image_size)
+    model.eval()
+    counts = {"images": 0, "pseudo_masks": 0, "kept_annotated": 0, "crowd_without_mask": 0, "skipped": 0}
+    start = time.perf_counter()
+    bar = tqdm(total=source.num_samples, desc="pseudo masks", unit="img", disable=not progress)
+    shard_records = []
+    for url, count in zip(source.urls, source.counts):
+        out_name = Path(url).name
+        raws = list(iter_raw_samples([url]))
+        with TarWriter(str(out_dir / out_name)) as writer:
+            for first in range(0, len(raws), batch_size):
+                chunk = raws[first: first + batch_size]
+                _write_chunk(model, chunk, source, names, resize, writer, overwrite, counts)
+                bar.update(len(chunk))
+        shard_records.append({"file": out_name, "count": count})
+    bar.close()
+    (out_dir / VOCAB).write_text((Path(shards_dir) / VOCAB).read_text())
+    manifest = json.loads((Path(shards_dir) / MANIFEST).read_text())
+    counts["seconds"] = round(time.perf_counter() - start, 2)
+    manifest.update(mask_format="rle", shards=shard_records,
+                    source={"pseudo_masks": {"from": str(shards_dir), "image_size": image_size, **counts},
+                            "previous": manifest.get("source", {})})
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return counts
+
+
+@torch.no_grad()
+def _write_chunk(model, raws, source, names, resize, writer, overwrite, counts) -> None:
+    decoded = [(raw, decode_sample(raw, source.vocabulary)) for raw in raws]
+    usable = [(raw, s) for raw, s in decoded if s is not None]
+    counts["skipped"] += len(decoded) - len(usable)
+    if not usable:
+        return
+    batch = collate([resize(s) for _, s in usable], source.vocabulary, "det")
+    device = next(model.parameters()).device
+    images, padding = batch.images.to(device), batch.padding_mask.to(device)
+    masks = model.segment_boxes(images, padding, [t.boxes.to(device) for t in batch.targets],
+                                [[names[int(label)] for label in t.labels] for t in batch.targets])
+    for (raw, sample), image_masks in zip(usable, masks):
+        meta = json.loads(raw["json"])
+        height, width = sample.orig_size
+        full = F.interpolate(image_masks[None].float(), size=(height, width), mode="nearest")[0].bool().cpu()
+        kept = iter(full.numpy())
+        for obj in meta["objects"]:
+            if obj["iscrowd"]:
+                counts["crowd_without_mask"] += int("rle" not in obj)
+                continue
+            mask = next(kept)
+            if "rle" in obj and not obj.get("pseudo_mask") and not overwrite:
+                counts["kept_annotated"] += 1
+                continue
+            obj["rle"], obj["pseudo_mask"] = _rle(mask), True
+            counts["pseudo_masks"] += 1
+        meta["mask_format"] = "rle"
+        out = {k: v for k, v in raw.items() if not k.startswith("__")}
+        out.update(__key__=raw["__key__"], json=json.dumps(meta).encode())
+        writer.write(out)
+        counts["images"] += 1
+
+
+def main(argv=None) -> int:
+    from openseed.modeling.checkpoint import load_model
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True, help="an openseed model file or training checkpoint")
+    parser.add_argument("--shards", required=True, help="a converted detection data set")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--image-size", type=int, default=1024, help="longer side the images are decoded at")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--overwrite", action="store_true", help="replace annotated masks too")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    try:
+        model = load_model(args.ckpt).to(args.device)
+        summary = pseudo_mask_shards(model, args.shards, args.out, args.image_size, args.batch_size, args.overwrite)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"pseudo masks: {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
