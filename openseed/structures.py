@@ -66,6 +66,8 @@ class Batch:
         vocabulary: the data set's classes; ``targets[i].labels`` index into it.
         task: "seg" (panoptic: things and stuff with masks) or "det" (detection: things, boxes, masks optional).
         dataset: the data set's name (as stored in its shards).
+        annotations: evaluation batches only: per image the stored annotation (``json``: the shard's JSON at the
+            original size; ``panoptic_png``: the raw panoptic PNG or None), the ground truth evaluators compare to.
     """
 
     images: Tensor
@@ -74,6 +76,7 @@ class Batch:
     vocabulary: Vocabulary = field(compare=False)
     task: Task
     dataset: str
+    annotations: list[dict] | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])

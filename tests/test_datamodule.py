@@ -79,6 +79,9 @@ def test_validation_is_split_disjointly_and_completely(panoptic_shards, tmp_path
         batches = list(loader)
         assert len(batches) == len(loader)  # the announced length is exact
         assert all(b.images.shape[-2:] == (64, 64) for b in batches)  # padded like LSJ training batches
+        for b in batches:  # the stored ground truth travels along for the evaluators
+            assert [a["json"]["image_id"] for a in b.annotations] == [t.image_id for t in b.targets]
+            assert all(a["panoptic_png"][:4] == b"\x89PNG" for a in b.annotations)
         per_rank.append([t.image_id for b in batches for t in b.targets])
     first, second = per_rank
     assert not set(first) & set(second)

@@ -158,10 +158,11 @@ class EvalDataset(IterableDataset):
                 continue
             pending.append(self.transform(sample))
             if len(pending) == self.batch_size:
-                yield collate(pending, self.shards.vocabulary, self.shards.task, pad_to=self.pad_to)
+                yield collate(pending, self.shards.vocabulary, self.shards.task, pad_to=self.pad_to,
+                              keep_annotations=True)
                 pending = []
         if pending:
-            yield collate(pending, self.shards.vocabulary, self.shards.task, pad_to=self.pad_to)
+            yield collate(pending, self.shards.vocabulary, self.shards.task, pad_to=self.pad_to, keep_annotations=True)
 
     def num_batches(self, num_workers: int) -> int:
         workers = max(num_workers, 1)

@@ -363,6 +363,8 @@ class Sample:
     orig_size: tuple[int, int]
     boxes_from_masks: bool  # segmentation data: boxes are re-derived from the masks after geometric transforms
     segment_map: torch.Tensor | None = None
+    annotation: dict | None = None  # the stored JSON, as written (original size): ground truth for evaluation
+    panoptic_png: bytes | None = None  # the stored panoptic PNG (panoptic data)
 
     def materialised(self) -> Sample:
         """The same sample with ``masks`` / ``ignore_mask`` built from ``segment_map`` (no-op without one)."""
@@ -450,7 +452,7 @@ def decode_sample(raw: dict, vocabulary: Vocabulary | None = None, dense_masks: 
         has_mask=torch.tensor([meta["mask_format"] == "panoptic" or "rle" in o for o in kept], dtype=torch.bool),
         masks=masks, ignore_mask=ignore, image_id=int(meta["image_id"]), dataset=str(meta["dataset"]),
         key=str(raw.get("__key__")), orig_size=(height, width), boxes_from_masks=meta["mask_format"] == "panoptic",
-        segment_map=segment_map)
+        segment_map=segment_map, annotation=meta, panoptic_png=raw.get(PANOPTIC_KEY))
     return sample if not dense_masks else sample.materialised()
 
 

@@ -146,11 +146,11 @@ class EvalResize:
 
 
 def collate(samples: list[Sample], vocabulary: Vocabulary, task: str, size_divisibility: int = 32,
-            pad_to: tuple[int, int] | None = None) -> Batch:
+            pad_to: tuple[int, int] | None = None, keep_annotations: bool = False) -> Batch:
     """Pad images (and masks) at the bottom/right to a common size and gather the targets.
 
     The size is ``pad_to`` when given (LSJ: the fixed crop size), else the largest image rounded up to a multiple
-    of ``size_divisibility``.
+    of ``size_divisibility``. ``keep_annotations`` carries the stored ground truth along (evaluation).
     """
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
@@ -176,8 +176,11 @@ def collate(samples: list[Sample], vocabulary: Vocabulary, task: str, size_divis
             is_thing=sample.is_thing, mask_is_pseudo=sample.mask_is_pseudo, has_mask=sample.has_mask,
             ignore_mask=None if sample.ignore_mask is None else _pad(sample.ignore_mask[None], height, width)[0],
             image_id=sample.image_id, orig_size=sample.orig_size, image_size=(int(h), int(w))))
+    annotations = None
+    if keep_annotations:
+        annotations = [{"json": s.annotation, "panoptic_png": s.panoptic_png} for s in samples]
     return Batch(images=images, padding_mask=padding, targets=targets, vocabulary=vocabulary, task=task,
-                 dataset=samples[0].dataset)
+                 dataset=samples[0].dataset, annotations=annotations)
 
 
 def _pad(masks: torch.Tensor | None, height: int, width: int) -> torch.Tensor | None:
