@@ -13,44 +13,20 @@ import itertools
 import sys
 from collections import Counter
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from openseed.data.shards import Sample, ShardSet, read_shards
 from openseed.data.transforms import LargeScaleJitter
-
-
-def _colour(index: int) -> tuple[int, int, int]:
-    rng = np.random.default_rng(index)
-    return tuple(int(v) for v in rng.integers(40, 256, 3))
+from openseed.visualize import draw_overlay, grid
 
 
 def render(sample: Sample, names: list[str]) -> Image.Image:
     """The image with masks blended in, crowd/ignore regions greyed, boxes and labels drawn."""
-    canvas = sample.image.permute(1, 2, 0).numpy().astype(np.float32)
-    if sample.ignore_mask is not None:
-        canvas[sample.ignore_mask.numpy()] = canvas[sample.ignore_mask.numpy()] * 0.3 + 128 * 0.7
-    if sample.masks is not None:
-        for i, mask in enumerate(sample.masks.numpy()):
-            canvas[mask] = canvas[mask] * 0.5 + np.array(_colour(i)) * 0.5
-    image = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for i, (box, label) in enumerate(zip(sample.boxes.tolist(), sample.labels.tolist())):
-        draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=_colour(i))
-        draw.text((box[0] + 2, box[1] + 1), names[label], fill=(255, 255, 255))
-    return image
-
-
-def grid(images: list[Image.Image], columns: int = 4) -> Image.Image:
-    columns = min(columns, len(images))
-    width = max(i.width for i in images)
-    height = max(i.height for i in images)
-    rows = -(-len(images) // columns)
-    sheet = Image.new("RGB", (columns * width, rows * height), (32, 32, 32))
-    for k, image in enumerate(images):
-        sheet.paste(image, ((k % columns) * width, (k // columns) * height))
-    return sheet
+    return draw_overlay(sample.image.permute(1, 2, 0).numpy(),
+                        None if sample.masks is None else sample.masks.numpy(), sample.boxes.numpy(),
+                        [names[int(label)] for label in sample.labels],
+                        None if sample.ignore_mask is None else sample.ignore_mask.numpy())
 
 
 def main(argv=None) -> int:
