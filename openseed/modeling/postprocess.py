@@ -1,0 +1,398 @@
+"""Inference post-processing: model outputs -> panoptic / instance / semantic results at the original image size.
+
+Pure torch / numpy (pycocotools for RLE). The rules follow SPEC section 5:
+
+- Panoptic: class probabilities = ``softmax(sigmoid(logits) / temperature)`` over the K vocabulary entries; queries with
+  max probability > ``object_mask_threshold`` are kept; every pixel goes to the kept query with the highest
+  ``score x mask probability``; a query becomes a segment when the pixels it won *and* where its own mask probability is
+  >= ``mask_threshold`` ("kept area") are non-empty and cover at least ``overlap_threshold`` of its own mask (the pixels
+  with probability >= ``mask_threshold``). Pixels won by a query that is not a segment, or where the winner's own mask
+  probability is below ``mask_threshold``, are void (0). Stuff queries of the same class merge into one segment.
+  (Mask2Former divides the *whole* won area, including low-probability pixels, by the own area; we use the kept area,
+  so the ratio is the fraction of the query's own mask that survives, always <= 1.)
+- Instance: scores = ``sigmoid(logits)`` over (foreground query x class), top-k; mask = logit > 0 (probability >
+  ``mask_threshold``); score x= mean mask probability inside the binary mask; boxes from the box head.
+- Semantic: per class, sum over queries of class probability x mask probability. SPEC says "class probability"; we use
+  ``sigmoid(logits)``, consistent with the per-class sigmoid the model is trained with (no softmax, no "no object").
+
+Sizes: masks come at 1/4 of the *padded* batch size; ``image_size`` is the valid (unpadded) content in the padded frame,
+``orig_size`` the stored image before resizing. ``resize_masks_to_original`` and ``boxes_to_original`` map back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from openseed.modeling.outputs import Outputs, model_boxes_to_pixels
+
+Size = tuple[int, int]
+PostprocessTask = Literal["panoptic", "instance", "semantic"]
+
+__all__ = [
+    "InferenceConfig",
+    "box_prompt_to_coco",
+    "boxes_to_original",
+    "encode_rle",
+    "instance_inference",
+    "instances_to_coco",
+    "panoptic_class_probs",
+    "panoptic_inference",
+    "postprocess_batch",
+    "resize_masks_to_original",
+    "semantic_inference",
+    "semantic_labels",
+]
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Inference thresholds (SPEC section 5 defaults).
+
+    Attributes:
+        object_mask_threshold: panoptic: keep queries whose max class probability is above this.
+        overlap_threshold: panoptic: a query needs kept area / own area >= this to become a segment.
+        mask_threshold: mask probability threshold (panoptic own mask: prob >= it; instance mask: prob > it, i.e.
+            logit > 0 at the default 0.5).
+        temperature: panoptic: class probabilities = softmax(sigmoid(logits) / temperature).
+        top_k: instance: number of (query, class) pairs kept per image (capped at queries x classes).
+        instance_from_fg_only: instance: use only the foreground queries (the first ``num_fg``).
+        chunk_size: queries resized at a time in ``postprocess_batch`` / ``resize_masks_to_original`` (memory bound).
+    """
+
+    object_mask_threshold: float = 0.25
+    overlap_threshold: float = 0.8
+    mask_threshold: float = 0.5
+    temperature: float = 0.06
+    top_k: int = 100
+    instance_from_fg_only: bool = True
+    chunk_size: int = 32
+
+
+# ---------------------------------------------------------------------------------------------------------- resizing
+def resize_masks_to_original(mask_logits: Tensor, padded_size: Size, image_size: Size, orig_size: Size,
+                             chunk_size: int = 32) -> Tensor:
+    """Mask logits [Q, h, w] at (a fraction of) the padded size -> logits [Q, H0, W0] of the original image.
+
+    Bilinear upsampling to ``padded_size``, crop of the valid ``image_size`` region (top-left), bilinear resize to
+    ``orig_size``. Works in float32, ``chunk_size`` queries at a time.
+    """
+    padded_size, image_size, orig_size = _size(padded_size), _size(image_size), _size(orig_size)
+    if image_size[0] > padded_size[0] or image_size[1] > padded_size[1]:
+        raise ValueError(f"image_size {image_size} larger than the padded size {padded_size}")
+    if mask_logits.dim() != 3:
+        raise ValueError(f"mask_logits must be [Q, h, w], got shape {tuple(mask_logits.shape)}")
+    num_queries = mask_logits.shape[0]
+    out = mask_logits.new_empty((num_queries, *orig_size), dtype=torch.float32)
+    for start in range(0, num_queries, max(1, chunk_size)):
+        chunk = mask_logits[start:start + chunk_size].float()[None]  # [1, q, h, w]
+        if tuple(chunk.shape[-2:]) != padded_size:
+            chunk = F.interpolate(chunk, size=padded_size, mode="bilinear", align_corners=False)
+        chunk = chunk[..., : image_size[0], : image_size[1]]
+        if image_size != orig_size:
+            chunk = F.interpolate(chunk, size=orig_size, mode="bilinear", align_corners=False)
+        out[start:start + chunk_size] = chunk[0]
+    return out
+
+
+def boxes_to_original(boxes_xyxy: Tensor, image_size: Size, orig_size: Size) -> Tensor:
+    """Pixel xyxy boxes in the padded frame (valid content = top-left ``image_size``) -> pixel xyxy boxes of the
+    original image: scaled by orig / image size and clipped to ``[0, W0] x [0, H0]``."""
+    (h, w), (h0, w0) = _size(image_size), _size(orig_size)
+    scale = boxes_xyxy.new_tensor([w0 / w, h0 / h, w0 / w, h0 / h], dtype=torch.float32)
+    boxes = boxes_xyxy.float() * scale
+    limit = boxes.new_tensor([w0, h0, w0, h0])
+    return torch.minimum(boxes.clamp(min=0), limit)
+
+
+# ---------------------------------------------------------------------------------------------------------- panoptic
+def panoptic_class_probs(logits: Tensor, temperature: float = 0.06) -> Tensor:
+    """[Q, K] logits -> [Q, K] class probabilities ``softmax(sigmoid(logits) / temperature)`` over K."""
+    return torch.softmax(logits.float().sigmoid() / temperature, dim=-1)
+
+
+def panoptic_inference(logits: Tensor, mask_logits: Tensor, is_thing: Sequence[bool] | Tensor,
+                       category_ids: Sequence[int] | None = None, cfg: InferenceConfig | None = None,
+                       ) -> tuple[Tensor, list[dict]]:
+    """One image's panoptic segmentation.
+
+    Args:
+        logits: [Q, K] class logits.
+        mask_logits: [Q, H0, W0] mask logits at the output size.
+        is_thing: [K] thing flags of the vocabulary.
+        category_ids: [K] the data set's category ids (``Vocabulary.ids``); None: contiguous labels are written.
+        cfg: thresholds.
+
+    Returns:
+        panoptic_seg: int32 [H0, W0], segment ids 1..n in order of first query, 0 = void.
+        segments_info: one dict per segment: id, category_id, isthing, score (max over its queries), area, bbox
+            ([x, y, w, h] tight box of the segment in ``panoptic_seg``).
+    """
+    cfg = cfg or InferenceConfig()
+    if logits.dim() != 2 or mask_logits.dim() != 3 or logits.shape[0] != mask_logits.shape[0]:
+        raise ValueError(f"expected logits [Q, K] and mask_logits [Q, H, W] with the same Q, got "
+                         f"{tuple(logits.shape)} and {tuple(mask_logits.shape)}")
+    num_classes = logits.shape[1]
+    thing = _as_bool_list(is_thing, num_classes, "is_thing")
+    ids = list(range(num_classes)) if category_ids is None else [int(c) for c in category_ids]
+    if len(ids) != num_classes:
+        raise ValueError(f"{len(ids)} category ids for {num_classes} classes")
+    height, width = mask_logits.shape[-2:]
+    panoptic_seg = torch.zeros((height, width), dtype=torch.int32, device=mask_logits.device)
+
+    scores, labels = panoptic_class_probs(logits, cfg.temperature).max(dim=-1)
+    keep = scores > cfg.object_mask_threshold
+    if not bool(keep.any()):
+        return panoptic_seg, []
+    scores, labels = scores[keep], labels[keep]
+    mask_probs = mask_logits[keep].float().sigmoid()  # [N, H0, W0]
+    # First maximum wins ties (torch.argmax returns the first occurrence): deterministic.
+    winner = (scores[:, None, None] * mask_probs).argmax(dim=0)
+
+    segments: list[dict] = []
+    stuff_segment: dict[int, dict] = {}
+    for k in range(scores.shape[0]):
+        label = int(labels[k])
+        own = mask_probs[k] >= cfg.mask_threshold
+        own_area = int(own.sum())
+        kept = (winner == k) & own
+        kept_area = int(kept.sum())
+        if kept_area == 0 or own_area == 0 or kept_area / own_area < cfg.overlap_threshold:
+            continue
+        score = float(scores[k])
+        if not thing[label] and label in stuff_segment:
+            segment = stuff_segment[label]
+            segment["score"] = max(segment["score"], score)
+        else:
+            segment = {"id": len(segments) + 1, "category_id": ids[label], "isthing": thing[label], "score": score}
+            segments.append(segment)
+            if not thing[label]:
+                stuff_segment[label] = segment
+        panoptic_seg[kept] = segment["id"]
+
+    for segment in segments:
+        region = panoptic_seg == segment["id"]
+        segment["area"] = int(region.sum())
+        segment["bbox"] = _tight_box_xywh(region)
+    return panoptic_seg, segments
+
+
+# ---------------------------------------------------------------------------------------------------------- instance
+def _topk_pairs(logits: Tensor, num_fg: int | None, cfg: InferenceConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k (query, class) pairs by sigmoid score, ties broken by (query, class) order: (scores, query, label)."""
+    if cfg.instance_from_fg_only and num_fg is not None:
+        logits = logits[:num_fg]
+    num_classes = logits.shape[1]
+    flat = logits.float().sigmoid().flatten()
+    k = min(int(cfg.top_k), flat.numel())
+    scores, order = torch.sort(flat, descending=True, stable=True)
+    scores, order = scores[:k], order[:k]
+    return scores, order // num_classes, order % num_classes
+
+
+def _finish_instances(scores: Tensor, labels: Tensor, boxes: Tensor, mask_logits: Tensor | None,
+                      cfg: InferenceConfig) -> dict[str, Tensor | None]:
+    masks = None
+    if mask_logits is not None:
+        probs = mask_logits.float().sigmoid()
+        masks = probs > cfg.mask_threshold
+        area = masks.flatten(1).sum(dim=1)
+        mean_prob = (probs * masks).flatten(1).sum(dim=1) / area.clamp(min=1)  # 0 for an empty mask
+        scores = scores * mean_prob
+    return {"scores": scores, "labels": labels, "boxes": boxes.float(), "masks": masks}
+
+
+def instance_inference(logits: Tensor, mask_logits: Tensor | None, boxes_xyxy: Tensor,
+                       cfg: InferenceConfig | None = None, num_fg: int | None = None) -> dict[str, Tensor | None]:
+    """One image's instance predictions.
+
+    Args:
+        logits: [Q, K] class logits (queries ordered [fg | bg]).
+        mask_logits: [Q, H0, W0] mask logits at the output size, or None (boxes only).
+        boxes_xyxy: [Q, 4] box-head boxes in pixels of the output image.
+        cfg: thresholds; ``cfg.instance_from_fg_only`` uses only the first ``num_fg`` queries.
+        num_fg: number of foreground queries (None: all queries are foreground).
+
+    Returns:
+        dict with scores [N] (in top-k order, i.e. descending before the mask rescoring; not re-sorted after it),
+        labels long [N] (contiguous), boxes [N, 4] xyxy, masks bool [N, H0, W0] or None.
+        N = min(top_k, considered queries x K).
+    """
+    cfg = cfg or InferenceConfig()
+    scores, query, labels = _topk_pairs(logits, num_fg, cfg)
+    masks = None if mask_logits is None else mask_logits[query]
+    return _finish_instances(scores, labels, boxes_xyxy[query], masks, cfg)
+
+
+def encode_rle(masks: Tensor | np.ndarray) -> list[dict]:
+    """bool [N, H, W] -> COCO compressed RLEs with ``counts`` as str (JSON-ready)."""
+    array = masks.detach().cpu().numpy() if isinstance(masks, Tensor) else np.asarray(masks)
+    if array.shape[0] == 0:
+        return []
+    rles = mask_util.encode(np.asfortranarray(array.astype(np.uint8).transpose(1, 2, 0)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
+def _xyxy_to_xywh_list(boxes: Tensor) -> list[list[float]]:
+    boxes = boxes.detach().float().cpu()
+    return torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+
+
+def instances_to_coco(result: dict[str, Any], image_id: int, category_ids: Sequence[int] | None = None) -> list[dict]:
+    """``instance_inference`` output -> COCO result dicts (image_id, category_id in the data set's ids, bbox
+    [x, y, w, h], score, and segmentation as compressed RLE when masks are present)."""
+    labels = result["labels"].tolist()
+    scores = result["scores"].tolist()
+    boxes = _xyxy_to_xywh_list(result["boxes"])
+    rles = encode_rle(result["masks"]) if result.get("masks") is not None else None
+    records = []
+    for i, (label, score, box) in enumerate(zip(labels, scores, boxes)):
+        record = {"image_id": int(image_id),
+                  "category_id": int(category_ids[label]) if category_ids is not None else int(label),
+                  "bbox": box, "score": float(score)}
+        if rles is not None:
+            record["segmentation"] = rles[i]
+        records.append(record)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------------- semantic
+def semantic_inference(logits: Tensor, mask_logits: Tensor) -> Tensor:
+    """[Q, K] logits and [Q, H0, W0] mask logits -> [K, H0, W0] scores: sum over queries of sigmoid(class logit) x
+    sigmoid(mask logit). Additive over queries, so it can be accumulated chunk by chunk."""
+    return torch.einsum("qk,qhw->khw", logits.float().sigmoid(), mask_logits.float().sigmoid())
+
+
+def semantic_labels(semantic_scores: Tensor, category_ids: Sequence[int] | None = None) -> Tensor:
+    """[K, H0, W0] semantic scores -> long [H0, W0] argmax (contiguous labels, or the data set's ids if given)."""
+    labels = semantic_scores.argmax(dim=0)
+    if category_ids is not None:
+        labels = torch.as_tensor(list(category_ids), dtype=torch.long, device=labels.device)[labels]
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------------------- box prompts
+def box_prompt_to_coco(masks: Tensor, boxes_xyxy: Tensor, names: Sequence[str], image_id: int,
+                       scores: Tensor | Sequence[float] | None = None) -> list[dict]:
+    """Box-prompted (conditioned) masks -> COCO-style records, one per box: image_id, category_name, bbox [x, y, w, h]
+    (the prompt box), score (1.0 when not given), area (mask pixels), segmentation (compressed RLE, str counts)."""
+    num = masks.shape[0]
+    if boxes_xyxy.shape[0] != num or len(names) != num:
+        raise ValueError(f"{num} masks, {boxes_xyxy.shape[0]} boxes and {len(names)} names must match")
+    score_list = [1.0] * num if scores is None else [float(s) for s in (scores.tolist() if isinstance(scores, Tensor)
+                                                                         else scores)]
+    areas = masks.flatten(1).sum(dim=1).tolist()
+    return [{"image_id": int(image_id), "category_name": str(name), "bbox": box, "score": score, "area": int(area),
+             "segmentation": rle}
+            for name, box, score, area, rle in zip(names, _xyxy_to_xywh_list(boxes_xyxy), score_list, areas,
+                                                   encode_rle(masks))]
+
+
+# ---------------------------------------------------------------------------------------------------------- batches
+def postprocess_batch(outputs: Outputs, targets_or_sizes: Sequence[Any], vocabulary: Any,
+                      padded_size: Size | None = None, task: PostprocessTask = "panoptic",
+                      cfg: InferenceConfig | None = None, return_semantic_scores: bool = False) -> list[dict]:
+    """Per-image results at the original image size.
+
+    Args:
+        outputs: the model's ``Outputs`` (``final`` predictions are used).
+        targets_or_sizes: per image, a ``Targets`` (its ``image_size``, ``orig_size``, ``image_id`` are read) or an
+            ``(image_size, orig_size)`` pair.
+        vocabulary: a ``Vocabulary`` (``is_thing``, ``ids``); the data set's ids are written for panoptic segments.
+        padded_size: (H, W) of the padded batch; None: 4 x the mask size.
+        task: "panoptic" -> {"panoptic_seg", "segments_info"}; "instance" -> ``instance_inference``'s dict;
+            "semantic" -> {"sem_seg": long [H0, W0] contiguous labels} (+ "scores" [K, H0, W0] on request).
+            Every dict also has "image_id" (None for explicit sizes).
+        cfg: thresholds.
+
+    Only what a task needs is resized: the queries kept by the panoptic threshold, the top-k queries for instances.
+    """
+    cfg = cfg or InferenceConfig()
+    final = outputs.final
+    logits, masks = final.logits, final.masks
+    if padded_size is None:
+        if masks is None:
+            raise ValueError("padded_size is needed when the outputs have no masks")
+        padded_size = (4 * masks.shape[-2], 4 * masks.shape[-1])
+    padded_size = _size(padded_size)
+    if len(targets_or_sizes) != logits.shape[0]:
+        raise ValueError(f"{len(targets_or_sizes)} targets/sizes for a batch of {logits.shape[0]}")
+    if task != "instance" and masks is None:
+        raise ValueError(f"task {task!r} needs mask predictions")
+
+    results = []
+    for i, item in enumerate(targets_or_sizes):
+        image_size, orig_size, image_id = _sizes_of(item)
+
+        def resize(m: Tensor, image_size=image_size, orig_size=orig_size) -> Tensor:
+            return resize_masks_to_original(m, padded_size, image_size, orig_size, cfg.chunk_size)
+
+        if task == "panoptic":
+            scores = panoptic_class_probs(logits[i], cfg.temperature).max(dim=-1).values
+            keep = scores > cfg.object_mask_threshold  # the others cannot take part: resize only the kept queries
+            seg, info = panoptic_inference(logits[i][keep], resize(masks[i][keep]), vocabulary.is_thing,
+                                           vocabulary.ids, cfg)
+            result: dict[str, Any] = {"panoptic_seg": seg, "segments_info": info}
+        elif task == "instance":
+            scores, query, labels = _topk_pairs(logits[i], outputs.num_fg, cfg)
+            boxes = boxes_to_original(model_boxes_to_pixels(final.boxes[i].float(), padded_size)[query], image_size,
+                                      orig_size)
+            selected = None
+            if masks is not None:
+                unique, inverse = torch.unique(query, return_inverse=True)
+                selected = resize(masks[i][unique])[inverse]
+            result = _finish_instances(scores, labels, boxes, selected, cfg)
+        elif task == "semantic":
+            total = None
+            for start in range(0, logits.shape[1], max(1, cfg.chunk_size)):
+                part = slice(start, start + cfg.chunk_size)
+                piece = semantic_inference(logits[i][part], resize(masks[i][part]))
+                total = piece if total is None else total + piece
+            result = {"sem_seg": semantic_labels(total)}
+            if return_semantic_scores:
+                result["scores"] = total
+        else:
+            raise ValueError(f"unknown task {task!r}; expected 'panoptic', 'instance' or 'semantic'")
+        result["image_id"] = image_id
+        results.append(result)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+def _size(size: Sequence[int]) -> Size:
+    height, width = (int(v) for v in size)
+    return height, width
+
+
+def _sizes_of(item: Any) -> tuple[Size, Size, int | None]:
+    if hasattr(item, "image_size") and hasattr(item, "orig_size"):
+        return _size(item.image_size), _size(item.orig_size), getattr(item, "image_id", None)
+    if isinstance(item, dict):
+        return _size(item["image_size"]), _size(item["orig_size"]), item.get("image_id")
+    image_size, orig_size = item
+    return _size(image_size), _size(orig_size), None
+
+
+def _as_bool_list(flags: Sequence[bool] | Tensor, length: int, name: str) -> list[bool]:
+    values = [bool(v) for v in (flags.tolist() if isinstance(flags, Tensor) else flags)]
+    if len(values) != length:
+        raise ValueError(f"{name} has {len(values)} entries for {length} classes")
+    return values
+
+
+def _tight_box_xywh(region: Tensor) -> list[int]:
+    rows = torch.nonzero(region.any(dim=1)).flatten()
+    cols = torch.nonzero(region.any(dim=0)).flatten()
+    if rows.numel() == 0:
+        return [0, 0, 0, 0]
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+    return [x0, y0, x1 - x0 + 1, y1 - y0 + 1]
