@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install $(TORCH_PIN)
 	$(PY) -m pip install -e '.[dev]' $(TORCH_PIN)
+	# the official PQ reference the tests compare against; its metadata pins numpy<2, so without its deps
+	$(PY) -m pip install --no-deps 'panopticapi-lite>=0.2'
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -1,0 +1,225 @@
+"""Point a trained model at your own pictures, with your own words.
+
+Command line (``key=value`` arguments, lists in brackets)::
+
+    python -m openseed.predict ckpt=model.pt images=[photo.jpg] vocabulary=[dog,frisbee,grass] stuff=[grass] \
+        task=panoptic out=predictions
+    python -m openseed.predict ckpt=model.pt images=[photo.jpg] boxes=[[10,20,200,240]] vocabulary=[dog]
+
+For every image it writes ``OUT/<stem>_<task>.png`` (an overlay: masks, boxes, class names) and
+``OUT/<stem>_<task>.json`` (COCO style: panoptic ``segments_info`` with an id PNG ``<stem>_panoptic_ids.png``;
+instance result records with RLE masks; semantic class pixel counts with a label PNG; box-prompted records).
+With ``boxes`` it runs box-prompted segmentation: one class name per box in ``vocabulary``.
+
+Python::
+
+    from openseed import Predictor
+    predictor = Predictor("model.pt")
+    result = predictor("photo.jpg", ["dog", "frisbee", "grass"], task="panoptic", stuff=["grass"])
+    predictor.save(result, "predictions")
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from openseed.data.transforms import EvalResize
+from openseed.data.vocab import Vocabulary
+from openseed.modeling.openseed import OpenSeeD
+from openseed.modeling.postprocess import InferenceConfig, box_prompt_to_coco, instances_to_coco, postprocess_batch
+from openseed.visualize import draw_overlay
+
+TASKS = ("panoptic", "instance", "semantic")
+
+
+def load_image(image) -> tuple[np.ndarray, str | None]:
+    """uint8 [H, W, 3] RGB from a path, a PIL image or an array; a missing or unreadable file is a clear error."""
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        try:
+            with Image.open(path) as opened:
+                return np.asarray(opened.convert("RGB")), str(path)
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"cannot read image {path}: {err}") from err
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB")), None
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 [H, W, 3] RGB array, got {array.dtype} {array.shape}")
+    return array, None
+
+
+def make_vocabulary(words: Sequence[str] | Vocabulary, stuff: Sequence[str] = ()) -> Vocabulary:
+    """A vocabulary from plain words (things unless listed in ``stuff``); "a/b" gives synonyms."""
+    if isinstance(words, Vocabulary):
+        return words
+    words = [str(w).strip() for w in words]
+    if not words or not all(words):
+        raise ValueError("the vocabulary is empty: give at least one class name")
+    unknown = set(stuff) - set(words)
+    if unknown:
+        raise ValueError(f"stuff names {sorted(unknown)} are not in the vocabulary")
+    return Vocabulary.from_names(words, [w not in set(stuff) for w in words])
+
+
+class Predictor:
+    """A model ready for inference on single images.
+
+    Args:
+        model: an ``OpenSeeD`` or the path of a model file / training checkpoint.
+        device: where to run (default: CUDA if available).
+        image_size: longer side the image is resized to (and the square it is padded to), as in evaluation.
+        inference: post-processing thresholds.
+    """
+
+    def __init__(self, model: OpenSeeD | str | Path, device: str | None = None, image_size: int = 1024,
+                 inference: InferenceConfig | None = None):
+        if not isinstance(model, OpenSeeD):
+            from openseed.modeling.checkpoint import load_model
+
+            model = load_model(model)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.image_size, self.inference = image_size, inference or InferenceConfig()
+        self.resize = EvalResize(None, image_size)
+
+    def _prepare(self, array: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], tuple[int, int]]:
+        orig = array.shape[:2]
+        size = self.resize.output_size(*orig)
+        image = F.resize(torch.from_numpy(array.copy()).permute(2, 0, 1), list(size), antialias=True)
+        padded = torch.zeros((1, 3, self.image_size, self.image_size), dtype=torch.uint8)
+        padded[0, :, : size[0], : size[1]] = image
+        padding = torch.ones((1, self.image_size, self.image_size), dtype=torch.bool)
+        padding[0, : size[0], : size[1]] = False
+        return padded.to(self.device), padding.to(self.device), size, orig
+
+    @torch.no_grad()
+    def __call__(self, image, vocabulary: Sequence[str] | Vocabulary, task: str = "panoptic",
+                 stuff: Sequence[str] = ()) -> dict:
+        """Panoptic, instance or semantic segmentation of one image against ``vocabulary``."""
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, not {task!r}")
+        array, path = load_image(image)
+        vocab = make_vocabulary(vocabulary, stuff)
+        images, padding, size, orig = self._prepare(array)
+        outputs = self.model(images, padding, vocab)
+        (result,) = postprocess_batch(outputs, [(size, orig)], vocab, tuple(images.shape[-2:]), task, self.inference)
+        return {"task": task, "image": path, "array": array, "vocabulary": vocab, **result}
+
+    @torch.no_grad()
+    def segment_boxes(self, image, boxes: Sequence[Sequence[float]], names: Sequence[str]) -> dict:
+        """One mask per box (xyxy pixels of the original image) for the given class names."""
+        array, path = load_image(image)
+        boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        if len(boxes) == 0 or len(boxes) != len(names):
+            raise ValueError(f"give one class name per box: {len(boxes)} boxes, {len(names)} names")
+        images, padding, size, orig = self._prepare(array)
+        scale = torch.tensor([size[1] / orig[1], size[0] / orig[0]] * 2)
+        (masks,) = self.model.segment_boxes(images, padding, [(boxes * scale).to(self.device)], [list(names)])
+        masks = F.resize(masks[None].float(), list(orig), interpolation=F.InterpolationMode.NEAREST)[0].bool().cpu()
+        return {"task": "boxes", "image": path, "array": array, "masks": masks, "boxes": boxes, "names": list(names)}
+
+    @staticmethod
+    def save(result: dict, out_dir: str | Path, stem: str | None = None, score_threshold: float = 0.5) -> list[Path]:
+        """Write the overlay PNG and the COCO-style JSON of a result (and the panoptic / semantic label PNG)."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = stem or (Path(result["image"]).stem if result.get("image") else "image")
+        task, array = result["task"], result["array"]
+        height, width = array.shape[:2]
+        header = {"image": result.get("image"), "height": height, "width": width}
+        written = []
+        if task == "panoptic":
+            names = dict(zip(result["vocabulary"].ids, result["vocabulary"].prompt_names()))
+            ids = result["panoptic_seg"].cpu().numpy().astype(np.uint32)
+            rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)
+            Image.fromarray(rgb).save(out_dir / f"{stem}_panoptic_ids.png")
+            segments = [{**s, "category_name": names[s["category_id"]]} for s in result["segments_info"]]
+            payload = {**header, "file_name": f"{stem}_panoptic_ids.png", "segments_info": segments}
+            masks = np.stack([ids == s["id"] for s in segments]) if segments else None
+            picture = draw_overlay(array, masks, None, [s["category_name"] for s in segments])
+            written.append(out_dir / f"{stem}_panoptic_ids.png")
+        elif task == "instance":
+            vocab = result["vocabulary"]
+            names = dict(zip(vocab.ids, vocab.prompt_names()))
+            records = [{**r, "category_name": names[r["category_id"]]}
+                       for r in instances_to_coco(result, image_id=0, category_ids=vocab.ids)]
+            payload = {**header, "annotations": records}
+            keep = (result["scores"] >= score_threshold).cpu()
+            masks = None if result["masks"] is None else result["masks"][keep].cpu().numpy()
+            labels = [f"{vocab.prompt_names()[int(label)]} {float(score):.2f}"
+                      for label, score in zip(result["labels"][keep], result["scores"][keep])]
+            picture = draw_overlay(array, masks, result["boxes"][keep].cpu().numpy(), labels)
+        elif task == "semantic":
+            vocab = result["vocabulary"]
+            labels = result["sem_seg"].cpu().numpy()
+            Image.fromarray(labels.astype(np.uint16 if len(vocab) > 255 else np.uint8)).save(
+                out_dir / f"{stem}_semantic_labels.png")
+            counts = np.bincount(labels.ravel(), minlength=len(vocab))
+            payload = {**header, "file_name": f"{stem}_semantic_labels.png",
+                       "classes": [{"label": i, "category_id": c.id, "name": n, "pixels": int(counts[i])}
+                                   for i, (c, n) in enumerate(zip(vocab.categories, vocab.prompt_names()))]}
+            present = [i for i in range(len(vocab)) if counts[i]]
+            picture = draw_overlay(array, np.stack([labels == i for i in present]) if present else None, None,
+                                   [vocab.prompt_names()[i] for i in present])
+            written.append(out_dir / f"{stem}_semantic_labels.png")
+        elif task == "boxes":
+            records = box_prompt_to_coco(result["masks"], result["boxes"], result["names"], image_id=0)
+            payload = {**header, "annotations": records}
+            picture = draw_overlay(array, result["masks"].numpy(), result["boxes"].numpy(), result["names"])
+        else:
+            raise ValueError(f"unknown result task {task!r}")
+        picture.save(out_dir / f"{stem}_{task}.png")
+        (out_dir / f"{stem}_{task}.json").write_text(json.dumps(payload, indent=1))
+        return [out_dir / f"{stem}_{task}.png", out_dir / f"{stem}_{task}.json", *written]
+
+
+CLI_KEYS = {"ckpt": None, "images": None, "vocabulary": None, "task": "panoptic", "stuff": [], "boxes": None,
+            "out": "predictions", "device": None, "image_size": 1024, "score_threshold": 0.5}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from omegaconf import OmegaConf
+
+    try:
+        args = OmegaConf.to_container(OmegaConf.from_dotlist(list(sys.argv[1:] if argv is None else argv)))
+    except Exception as err:  # OmegaConf's grammar errors
+        print(f"error: cannot parse the arguments ({err}); use key=value, lists as [a,b]", file=sys.stderr)
+        return 2
+    unknown = set(args) - set(CLI_KEYS)
+    missing = [k for k in ("ckpt", "images", "vocabulary") if args.get(k) is None]
+    if unknown or missing:
+        print(f"error: {'unknown keys ' + str(sorted(unknown)) if unknown else ''}"
+              f"{' ' if unknown and missing else ''}{'missing ' + str(missing) if missing else ''}; "
+              f"keys: {sorted(CLI_KEYS)}", file=sys.stderr)
+        return 2
+    args = {**CLI_KEYS, **args}
+    images = args["images"] if isinstance(args["images"], list) else [args["images"]]
+    vocabulary = args["vocabulary"] if isinstance(args["vocabulary"], list) else [args["vocabulary"]]
+    try:
+        predictor = Predictor(args["ckpt"], device=args["device"], image_size=int(args["image_size"]))
+        for image in images:
+            if args["boxes"] is not None:
+                result = predictor.segment_boxes(image, args["boxes"], vocabulary)
+            else:
+                result = predictor(image, vocabulary, task=args["task"], stuff=args["stuff"])
+            for path in Predictor.save(result, args["out"], score_threshold=float(args["score_threshold"])):
+                print(path)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

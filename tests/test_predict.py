@@ -1,0 +1,104 @@
+"""The predictor end to end on a tiny model and a real photo: files, sizes, COCO validity, box prompts, errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from openseed import Predictor
+from openseed.modeling.checkpoint import save_model
+from openseed.modeling.openseed import build_openseed
+from openseed.predict import main
+from tests.conftest import PANOPTIC
+
+PHOTO = PANOPTIC / "input_images" / "000000142238.jpg"  # 640 x 427
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_model(build_openseed("tiny"), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def predictor(checkpoint):
+    return Predictor(checkpoint, device="cpu", image_size=256)
+
+
+def test_panoptic_files_and_formats(predictor, tmp_path):
+    result = predictor(PHOTO, ["person", "horse", "grass"], task="panoptic", stuff=["grass"])
+    assert result["panoptic_seg"].shape == (427, 640)
+    paths = Predictor.save(result, tmp_path)
+    assert {p.name for p in paths} == {"000000142238_panoptic.png", "000000142238_panoptic.json",
+                                       "000000142238_panoptic_ids.png"}
+    assert Image.open(tmp_path / "000000142238_panoptic.png").size == (640, 427)
+    payload = json.loads((tmp_path / "000000142238_panoptic.json").read_text())
+    rgb = np.asarray(Image.open(tmp_path / "000000142238_panoptic_ids.png")).astype(np.int64)
+    ids = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+    assert set(np.unique(ids)) - {0} == {s["id"] for s in payload["segments_info"]}
+    for segment in payload["segments_info"]:
+        assert segment["area"] == int((ids == segment["id"]).sum())
+        assert segment["category_name"] in {"person", "horse", "grass"}
+        assert segment["isthing"] == (segment["category_name"] != "grass")
+
+
+def test_instance_json_is_valid_coco(predictor, tmp_path):
+    result = predictor(PHOTO, ["person", "horse"], task="instance")
+    Predictor.save(result, tmp_path, score_threshold=0.0)
+    payload = json.loads((tmp_path / "000000142238_instance.json").read_text())
+    assert payload["height"] == 427 and payload["width"] == 640 and payload["annotations"]
+    for record in payload["annotations"]:
+        assert set(record) >= {"image_id", "category_id", "bbox", "score", "segmentation", "category_name"}
+        assert mask_utils.decode(record["segmentation"]).shape == (427, 640)
+        x, y, w, h = record["bbox"]
+        assert 0 <= x <= x + w <= 640 and 0 <= y <= y + h <= 427
+
+
+def test_semantic(predictor, tmp_path):
+    result = predictor(PHOTO, ["person", "grass", "sky"], task="semantic")
+    Predictor.save(result, tmp_path)
+    labels = np.asarray(Image.open(tmp_path / "000000142238_semantic_labels.png"))
+    payload = json.loads((tmp_path / "000000142238_semantic.json").read_text())
+    assert labels.shape == (427, 640) and sum(c["pixels"] for c in payload["classes"]) == 427 * 640
+
+
+def test_box_prompts_give_one_mask_per_box(predictor, tmp_path):
+    boxes = [[100, 100, 300, 400], [10, 10, 50, 60], [0, 0, 640, 427]]
+    result = predictor.segment_boxes(PHOTO, boxes, ["person", "horse", "grass"])
+    assert result["masks"].shape == (3, 427, 640)
+    again = predictor.segment_boxes(PHOTO, boxes, ["person", "horse", "grass"])
+    assert torch.equal(result["masks"], again["masks"])
+    Predictor.save(result, tmp_path)
+    records = json.loads((tmp_path / "000000142238_boxes.json").read_text())["annotations"]
+    assert [r["category_name"] for r in records] == ["person", "horse", "grass"]
+    assert [r["bbox"] for r in records] == [[100, 100, 200, 300], [10, 10, 40, 50], [0, 0, 640, 427]]
+
+
+def test_bad_input_is_a_clear_error(predictor, tmp_path):
+    with pytest.raises(FileNotFoundError, match="image not found"):
+        predictor(tmp_path / "nothing.jpg", ["dog"])
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot read image .*broken.jpg"):
+        predictor(tmp_path / "broken.jpg", ["dog"])
+    with pytest.raises(ValueError, match="vocabulary is empty"):
+        predictor(PHOTO, [])
+    with pytest.raises(ValueError, match="one class name per box"):
+        predictor.segment_boxes(PHOTO, [[0, 0, 10, 10]], ["a", "b"])
+
+
+def test_command_line(checkpoint, tmp_path, capsys):
+    code = main([f"ckpt={checkpoint}", f"images=[{PHOTO}]", "vocabulary=[person,horse]", "task=instance",
+                 f"out={tmp_path}", "image_size=256", "device=cpu"])
+    assert code == 0 and (tmp_path / "000000142238_instance.json").is_file()
+    code = main([f"ckpt={checkpoint}", f"images=[{PHOTO}]", "vocabulary=[person]", "boxes=[[10,10,100,100]]",
+                 f"out={tmp_path}", "image_size=256", "device=cpu"])
+    assert code == 0 and len(json.loads((tmp_path / "000000142238_boxes.json").read_text())["annotations"]) == 1
+    assert main([f"ckpt={checkpoint}", "images=[missing.jpg]", "vocabulary=[a]", "device=cpu"]) == 2
+    assert "image not found" in capsys.readouterr().err
+    assert main(["images=[x.jpg]", "vocabulary=[a]", "colour=red"]) == 2
+    assert "unknown keys ['colour']" in capsys.readouterr().err
