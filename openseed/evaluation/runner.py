@@ -1,0 +1,223 @@
+"""Evaluating a model on any converted data set, with that data set's own vocabulary (zero-shot or not).
+
+``DatasetEvaluator`` turns the model's outputs for evaluation batches (``OpenSeeDDataModule.val_dataloader`` or
+``EvalDataset``) into standard predictions and scores them against the ground truth the batches carry, at the
+original image size:
+
+- panoptic data (``task == "seg"``): PQ / SQ / RQ (all, things, stuff), mask and box AP of the thing classes
+  (COCO instance protocol on the thing segments; crowd segments as crowd), mIoU (void = ignore);
+- detection data: box AP, and mask AP when the data set has masks.
+
+The model runs in evaluation mode, so class names are embedded with the prompt ensemble. Metrics are fractions
+(1.0 = perfect). Command line::
+
+    python -m openseed.evaluation.runner ckpt=model.pt shards=[data/shards/ade20k_val] image_size=1024 [json=true]
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+import torch
+from PIL import Image
+
+from openseed.data.shards import ShardSet, rgb_to_id
+from openseed.data.vocab import Vocabulary
+from openseed.evaluation.common import gather_to_all
+from openseed.evaluation.instances import evaluate_coco
+from openseed.evaluation.panoptic import PanopticEvaluator
+from openseed.evaluation.semantic import SemanticEvaluator
+from openseed.modeling.outputs import Outputs, Prediction
+from openseed.modeling.postprocess import InferenceConfig, encode_rle, instances_to_coco, postprocess_batch
+from openseed.structures import Batch
+
+IGNORE = 255
+
+
+def _xyxy_to_xywh(box: Sequence[float]) -> list[float]:
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return [x0, y0, x1 - x0, y1 - y0]
+
+
+class DatasetEvaluator:
+    """Accumulates predictions and ground truth of one data set on every rank; ``compute`` gathers them once.
+
+    Args:
+        vocabulary: the data set's classes (the model is evaluated against exactly these).
+        task: "seg" (panoptic data) or "det" (detection data).
+        mask_format: the shard set's mask format ("panoptic", "rle" or "none").
+        inference: post-processing thresholds.
+    """
+
+    def __init__(self, vocabulary: Vocabulary, task: str, mask_format: str, inference: InferenceConfig | None = None):
+        self.vocabulary, self.task, self.mask_format = vocabulary, task, mask_format
+        self.inference = inference or InferenceConfig()
+        self.categories = [{"id": c.id, "name": c.name, "isthing": int(c.is_thing)} for c in vocabulary.categories]
+        self.thing_index = torch.tensor(vocabulary.is_thing)
+        self.with_masks = mask_format in ("panoptic", "rle")
+        self.panoptic = PanopticEvaluator(self.categories) if task == "seg" else None
+        self.semantic = SemanticEvaluator(len(vocabulary), ignore_label=IGNORE) if task == "seg" else None
+        self.gt_images: list[dict] = []
+        self.gt_annotations: list[dict] = []
+        self.detections: list[dict] = []
+
+    @classmethod
+    def for_shards(cls, shards: ShardSet, inference: InferenceConfig | None = None) -> DatasetEvaluator:
+        return cls(shards.vocabulary, shards.task, shards.mask_format, inference)
+
+    # ------------------------------------------------------------------------------------------------ update
+    def update(self, outputs: Outputs, batch: Batch) -> None:
+        """Score one evaluation batch (it must carry ``annotations``: see ``collate(keep_annotations=True)``)."""
+        if batch.annotations is None:
+            raise ValueError("evaluation batches must carry their annotations (collate(..., keep_annotations=True))")
+        padded = tuple(batch.images.shape[-2:])
+        things_only = _only_classes(outputs, self.thing_index.to(outputs.final.logits.device))
+        instances = postprocess_batch(things_only, batch.targets, self.vocabulary, padded, "instance", self.inference)
+        panoptic = semantic = None
+        if self.task == "seg":
+            panoptic = postprocess_batch(outputs, batch.targets, self.vocabulary, padded, "panoptic", self.inference)
+            semantic = postprocess_batch(outputs, batch.targets, self.vocabulary, padded, "semantic", self.inference)
+        for i, annotation in enumerate(batch.annotations):
+            meta = annotation["json"]
+            image_id = int(meta["image_id"])
+            gt_ids = None
+            if self.task == "seg":
+                gt_ids = rgb_to_id(np.asarray(Image.open(io.BytesIO(annotation["panoptic_png"])).convert("RGB")))
+                segments = [{"id": o["segment_id"], "category_id": o["category_id"], "iscrowd": o["iscrowd"]}
+                            for o in meta["objects"]]
+                self.panoptic.update(gt_ids, segments, panoptic[i]["panoptic_seg"].cpu().numpy(),
+                                     panoptic[i]["segments_info"], image_id=image_id)
+                self.semantic.update(semantic[i]["sem_seg"].cpu().numpy(), self._semantic_truth(gt_ids, meta))
+            self._add_instance_truth(meta, gt_ids)
+            records = instances_to_coco(_to_cpu(instances[i]), image_id, self.vocabulary.ids)
+            self.detections.extend(r for r in records if r["score"] > 0)
+
+    def _semantic_truth(self, gt_ids: np.ndarray, meta: dict) -> np.ndarray:
+        labels = np.full(gt_ids.shape, IGNORE, dtype=np.int64)
+        for obj in meta["objects"]:
+            labels[gt_ids == obj["segment_id"]] = obj["label"]
+        return labels
+
+    def _add_instance_truth(self, meta: dict, gt_ids: np.ndarray | None) -> None:
+        self.gt_images.append({"id": int(meta["image_id"]), "height": meta["height"], "width": meta["width"]})
+        for obj in meta["objects"]:
+            if not obj["is_thing"]:
+                continue
+            record = {"image_id": int(meta["image_id"]), "category_id": obj["category_id"],
+                      "bbox": _xyxy_to_xywh(obj["bbox"]), "area": float(obj["area"]), "iscrowd": int(obj["iscrowd"])}
+            if gt_ids is not None:
+                record["segmentation"] = encode_rle(gt_ids[None] == obj["segment_id"])[0]
+            elif "rle" in obj:
+                record["segmentation"] = obj["rle"]
+            self.gt_annotations.append(record)
+
+    # ------------------------------------------------------------------------------------------------ compute
+    def compute(self) -> dict:
+        """Flat metrics (``PQ``, ``SQ``, ``RQ``, ``PQ_things``, ``PQ_stuff``, ``box_AP``, ``box_AP50``, ``mask_AP``,
+        ``mask_AP50``, ``mIoU``) plus per-class details under ``per_class``."""
+        metrics: dict = {}
+        per_class: dict = {}
+        if self.panoptic is not None:
+            pq = self.panoptic.compute()
+            metrics.update(PQ=pq["All"]["pq"], SQ=pq["All"]["sq"], RQ=pq["All"]["rq"], PQ_things=pq["Things"]["pq"],
+                           PQ_stuff=pq["Stuff"]["pq"])
+            per_class["PQ"] = {c["name"]: pq["per_class"][c["id"]]["pq"] for c in self.categories}
+        if self.semantic is not None:
+            semantic = self.semantic.compute()
+            metrics["mIoU"] = semantic["miou"]
+        images = {image["id"]: image for image in gather_to_all(self.gt_images)}
+        annotations = gather_to_all(self.gt_annotations)
+        detections = gather_to_all(self.detections)
+        gt = {"images": list(images.values()), "categories": [c for c in self.categories if c["isthing"]],
+              "annotations": [{**a, "id": k + 1} for k, a in enumerate(annotations)]}
+        if gt["categories"] and gt["images"]:
+            for iou_type, prefix in (("bbox", "box"), ("segm", "mask")):
+                if iou_type == "segm" and not self.with_masks:
+                    continue
+                stats = evaluate_coco(gt, detections, iou_type)
+                metrics[f"{prefix}_AP"], metrics[f"{prefix}_AP50"] = stats["AP"], stats["AP50"]
+                per_class[f"{prefix}_AP"] = {c["name"]: c["AP"] for c in stats["per_category"]}
+        metrics["per_class"] = per_class
+        return metrics
+
+
+def _only_classes(outputs: Outputs, keep: torch.Tensor) -> Outputs:
+    """The outputs with the logits of classes outside ``keep`` (bool [K]) at -inf (instance inference on things)."""
+    if bool(keep.all()):
+        return outputs
+    logits = outputs.final.logits.masked_fill(~keep, float("-inf"))
+    return replace(outputs, final=Prediction(logits, outputs.final.boxes, outputs.final.masks))
+
+
+def _to_cpu(result: dict) -> dict:
+    return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in result.items()}
+
+
+@torch.no_grad()
+def evaluate_shards(model, shards_dir, image_size: int = 1024, batch_size: int = 4, device: str = "cpu",
+                    num_workers: int = 0, inference: InferenceConfig | None = None) -> dict:
+    """Evaluate ``model`` on one converted data set (its own vocabulary, the prompt ensemble); on every rank of a
+    process group each rank scores its share and all get the same metrics."""
+    from torch.utils.data import DataLoader
+
+    from openseed.data.datamodule import EvalDataset
+    from openseed.data.transforms import EvalResize
+    from openseed.evaluation.common import world
+
+    shards = ShardSet.open(shards_dir)
+    rank, world_size = world()
+    dataset = EvalDataset(shards, batch_size, EvalResize(None, image_size), rank, world_size,
+                          pad_to=(image_size, image_size))
+    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
+    evaluator = DatasetEvaluator.for_shards(shards, inference)
+    model = model.to(device).eval()
+    text = model.embed_vocabulary(shards.vocabulary)
+    for batch in loader:
+        batch = batch.to(device)
+        outputs = model(batch.images, batch.padding_mask, batch.vocabulary, text=text)
+        evaluator.update(outputs, batch)
+    return evaluator.compute()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from omegaconf import OmegaConf
+
+    from openseed.modeling.checkpoint import load_model
+
+    defaults = {"ckpt": None, "shards": None, "image_size": 1024, "batch_size": 4, "device": "cpu",
+                "num_workers": 0, "json": False}
+    try:
+        args = OmegaConf.to_container(OmegaConf.from_dotlist(list(sys.argv[1:] if argv is None else argv)))
+    except Exception as err:  # OmegaConf's grammar errors
+        print(f"error: cannot parse the arguments ({err})", file=sys.stderr)
+        return 2
+    unknown = set(args) - set(defaults)
+    if unknown or args.get("ckpt") is None or args.get("shards") is None:
+        print(f"error: need ckpt= and shards=[...]; unknown keys {sorted(unknown)}; keys: {sorted(defaults)}",
+              file=sys.stderr)
+        return 2
+    args = {**defaults, **args}
+    shard_dirs = args["shards"] if isinstance(args["shards"], list) else [args["shards"]]
+    try:
+        model = load_model(args["ckpt"])
+        results = {str(path): evaluate_shards(model, path, int(args["image_size"]), int(args["batch_size"]),
+                                              args["device"], int(args["num_workers"])) for path in shard_dirs}
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args["json"]:
+        print(json.dumps(results))
+        return 0
+    for path, metrics in results.items():
+        flat = ", ".join(f"{k} {100 * v:.1f}" for k, v in metrics.items() if k != "per_class")
+        print(f"{path}: {flat}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
