@@ -1,0 +1,70 @@
+"""Predictor latency per image on this machine (panoptic task, a real COCO photo, after a warm-up).
+
+    python experiments/model_profile/predictor_latency.py [--repeats 3]
+
+Swin-T runs at 1024 (the paper's evaluation size) with a randomly initialised CLIP ViT-B/32-sized text tower (the
+pretrained one cannot be downloaded here; the size is what matters for speed); the small CPU model at 160 and 512.
+The vocabulary is the 133 COCO panoptic classes; its prompt-ensemble embedding is cached after the first call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from openseed import Predictor  # noqa: E402
+from openseed.data.vocab import Vocabulary  # noqa: E402
+from openseed.modeling.openseed import build_openseed  # noqa: E402
+from openseed.modeling.text_encoder import CLIPTower, TextEncoder, build_text_tower  # noqa: E402
+
+REALDATA = ROOT.parent / "shared" / "realdata" / "coco_panoptic_sample"
+
+
+def swint_model():
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    model = build_openseed("swint", text_tower="tiny")
+    clip = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                                                      num_attention_heads=8, projection_dim=512))
+    model.text_encoder = TextEncoder(CLIPTower(clip, build_text_tower("tiny").tokenizer), 512)
+    return model
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--realdata", default=str(REALDATA))
+    args = parser.parse_args(argv)
+    photo = Path(args.realdata) / "input_images" / "000000142238.jpg"
+    categories = json.loads((Path(args.realdata) / "panoptic_coco_categories.json").read_text())
+    vocabulary = Vocabulary.from_coco_categories(categories)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, image {photo.name} (640x427)\n")
+    print("| model | image size | first call (s, incl. text ensemble) | per image (s, median) |\n|---|---|---|---|")
+    torch.manual_seed(0)
+    for name, build, size in (("small", lambda: build_openseed("small"), 160),
+                              ("small", lambda: build_openseed("small"), 512),
+                              ("swint", swint_model, 1024)):
+        predictor = Predictor(build(), device="cpu", image_size=size)
+        start = time.perf_counter()
+        predictor(photo, vocabulary, task="panoptic")
+        first = time.perf_counter() - start
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            predictor(photo, vocabulary, task="panoptic")
+            times.append(time.perf_counter() - start)
+        print(f"| {name} | {size} | {first:.1f} | {statistics.median(times):.2f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
