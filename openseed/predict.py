@@ -189,21 +189,13 @@ CLI_KEYS = {"ckpt": None, "images": None, "vocabulary": None, "task": "panoptic"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from omegaconf import OmegaConf
+    from openseed.cli import UsageError, parse_key_values
 
     try:
-        args = OmegaConf.to_container(OmegaConf.from_dotlist(list(sys.argv[1:] if argv is None else argv)))
-    except Exception as err:  # OmegaConf's grammar errors
-        print(f"error: cannot parse the arguments ({err}); use key=value, lists as [a,b]", file=sys.stderr)
+        args = parse_key_values(sys.argv[1:] if argv is None else argv, CLI_KEYS, ("ckpt", "images", "vocabulary"))
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    unknown = set(args) - set(CLI_KEYS)
-    missing = [k for k in ("ckpt", "images", "vocabulary") if args.get(k) is None]
-    if unknown or missing:
-        print(f"error: {'unknown keys ' + str(sorted(unknown)) if unknown else ''}"
-              f"{' ' if unknown and missing else ''}{'missing ' + str(missing) if missing else ''}; "
-              f"keys: {sorted(CLI_KEYS)}", file=sys.stderr)
-        return 2
-    args = {**CLI_KEYS, **args}
     images = args["images"] if isinstance(args["images"], list) else [args["images"]]
     vocabulary = args["vocabulary"] if isinstance(args["vocabulary"], list) else [args["vocabulary"]]
     try:

@@ -185,23 +185,16 @@ def evaluate_shards(model, shards_dir, image_size: int = 1024, batch_size: int =
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from omegaconf import OmegaConf
-
+    from openseed.cli import UsageError, parse_key_values
     from openseed.modeling.checkpoint import load_model
 
     defaults = {"ckpt": None, "shards": None, "image_size": 1024, "batch_size": 4, "device": "cpu",
                 "num_workers": 0, "json": False}
     try:
-        args = OmegaConf.to_container(OmegaConf.from_dotlist(list(sys.argv[1:] if argv is None else argv)))
-    except Exception as err:  # OmegaConf's grammar errors
-        print(f"error: cannot parse the arguments ({err})", file=sys.stderr)
+        args = parse_key_values(sys.argv[1:] if argv is None else argv, defaults, ("ckpt", "shards"))
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    unknown = set(args) - set(defaults)
-    if unknown or args.get("ckpt") is None or args.get("shards") is None:
-        print(f"error: need ckpt= and shards=[...]; unknown keys {sorted(unknown)}; keys: {sorted(defaults)}",
-              file=sys.stderr)
-        return 2
-    args = {**defaults, **args}
     shard_dirs = args["shards"] if isinstance(args["shards"], list) else [args["shards"]]
     try:
         model = load_model(args["ckpt"])
