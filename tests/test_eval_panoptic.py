@@ -243,11 +243,9 @@ def test_ground_truth_against_itself(capsys):
     assert "100.0  100.0  100.0" in panoptic.format_table(ours)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("scenario, seed", [(name, seed) for name in SCENARIOS
+                                             for seed in ((0,) if name == "identity" else (0, 1, 2))])
 def test_matches_panopticapi(tmp_path, scenario, seed, capsys):
-    if scenario == "identity" and seed:
-        pytest.skip("deterministic")
     pred_json, pred_dir = write_prediction(tmp_path, SCENARIOS[scenario], seed)
     ours = evaluate_files(GT_JSON, GT_DIR, pred_json, pred_dir)
     assert_same(ours, pq_compute(str(GT_JSON), str(pred_json), str(GT_DIR), str(pred_dir)))
