@@ -1,0 +1,134 @@
+"""OpenSeeDModule: the training and validation loop around the model and its criterion (Lightning).
+
+- ``training_step`` gets ``{"seg": Batch, "det": Batch}`` and sums the two data sets' weighted losses; it logs each
+  data set's total and its final-layer loss terms (``train/seg/loss_mask`` ...) and the sum (``train/loss``).
+- ``configure_optimizers``: AdamW with parameter groups: backbone and text tower at ``lr x 0.1``; no weight decay on
+  norms, biases, scalars, embeddings and position tables; the learning rate drops x0.1 at 90% and 95% of the steps.
+- validation: every validation set (the data module's ``val_sets``, each with its own vocabulary) is post-processed
+  and scored by a ``DatasetEvaluator``; metrics are logged as ``val/<data set>/<metric>`` (PQ, SQ, RQ, mask / box AP,
+  mIoU as fractions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from lightning import LightningModule
+from torch import nn
+
+from openseed.evaluation.runner import DatasetEvaluator
+from openseed.losses.criterion import SetCriterion
+from openseed.modeling.openseed import OpenSeeD
+from openseed.modeling.postprocess import InferenceConfig
+from openseed.structures import Batch
+
+NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "pos_embed", "level_embed", "logit_scale")
+FINAL_TERMS = ("loss_class", "loss_bbox", "loss_giou", "loss_mask", "loss_dice")
+
+
+def parameter_groups(model: nn.Module, lr: float, weight_decay: float, backbone_multiplier: float = 0.1,
+                     text_multiplier: float = 0.1) -> list[dict]:
+    """AdamW groups: (backbone | text tower | rest) x (decay | no decay). Frozen parameters are left out.
+
+    No decay: parameters of normalisation layers and embeddings, every bias and 0/1-d parameter, and position tables.
+    """
+    no_decay: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):
+            no_decay.update(id(p) for p in module.parameters(recurse=False))
+    groups: dict[tuple[str, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        part = "backbone" if name.startswith("backbone.") else "text" if name.startswith("text_encoder.tower.") \
+            else "rest"
+        decays = not (id(param) in no_decay or param.ndim <= 1 or any(n in name for n in NO_DECAY_NAMES))
+        multiplier = {"backbone": backbone_multiplier, "text": text_multiplier, "rest": 1.0}[part]
+        group = groups.setdefault((part, decays), {"name": f"{part}{'' if decays else '_no_decay'}", "params": [],
+                                                   "lr": lr * multiplier,
+                                                   "weight_decay": weight_decay if decays else 0.0})
+        group["params"].append(param)
+    return list(groups.values())
+
+
+class OpenSeeDModule(LightningModule):
+    """Args:
+        model: the ``OpenSeeD`` network (built with ``build_openseed``, whose config is saved in the checkpoint).
+        criterion: the set criterion.
+        lr, weight_decay: AdamW settings (SPEC: 1e-4, 0.05).
+        backbone_lr_multiplier: lr factor of the backbone (0.1). The text tower uses its own encoder's multiplier.
+        lr_milestones: fractions of the training steps where the lr is multiplied by ``lr_gamma``.
+        warmup_steps: linear warm-up from 1% of the lr.
+        inference: post-processing thresholds for validation.
+    """
+
+    def __init__(self, model: OpenSeeD, criterion: SetCriterion, lr: float = 1e-4, weight_decay: float = 0.05,
+                 backbone_lr_multiplier: float = 0.1, lr_milestones: Sequence[float] = (0.9, 0.95),
+                 lr_gamma: float = 0.1, warmup_steps: int = 0, inference: InferenceConfig | None = None):
+        super().__init__()
+        self.model, self.criterion = model, criterion
+        self.inference = inference or InferenceConfig()
+        self.save_hyperparameters(ignore=["model", "criterion", "inference"])
+        self.hparams["model_config"] = dict(getattr(model, "config", {}))
+        self.evaluators: list[DatasetEvaluator] = []
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        if isinstance(batch, Batch):
+            return batch.to(device)
+        if isinstance(batch, dict):
+            return {k: v.to(device) for k, v in batch.items()}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def training_step(self, batch: dict[str, Batch], batch_idx: int) -> torch.Tensor:
+        total = 0.0
+        for task, part in batch.items():
+            outputs = self.model(part.images, part.padding_mask, part.vocabulary, part.targets)
+            losses = self.criterion(outputs, part.targets, task, tuple(part.images.shape[-2:]))
+            loss = self.criterion.total_loss(losses)
+            size = len(part)
+            self.log(f"train/{task}/loss", loss, batch_size=size)
+            for key in FINAL_TERMS:
+                self.log(f"train/{task}/{key}", losses[key], batch_size=size)
+            total = total + loss
+        self.log("train/loss", total, prog_bar=True, batch_size=sum(len(p) for p in batch.values()))
+        return total
+
+    def on_validation_epoch_start(self) -> None:
+        datamodule = self.trainer.datamodule
+        self.evaluators = [DatasetEvaluator.for_shards(shards, self.inference) for shards in datamodule.val_sets]
+        self.val_names = [shards.name for shards in datamodule.val_sets]
+
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        outputs = self.model(batch.images, batch.padding_mask, batch.vocabulary)
+        self.evaluators[dataloader_idx].update(outputs, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_results = {}
+        for name, evaluator in zip(self.val_names, self.evaluators):
+            metrics = evaluator.compute()
+            self.val_results[name] = metrics
+            for key, value in metrics.items():
+                if key != "per_class":
+                    self.log(f"val/{name}/{key}", float(value), sync_dist=False, rank_zero_only=True)
+        self.evaluators = []
+
+    # ------------------------------------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        text_multiplier = getattr(self.model.text_encoder, "lr_multiplier", 0.1)
+        groups = parameter_groups(self.model, self.hparams.lr, self.hparams.weight_decay,
+                                  self.hparams.backbone_lr_multiplier, text_multiplier)
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        milestones = [int(f * total) for f in self.hparams.lr_milestones]
+        gamma, warmup = self.hparams.lr_gamma, self.hparams.warmup_steps
+
+        def factor(step: int) -> float:
+            scale = gamma ** sum(step >= m for m in milestones)
+            if warmup and step < warmup:
+                scale *= 0.01 + 0.99 * step / warmup
+            return scale
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,75 @@
+"""The training module: parameter groups, a joint fast_dev_run on synthshapes with validation, resume state."""
+
+import lightning as L
+import pytest
+import torch
+
+from openseed.data.datamodule import OpenSeeDDataModule
+from openseed.lightning_module import OpenSeeDModule, parameter_groups
+from openseed.losses.criterion import SetCriterion
+from openseed.modeling.checkpoint import load_model
+from openseed.modeling.openseed import build_openseed
+
+
+def test_parameter_groups_multipliers_and_no_decay():
+    model = build_openseed("tiny")
+    groups = {g["name"]: g for g in parameter_groups(model, lr=1e-4, weight_decay=0.05)}
+    assert groups["backbone"]["lr"] == pytest.approx(1e-5) and groups["text"]["lr"] == pytest.approx(1e-5)
+    assert groups["rest"]["lr"] == pytest.approx(1e-4) and groups["rest"]["weight_decay"] == 0.05
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for g in groups.values() if g["weight_decay"] == 0 for p in g["params"]}
+    assert "decoder.bg_content.weight" in no_decay and "decoder.bg_anchor.weight" in no_decay  # embeddings
+    assert "pixel_decoder.level_embed" in no_decay and "decoder.class_head.logit_scale" in no_decay
+    assert any("relative_position_bias_table" in n for n in no_decay)
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    for p in [p for g in groups.values() if g["weight_decay"] == 0 for p in g["params"]]:
+        name = names[id(p)]
+        assert p.ndim <= 1 or id(p) in embeddings or "table" in name or "embed" in name, name
+    counted = sum(len(g["params"]) for g in groups.values())
+    assert counted == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+@pytest.fixture()
+def datamodule(synth_shards):
+    return OpenSeeDDataModule(seg={"path": str(synth_shards["seg_train"]), "batch_size": 2},
+                              det={"path": str(synth_shards["det_train"]), "batch_size": 2},
+                              val=[{"path": str(synth_shards["seg_val"]), "batch_size": 2},
+                                   {"path": str(synth_shards["det_val"]), "batch_size": 2}],
+                              image_size=128, eval_max_size=128, num_workers=0)
+
+
+def _trainer(tmp_path, **kw):
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=tmp_path, gradient_clip_val=0.1, **kw)
+
+
+def test_joint_training_and_validation_per_data_set(datamodule, tmp_path):
+    torch.manual_seed(0)
+    module = OpenSeeDModule(build_openseed("tiny"), SetCriterion(num_points=256, mask_assistance="online"), lr=1e-3)
+    trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=2, num_sanity_val_steps=0, val_check_interval=3)
+    trainer.fit(module, datamodule=datamodule)
+    metrics = trainer.callback_metrics
+    for key in ("train/loss", "train/seg/loss_mask", "train/det/loss_bbox", "val/synthshapes_seg_val/PQ",
+                "val/synthshapes_seg_val/mIoU", "val/synthshapes_det_val/box_AP", "val/synthshapes_det_val/mask_AP"):
+        assert key in metrics, key
+    assert torch.isfinite(metrics["train/loss"])
+    assert trainer.global_step == 3
+    lrs = [g["lr"] for g in trainer.optimizers[0].param_groups]
+    assert max(lrs) == pytest.approx(1e-3 * 0.01)  # steps 3 of 3: past both milestones (0.9, 0.95)
+
+
+def test_checkpoint_resumes_step_and_optimizer_and_loads_as_a_model(datamodule, tmp_path):
+    torch.manual_seed(0)
+    module = OpenSeeDModule(build_openseed("tiny"), SetCriterion(num_points=256), lr=1e-3)
+    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(module, datamodule=datamodule)
+    path = tmp_path / "step2.ckpt"
+    trainer.save_checkpoint(path)
+    state = torch.load(path, weights_only=False)
+    assert state["global_step"] == 2 and state["optimizer_states"][0]["state"]
+    resumed = OpenSeeDModule(build_openseed("tiny"), SetCriterion(num_points=256), lr=1e-3)
+    trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=0)
+    trainer.fit(resumed, datamodule=datamodule, ckpt_path=path)
+    assert trainer.global_step == 3
+    model = load_model(path)  # a training checkpoint is also a model file
+    assert torch.equal(model.decoder.class_head.bias, module.model.decoder.class_head.bias)
