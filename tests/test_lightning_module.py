@@ -73,3 +73,40 @@ def test_checkpoint_resumes_step_and_optimizer_and_loads_as_a_model(datamodule, 
     assert trainer.global_step == 3
     model = load_model(path)  # a training checkpoint is also a model file
     assert torch.equal(model.decoder.class_head.bias, module.model.decoder.class_head.bias)
+
+
+class _ParameterChecksum(L.Callback):
+    """At the end of training every rank contributes a checksum of its parameters; rank 0 writes them all."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def on_train_end(self, trainer, module):
+        import json
+
+        checksum = torch.stack([p.detach().double().sum() for p in module.parameters()]).tolist()
+        gathered = [None] * trainer.world_size
+        torch.distributed.all_gather_object(gathered, {"rank": trainer.global_rank, "sums": checksum,
+                                                       "steps": trainer.global_step})
+        if trainer.is_global_zero:
+            with open(self.path, "w") as handle:
+                json.dump(gathered, handle)
+
+
+def test_ddp_training_on_two_cpu_processes_keeps_ranks_identical(synth_shards, tmp_path):
+    """Two processes (gloo), a few joint steps: same step count and bit-identical parameters on both ranks."""
+    import json
+
+    torch.manual_seed(0)
+    datamodule = OpenSeeDDataModule(seg={"path": str(synth_shards["seg_train"]), "batch_size": 2},
+                                    det={"path": str(synth_shards["det_train"]), "batch_size": 2},
+                                    image_size=96, num_workers=0)
+    module = OpenSeeDModule(build_openseed("tiny"), SetCriterion(num_points=128), lr=1e-3)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        limit_val_batches=0, use_distributed_sampler=False, default_root_dir=tmp_path,
+                        callbacks=[_ParameterChecksum(tmp_path / "sums.json")])
+    trainer.fit(module, datamodule=datamodule)
+    ranks = json.loads((tmp_path / "sums.json").read_text())
+    assert [r["steps"] for r in ranks] == [3, 3]
+    assert ranks[0]["sums"] == ranks[1]["sums"]

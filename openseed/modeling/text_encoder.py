@@ -285,7 +285,7 @@ class TextEncoder(nn.Module):
         if not trainable:
             self.tower.requires_grad_(False)
             self.tower.eval()
-        self.register_load_state_dict_post_hook(lambda module, incompatible_keys: module.clear_cache())
+        self.register_load_state_dict_post_hook(_clear_cache_after_load)  # module-level: the model stays picklable
 
     @property
     def device(self) -> torch.device:
@@ -385,3 +385,7 @@ class TextEncoder(nn.Module):
         if use_cache:
             self._eval_cache[names] = (state, features)
         return features
+
+
+def _clear_cache_after_load(module: TextEncoder, incompatible_keys) -> None:
+    module.clear_cache()
