@@ -100,9 +100,10 @@ class OpenSeeDModule(LightningModule):
         self.evaluators = [DatasetEvaluator.for_shards(shards, self.inference) for shards in datamodule.val_sets]
         self.val_names = [shards.name for shards in datamodule.val_sets]
 
-    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0):
         outputs = self.model(batch.images, batch.padding_mask, batch.vocabulary)
         self.evaluators[dataloader_idx].update(outputs, batch)
+        return outputs  # for callbacks (validation overlays)
 
     def on_validation_epoch_end(self) -> None:
         self.val_results = {}

@@ -49,11 +49,24 @@ def train(cfg: DictConfig) -> dict:
                 for key, value in cfg.items() if key != "hydra"}
     for logger in loggers or []:
         logger.log_hyperparams(resolved)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    except BaseException:
+        _finish_wandb(loggers, exit_code=1)  # the run is closed (and synced later) even when training crashes
+        raise
+    _finish_wandb(loggers, exit_code=0)
     results = getattr(module, "val_results", {})
     if results and trainer.is_global_zero:
         print(metrics_table(results))
     return results
+
+
+def _finish_wandb(loggers, exit_code: int) -> None:
+    if any(type(logger).__name__ == "WandbLogger" for logger in loggers or []):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=exit_code)
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="train")

@@ -54,3 +54,49 @@ def test_missing_data_is_a_clear_error(tmp_path):
                    tmp_path)
     with pytest.raises(FileNotFoundError, match="training segmentation data not found"):
         train(cfg)
+
+
+def _short_run_overrides(synth_shards):
+    return ["model=tiny", "prepare_synthshapes=false", "criterion.num_points=256", "+trainer.max_steps=1",
+            "trainer.log_every_n_steps=1",
+            "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1", "data.num_workers=0",
+            f"data.seg.path={synth_shards['seg_train']}", f"data.det.path={synth_shards['det_train']}",
+            f"data.val.0.path={synth_shards['seg_val']}", f"data.val.1.path={synth_shards['det_val']}",
+            "data.seg.batch_size=2", "data.det.batch_size=2", "data.val.0.batch_size=2", "data.val.1.batch_size=2"]
+
+
+def test_wandb_offline_run_holds_metrics_and_overlay_images(synth_shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")  # no console capture inside pytest's own
+    train(_compose(_short_run_overrides(synth_shards) + ["logger=wandb"], tmp_path))
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    records = next(run.glob("*.wandb")).read_bytes()
+    for key in (b"val/synthshapes_seg_val/PQ", b"val/synthshapes_det_val/box_AP", b"train/loss"):
+        assert key in records, key
+    assert list((run / "files" / "media" / "images").rglob("*.png"))  # the validation overlays
+    assert b"prepare_synthshapes" in records and b"num_points" in records  # the resolved config
+
+
+def test_wandb_run_is_finished_when_training_crashes(synth_shards, tmp_path, monkeypatch):
+    import wandb
+
+    from openseed.lightning_module import OpenSeeDModule
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")  # no console capture inside pytest's own
+
+    def crash(self, batch, batch_idx):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(OpenSeeDModule, "training_step", crash)
+    with pytest.raises(RuntimeError, match="boom"):
+        train(_compose(_short_run_overrides(synth_shards) + ["logger=wandb"], tmp_path))
+    assert wandb.run is None
+
+
+def test_csv_run_writes_overlay_pictures(synth_shards, tmp_path):
+    train(_compose(_short_run_overrides(synth_shards), tmp_path))
+    assert list(tmp_path.rglob("overlays/synthshapes_seg_val_step*.png"))
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()

@@ -1,0 +1,88 @@
+"""Lightning callbacks the platform adds: validation overlays for W&B (or PNG files without W&B)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from lightning import Callback
+from PIL import Image
+
+from openseed.data.shards import rgb_to_id
+from openseed.modeling.postprocess import InferenceConfig, postprocess_batch
+
+
+def _label_map(ids: np.ndarray, segments: list[dict], label_of: dict[int, int]) -> np.ndarray:
+    """Panoptic id map -> class map (contiguous label + 1; 0 = void)."""
+    out = np.zeros(ids.shape, dtype=np.int32)
+    for segment in segments:
+        out[ids == segment["id"]] = label_of[segment["category_id"]] + 1
+    return out
+
+
+class ValidationOverlays(Callback):
+    """Logs the first ``num_images`` of every panoptic validation set, each validation: the image with the predicted
+    and the ground-truth panoptic class maps as W&B mask overlays. Without a W&B logger, writes side-by-side PNGs
+    (prediction | ground truth) under ``<log dir>/overlays``."""
+
+    def __init__(self, num_images: int = 4, inference: InferenceConfig | None = None):
+        self.num_images, self.inference = num_images, inference or InferenceConfig()
+        self.pending: dict[int, list[dict]] = {}
+
+    def on_validation_epoch_start(self, trainer, module) -> None:
+        self.pending = {}
+
+    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        kept = self.pending.setdefault(dataloader_idx, [])
+        if outputs is None or batch.task != "seg" or len(kept) >= self.num_images or batch.annotations is None:
+            return
+        padded = tuple(batch.images.shape[-2:])
+        results = postprocess_batch(outputs, batch.targets, batch.vocabulary, padded, "panoptic", self.inference)
+        label_of = {c.id: i for i, c in enumerate(batch.vocabulary.categories)}
+        for result, annotation, target, image in zip(results, batch.annotations, batch.targets, batch.images):
+            if len(kept) >= self.num_images:
+                break
+            height, width = target.orig_size
+            picture = Image.fromarray(image[:, : target.image_size[0], : target.image_size[1]].permute(1, 2, 0)
+                                      .cpu().numpy()).resize((width, height))
+            truth_ids = rgb_to_id(np.asarray(Image.open(io.BytesIO(annotation["panoptic_png"])).convert("RGB")))
+            truth_segments = [{"id": o["segment_id"], "category_id": o["category_id"]}
+                              for o in annotation["json"]["objects"]]
+            kept.append({"image": np.asarray(picture),
+                         "prediction": _label_map(result["panoptic_seg"].cpu().numpy(), result["segments_info"],
+                                                  label_of),
+                         "truth": _label_map(truth_ids, truth_segments, label_of),
+                         "classes": {i + 1: n for i, n in enumerate(batch.vocabulary.prompt_names())}})
+
+    def on_validation_epoch_end(self, trainer, module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        names = [s.name for s in trainer.datamodule.val_sets]
+        wandb_loggers = [lg for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]
+        for index, items in self.pending.items():
+            if not items:
+                continue
+            name = names[index]
+            if wandb_loggers:
+                import wandb
+
+                images = [wandb.Image(item["image"], masks={
+                    "prediction": {"mask_data": item["prediction"], "class_labels": item["classes"]},
+                    "ground_truth": {"mask_data": item["truth"], "class_labels": item["classes"]}})
+                    for item in items]
+                for logger in wandb_loggers:
+                    logger.experiment.log({f"val/{name}/overlays": images, "trainer/global_step": trainer.global_step})
+            else:
+                from openseed.visualize import draw_overlay, grid
+
+                pictures = []
+                for item in items:
+                    for key in ("prediction", "truth"):
+                        present = [v for v in np.unique(item[key]) if v]
+                        masks = np.stack([item[key] == v for v in present]) if present else None
+                        pictures.append(draw_overlay(item["image"], masks, None,
+                                                     [item["classes"][int(v)] for v in present]))
+                folder = Path(trainer.log_dir or trainer.default_root_dir) / "overlays"
+                folder.mkdir(parents=True, exist_ok=True)
+                grid(pictures, columns=2).save(folder / f"{name}_step{trainer.global_step:07d}.png")
