@@ -17,19 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from openseed.data.shards import MANIFEST, VOCAB, ShardSet, decode_sample, iter_raw_samples
 from openseed.data.transforms import EvalResize, collate
-
-
-def _rle(mask: np.ndarray) -> dict:
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()}
+from openseed.modeling.postprocess import encode_rle
 
 
 def pseudo_mask_shards(model, shards_dir: str | Path, out_dir: str | Path, image_size: int = 1024,
@@ -85,16 +79,16 @@ def _write_chunk(model, raws, source, names, resize, writer, overwrite, counts) 
         meta = json.loads(raw["json"])
         height, width = sample.orig_size
         full = F.interpolate(image_masks[None].float(), size=(height, width), mode="nearest")[0].bool().cpu()
-        kept = iter(full.numpy())
+        rles = iter(encode_rle(full))  # one RLE per non-crowd box, in order
         for obj in meta["objects"]:
             if obj["iscrowd"]:
                 counts["crowd_without_mask"] += int("rle" not in obj)
                 continue
-            mask = next(kept)
+            rle = next(rles)
             if "rle" in obj and not obj.get("pseudo_mask") and not overwrite:
                 counts["kept_annotated"] += 1
                 continue
-            obj["rle"], obj["pseudo_mask"] = _rle(mask), True
+            obj["rle"], obj["pseudo_mask"] = rle, True
             counts["pseudo_masks"] += 1
         meta["mask_format"] = "rle"
         out = {k: v for k, v in raw.items() if not k.startswith("__")}
