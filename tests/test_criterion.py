@@ -318,3 +318,28 @@ def test_uncertain_point_sampling_split():
     right = (uniform[..., 0] > 0.52).float().mean()
     assert 0.3 < float(right) < 0.7
     assert math.isclose(important.shape[1] / 400, 0.75)
+
+
+def test_crowd_regions_do_not_count_in_mask_losses():
+    from dataclasses import replace
+
+    targets = seg_targets()
+    crowd = torch.zeros(PADDED, dtype=torch.bool)
+    crowd[0:8, 52:64] = True  # no target there in image 0
+    assert not (targets[0].masks & crowd).any()
+    outputs = make_outputs(targets, "seg", perfect=True)
+    with torch.no_grad():  # every query's mask spills into the crowd region of image 0 (logit +20 there)
+        for pred in _all_predictions(outputs).values():
+            pred.masks[0, :, 0:2, 13:16] = 20.0
+
+    def mask_terms(image0: Targets) -> dict[str, float]:
+        torch.manual_seed(0)
+        losses = criterion()(outputs, [image0, targets[1]], "seg", PADDED)
+        return {k: v.item() for k, v in losses.items() if k.startswith(("loss_mask", "loss_dice"))}
+
+    penalised = mask_terms(targets[0])
+    ignored = mask_terms(replace(targets[0], ignore_mask=crowd))
+    for key in penalised:
+        assert ignored[key] < 0.15, (key, ignored[key])  # as good as the perfect prediction
+        if key.startswith("loss_mask"):
+            assert penalised[key] > ignored[key] + 0.2, (key, penalised[key], ignored[key])

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_convert
 
-from openseed.losses.matcher import HungarianMatcher, build_match_groups, solve_assignment
-from openseed.losses.point_sampling import point_sample_shared, sample_masks
+from openseed.losses.matcher import HungarianMatcher, build_match_groups, mask_bce_cost, solve_assignment
+from openseed.losses.point_sampling import point_sample_shared, sample_masks, uniform_points
 from openseed.modeling.outputs import Prediction
 
 
@@ -216,3 +216,43 @@ def test_sample_masks_matches_grid_sample():
     index = torch.tensor([2, 0, 2, 1])
     expected = F.grid_sample(masks.float()[index][:, None], (2 * per_row - 1)[:, :, None], align_corners=False)
     assert torch.allclose(sample_masks(masks, per_row, index), expected[:, 0, :, 0], atol=1e-5)
+
+
+def test_mask_bce_cost_equals_pairwise_bce():
+    gen = torch.Generator().manual_seed(3)
+    pred = torch.randn(5, 40, generator=gen) * 4
+    tgt = (torch.rand(3, 40, generator=gen) > 0.5).float()
+    tgt[0, :7] = 0.25  # soft values (bilinear samples at mask borders) too
+    expected = torch.stack([torch.stack([F.binary_cross_entropy_with_logits(pred[i], tgt[j]) for j in range(3)])
+                            for i in range(5)])
+    assert torch.allclose(mask_bce_cost(pred, tgt), expected, atol=1e-5)
+
+
+def test_precomputed_points_give_the_same_matching_as_drawn_points():
+    gen = torch.Generator().manual_seed(4)
+    pred = _random_prediction(2, 8, 5, gen, mask_size=16)
+    targets = []
+    for n in (3, 4):
+        masks = torch.rand(n, 64, 64, generator=gen) > 0.6
+        targets.append({"labels": torch.randint(0, 5, (n,), generator=gen), "boxes": _random_boxes(n, gen),
+                        "masks": masks, "mask_valid": torch.ones(n, dtype=torch.bool)})
+    matcher = HungarianMatcher(num_points=300)
+    torch.manual_seed(11)
+    drawn = matcher(pred, targets)
+    torch.manual_seed(11)  # the matcher draws one point set per image, in image order
+    precomputed = []
+    for t in targets:
+        coords = uniform_points(300)
+        precomputed.append({**t, "point_coords": coords, "point_values": sample_masks(t["masks"], coords)})
+    torch.manual_seed(99)  # no draw may happen with precomputed points
+    given = matcher(pred, precomputed)
+    for (q1, t1), (q2, t2) in zip(drawn, given, strict=True):
+        assert torch.equal(q1, q2) and torch.equal(t1, t2)
+    # and the cost really uses the given values: with mask costs only, reversing the targets' sampled rows
+    # reverses which query each target gets
+    mask_only = HungarianMatcher(cost_class=0.0, cost_box=0.0, cost_giou=0.0, num_points=300)
+    reference = mask_only(pred, precomputed)
+    flipped = [{**t, "point_values": t["point_values"].flip(0)} for t in precomputed]
+    for (q1, t1), (q2, t2), t in zip(reference, mask_only(pred, flipped), precomputed, strict=True):
+        n = t["labels"].numel()
+        assert dict(zip(t1.tolist(), q1.tolist())) == {n - 1 - j: q for j, q in zip(t2.tolist(), q2.tolist())}

@@ -21,7 +21,8 @@ Rules (SPEC section 3):
   queries get no loss at all), one-hot at the matched label, 0 elsewhere.
 - box losses: L1 + GIoU on matched pairs (cxcywh normalised by the padded size).
 - mask losses: on matched pairs whose target ``has_mask``, when the targets carry masks and the predictions have
-  masks; BCE + dice on PointRend uncertainty-sampled points.
+  masks; BCE + dice on PointRend uncertainty-sampled points. Points inside crowd regions (``Targets.ignore_mask``)
+  do not count (weight 1 - bilinear crowd value), so a mask that spills into a crowd is not penalised there.
 - conditioned queries: supervised by ``target_index`` directly; normalised by ``num_boxes * num_groups``.
 - online mask assistance (det data): the last conditioned layer's group-0 masks of each GT (detached, binarised at
   logit 0) enter the fg matching's mask cost terms only.
@@ -43,7 +44,12 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
 from openseed.losses.matcher import HungarianMatcher, MatchTarget, build_match_groups
-from openseed.losses.point_sampling import point_sample, sample_masks, uncertain_points_with_randomness
+from openseed.losses.point_sampling import (
+    point_sample,
+    sample_masks,
+    uncertain_points_with_randomness,
+    uniform_points,
+)
 from openseed.modeling.outputs import ConditionedOutputs, Outputs, Prediction, targets_to_model_boxes
 from openseed.structures import Targets
 
@@ -62,6 +68,7 @@ class _Prepared:
     masks: Tensor | None
     has_mask: Tensor
     is_thing: Tensor
+    ignore: Tensor | None = None  # bool [H, W]: crowd regions (mask losses do not count points there)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -76,17 +83,24 @@ def _zero(*tensors: Tensor | None) -> Tensor:
     return out
 
 
-def dice_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Per-row dice loss ``1 - (2 |p t| + 1) / (|p| + |t| + 1)`` of [N, P] logits against [N, P] targets -> [N]."""
+def dice_loss(logits: Tensor, targets: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Per-row dice loss ``1 - (2 |p t| + 1) / (|p| + |t| + 1)`` of [N, P] logits against [N, P] targets -> [N].
+    ``weights`` [N, P] in [0, 1] scale each point's contribution (0: the point does not count)."""
     prob = logits.sigmoid()
+    if weights is not None:
+        prob, targets = prob * weights, targets * weights
     numerator = 2.0 * (prob * targets).sum(-1)
     denominator = prob.sum(-1) + targets.sum(-1)
     return 1.0 - (numerator + 1.0) / (denominator + 1.0)
 
 
-def sigmoid_bce_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Per-row mean sigmoid BCE of [N, P] logits -> [N]."""
-    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(-1)
+def sigmoid_bce_loss(logits: Tensor, targets: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Per-row mean sigmoid BCE of [N, P] logits -> [N]; with ``weights`` [N, P], the weighted mean over points
+    (a row whose weights are all 0 gives 0)."""
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    if weights is None:
+        return bce.mean(-1)
+    return (bce * weights).sum(-1) / weights.sum(-1).clamp(min=1.0)
 
 
 class SetCriterion(nn.Module):
@@ -100,7 +114,7 @@ class SetCriterion(nn.Module):
                  decoupled: bool = True, mask_assistance: MaskAssistance = "none") -> None:
         """
         Args:
-            matcher: the Hungarian matcher (default: ``HungarianMatcher()`` with the SPEC costs).
+            matcher: the Hungarian matcher (default: ``HungarianMatcher`` with the SPEC costs and ``num_points``).
             weight_dict: optional weights overriding the defaults, by base key ("loss_class", ...) or by full key
                 ("loss_class_aux3", ...).
             class_weight, bbox_weight, giou_weight, mask_weight, dice_weight: base weights of the five terms.
@@ -112,7 +126,7 @@ class SetCriterion(nn.Module):
         super().__init__()
         if mask_assistance not in ("none", "online"):
             raise ValueError(f"mask_assistance must be 'none' or 'online', got {mask_assistance!r}")
-        self.matcher = matcher if matcher is not None else HungarianMatcher()
+        self.matcher = matcher if matcher is not None else HungarianMatcher(num_points=num_points)
         self.base_weights = {"loss_class": class_weight, "loss_bbox": bbox_weight, "loss_giou": giou_weight,
                              "loss_mask": mask_weight, "loss_dice": dice_weight}
         self.weight_dict: dict[str, float] = dict(self.base_weights)
@@ -193,14 +207,16 @@ class SetCriterion(nn.Module):
             assistance = self._assistance_masks(outputs.conditioned, prepared)
 
         num_fg, num_bg = outputs.num_fg, outputs.num_bg
+        match_targets = self._match_targets(prepared, task, assistance)
         losses: dict[str, Tensor] = {}
-        losses.update(self._matched_losses(outputs.final, prepared, task, num_fg, num_bg, num_boxes, assistance, ""))
+        losses.update(self._matched_losses(outputs.final, prepared, match_targets, task, num_fg, num_bg, num_boxes,
+                                           ""))
         for i, aux in enumerate(outputs.aux):
-            losses.update(self._matched_losses(aux, prepared, task, num_fg, num_bg, num_boxes, assistance,
+            losses.update(self._matched_losses(aux, prepared, match_targets, task, num_fg, num_bg, num_boxes,
                                                f"_aux{i}"))
         if outputs.proposals is not None:
-            losses.update(self._matched_losses(outputs.proposals, prepared, task, num_fg, 0, num_boxes, assistance,
-                                               "_proposals"))
+            losses.update(self._matched_losses(outputs.proposals, prepared, match_targets, task, num_fg, 0,
+                                               num_boxes, "_proposals"))
         if outputs.conditioned is not None:
             losses.update(self._conditioned_losses(outputs.conditioned, prepared, num_boxes))
         return losses
@@ -215,6 +231,8 @@ class SetCriterion(nn.Module):
             masks=None if t.masks is None else t.masks.to(device),
             has_mask=t.has_mask.to(device=device, dtype=torch.bool),
             is_thing=t.is_thing.to(device=device, dtype=torch.bool),
+            ignore=None if getattr(t, "ignore_mask", None) is None or not bool(t.ignore_mask.any())
+            else t.ignore_mask.to(device),
         )
 
     @staticmethod
@@ -241,22 +259,30 @@ class SetCriterion(nn.Module):
             out.append(image)
         return out
 
+    @torch.no_grad()
     def _match_targets(self, prepared: list[_Prepared], task: str,
                        assistance: list[Tensor] | None) -> list[MatchTarget]:
+        """The matcher's view of the targets, with the mask cost points drawn and the target masks sampled once per
+        image for all the matcher calls of this forward (final, aux layers, proposals)."""
         match_targets: list[MatchTarget] = []
         for b, p in enumerate(prepared):
             if task == "seg":
-                match_targets.append({"labels": p.labels, "boxes": p.boxes, "masks": p.masks,
-                                      "mask_valid": p.has_mask})
+                target: MatchTarget = {"labels": p.labels, "boxes": p.boxes, "masks": p.masks,
+                                       "mask_valid": p.has_mask}
             else:  # detection: mask cost terms only against assistance masks
-                match_targets.append({"labels": p.labels, "boxes": p.boxes,
-                                      "masks": None if assistance is None else assistance[b], "mask_valid": None})
+                target = {"labels": p.labels, "boxes": p.boxes,
+                          "masks": None if assistance is None else assistance[b], "mask_valid": None}
+            if target["masks"] is not None and len(p) > 0:
+                coords = uniform_points(self.matcher.num_points, target["masks"].device)
+                target["point_coords"] = coords
+                target["point_values"] = sample_masks(target["masks"], coords)
+            match_targets.append(target)
         return match_targets
 
-    def _matched_losses(self, pred: Prediction, prepared: list[_Prepared], task: str, num_fg: int, num_bg: int,
-                        num_boxes: float, assistance: list[Tensor] | None, suffix: str) -> dict[str, Tensor]:
+    def _matched_losses(self, pred: Prediction, prepared: list[_Prepared], match_targets: list[MatchTarget],
+                        task: str, num_fg: int, num_bg: int, num_boxes: float, suffix: str) -> dict[str, Tensor]:
         groups = build_match_groups([p.is_thing for p in prepared], task, num_fg, num_bg, self.decoupled)
-        indices = self.matcher(pred, self._match_targets(prepared, task, assistance), groups)
+        indices = self.matcher(pred, match_targets, groups)
 
         # Class: focal over every supervised query (det: fg only) and class.
         supervised = pred.logits.shape[1] if task == "seg" else min(num_fg, pred.logits.shape[1])
@@ -317,11 +343,16 @@ class SetCriterion(nn.Module):
         point_logits = point_sample(src, coords)[:, 0]  # [P, S]
         with torch.no_grad():
             point_labels = torch.zeros_like(point_logits)
+            weights = None  # crowd regions: points there do not count
             for b in images.unique().tolist():
                 rows = torch.nonzero(images == b).flatten()
                 point_labels[rows] = sample_masks(prepared[b].masks, coords[rows], index[rows])
-        loss_mask = sigmoid_bce_loss(point_logits, point_labels).sum() / normaliser
-        loss_dice = dice_loss(point_logits, point_labels).sum() / normaliser
+                if prepared[b].ignore is not None:
+                    weights = torch.ones_like(point_logits) if weights is None else weights
+                    crowd = sample_masks(prepared[b].ignore[None], coords[rows], torch.zeros_like(index[rows]))
+                    weights[rows] = 1.0 - crowd
+        loss_mask = sigmoid_bce_loss(point_logits, point_labels, weights).sum() / normaliser
+        loss_dice = dice_loss(point_logits, point_labels, weights).sum() / normaliser
         return loss_mask + zero, loss_dice + zero
 
     def _conditioned_losses(self, conditioned: ConditionedOutputs, prepared: list[_Prepared],

@@ -38,12 +38,18 @@ class MatchTarget(TypedDict, total=False):
         masks: [N, H', W'] bool or float masks over the padded image at any resolution (GT masks, or mask-assistance
             masks on detection data), or None: no mask cost terms.
         mask_valid: bool [N]: targets whose mask may be used (``has_mask``); the mask terms are 0 for the others.
+        point_coords, point_values: optional precomputed mask samples: [P, 2] points (x, y) in [0, 1] and the
+            targets' mask values there [N, P] (``sample_masks(masks, point_coords)``). With them the matcher samples
+            the predictions at these points instead of drawing its own, so several matcher calls on the same targets
+            (decoder layers, proposals) sample the targets once.
     """
 
     labels: Tensor
     boxes: Tensor
     masks: Tensor | None
     mask_valid: Tensor | None
+    point_coords: Tensor
+    point_values: Tensor
 
 
 #: ``(queries, targets)``: a query slice (or long index) over the prediction's Q, and a long index of targets
@@ -120,9 +126,8 @@ def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma:
 def mask_bce_cost(pred_points: Tensor, tgt_points: Tensor) -> Tensor:
     """Mean sigmoid BCE over points for every pair: pred logits [Q, P], targets in [0, 1] [N, P] -> [Q, N]."""
     num_points = max(pred_points.shape[1], 1)
-    pos = F.softplus(-pred_points)  # BCE against 1
-    neg = F.softplus(pred_points)  # BCE against 0
-    return (pos @ tgt_points.T + neg @ (1.0 - tgt_points).T) / num_points
+    # BCE(x, t) = softplus(x) - x * t: one softplus and one product for every pair
+    return (F.softplus(pred_points).sum(-1, keepdim=True) - pred_points @ tgt_points.T) / num_points
 
 
 def mask_dice_cost(pred_points: Tensor, tgt_points: Tensor) -> Tensor:
@@ -224,10 +229,13 @@ class HungarianMatcher(nn.Module):
             pred_points = tgt_points = None
             mask_valid = tgt.get("mask_valid")
             if with_masks:
-                # One set of uniform points per image, shared by all its queries and targets.
-                points = uniform_points(self.num_points, device)
+                if tgt.get("point_coords") is not None:  # precomputed by the caller (shared across calls)
+                    points = tgt["point_coords"].to(device)
+                    tgt_points = tgt["point_values"].to(device)
+                else:  # one set of uniform points per image, shared by all its queries and targets
+                    points = uniform_points(self.num_points, device)
+                    tgt_points = sample_masks(tgt_masks.to(device), points)  # [N, P]
                 pred_points = point_sample_shared(pred.masks[b].float(), points)  # [Q, P]
-                tgt_points = sample_masks(tgt_masks.to(device), points)  # [N, P]
                 if mask_valid is not None:
                     mask_valid = mask_valid.to(device)
 
