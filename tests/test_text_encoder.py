@@ -241,3 +241,24 @@ def test_clip_tower_from_local_folder(tmp_path, vocab):
 def test_clip_unavailable_offline(name):
     with pytest.raises(RuntimeError, match=r"path=DIR"):
         build_text_tower("clip", path=name)
+
+
+def test_frozen_tower_prompt_cache_is_exact_and_runs_the_tower_once_per_text(tiny, vocab):
+    encoder = TextEncoder(tiny, 8, trainable=False).train()
+    calls = []
+    original = encoder.tower.forward
+    encoder.tower.forward = lambda ids, mask: calls.append(ids.shape[0]) or original(ids, mask)
+    rng = random.Random(0)
+    first = encoder.encode_vocabulary(vocab, rng=random.Random(0))
+    again = encoder.encode_vocabulary(vocab, rng=random.Random(0))  # same draws: all cached
+    assert torch.equal(first, again) and sum(calls) == len(vocab.names)
+    for _ in range(5):
+        encoder.encode_vocabulary(vocab, rng=rng)
+    assert sum(calls) == len(encoder._prompt_cache)  # every distinct prompt ran exactly once
+    uncached = TextEncoder(tiny, 8, trainable=True)
+    uncached.projection.load_state_dict(encoder.projection.state_dict())
+    prompts = encoder.prompts(vocab, True, random.Random(0))
+    assert torch.allclose(encoder._project(encoder._tower_features(prompts)),
+                          uncached.eval()._project(uncached._run_tower(prompts)), atol=1e-6)
+    encoder.load_state_dict(encoder.state_dict())
+    assert not encoder._prompt_cache  # loading weights forgets it

@@ -235,6 +235,10 @@ def build_text_tower(kind: str, path: str | None = None) -> TextTower:
 
 
 # ---------------------------------------------------------------------------------------------------- encoder
+#: Most prompt texts whose frozen-tower features ``TextEncoder`` keeps (384 floats each for MiniLM: ~75 MB).
+PROMPT_CACHE_SIZE = 50_000
+
+
 class TextEncoder(nn.Module):
     """Class and free-text embeddings in the joint space: ``normalise(W @ normalise(tower(prompt)))``.
 
@@ -282,6 +286,9 @@ class TextEncoder(nn.Module):
         # allow (exactly when embed_dim >= width).
         nn.init.orthogonal_(self.projection.weight)
         self._eval_cache: dict[tuple[str, ...], tuple[tuple[torch.device, torch.dtype], Tensor]] = {}
+        # Frozen tower: normalised features per prompt text (exact: the tower never changes and runs in eval mode).
+        self._prompt_cache: dict[str, Tensor] = {}
+        self._prompt_cache_state: tuple[torch.device, torch.dtype] | None = None
         if not trainable:
             self.tower.requires_grad_(False)
             self.tower.eval()
@@ -301,8 +308,9 @@ class TextEncoder(nn.Module):
         return self
 
     def clear_cache(self) -> None:
-        """Forget the cached evaluation tower features."""
+        """Forget the cached tower features (evaluation ensembles and frozen-tower prompts)."""
         self._eval_cache.clear()
+        self._prompt_cache.clear()
 
     def param_groups(self, base_lr: float) -> list[dict]:
         """Optimizer parameter groups: the tower at ``base_lr * lr_multiplier`` (only when trainable) and the
@@ -353,7 +361,29 @@ class TextEncoder(nn.Module):
         """Texts -> L2-normalised tower features [N, width], computed ``chunk_size`` texts at a time.
 
         Texts are batched in order of length, so that chunks carry little padding; the result is in input order.
+        A frozen tower's features are cached per text (up to ``PROMPT_CACHE_SIZE`` texts), so training steps with a
+        frozen tower run it only for prompts it has not seen (a vocabulary has at most K x T x synonyms of them).
         """
+        if self.trainable:
+            return self._run_tower(texts)
+        reference = next(self.tower.parameters())
+        state = (reference.device, reference.dtype)
+        if state != self._prompt_cache_state:
+            self._prompt_cache.clear()
+            self._prompt_cache_state = state
+        missing = list(dict.fromkeys(t for t in texts if t not in self._prompt_cache))
+        if missing:
+            with torch.no_grad():
+                features = self._run_tower(missing)
+            if len(self._prompt_cache) + len(missing) <= PROMPT_CACHE_SIZE:
+                self._prompt_cache.update(zip(missing, features))
+            else:  # too many distinct texts to keep: compute this call's directly
+                fresh = dict(zip(missing, features))
+                return torch.stack([self._prompt_cache.get(t, fresh.get(t)) for t in texts])
+        return torch.stack([self._prompt_cache[t] for t in texts])
+
+    def _run_tower(self, texts: Sequence[str]) -> Tensor:
+        """Texts -> L2-normalised tower features [N, width] from the tower itself (no cache)."""
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         chunks = []
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable):
@@ -378,7 +408,7 @@ class TextEncoder(nn.Module):
         self.tower.eval()
         try:
             with torch.no_grad():
-                features = self._tower_features(self.prompts(vocab, training=False)).float()
+                features = self._run_tower(self.prompts(vocab, training=False)).float()
         finally:
             self.tower.train(was_training)
         features = features.view(len(names), len(self.templates), -1).mean(dim=1)
