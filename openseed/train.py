@@ -2,12 +2,15 @@
 
 The default trains the small model on synthshapes (segmentation + detection) on the CPU: the data set is generated
 and converted on first use, then the run trains, validates on every validation set, saves checkpoints
-(``<output_dir>/checkpoints/last.ckpt``) and prints a table of its validation metrics. ``ckpt_path=...`` resumes.
+(``<output_dir>/checkpoints/last.ckpt``), prints a table of its validation metrics and writes a prediction overlay
+of the first image of each validation set (``<output_dir>/prediction_<data set>_<task>.png``). ``ckpt_path=...``
+resumes.
 Missing data or unknown config keys stop the run before any heavy work, with a message that says what to set.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -26,6 +29,20 @@ def metrics_table(results: dict[str, dict]) -> str:
         cells = [f"{100 * metrics[k]:.1f}" if k in metrics else "" for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def add_unseen_class_metrics(results: dict[str, dict], seg_classes: set[str]) -> None:
+    """Adds ``box_AP_unseen`` / ``mask_AP_unseen`` to every validation set that has classes outside the segmentation
+    training vocabulary (e.g. synthshapes' detection-only shapes): the mean per-class AP over those classes (COCO AP is
+    the mean over classes with ground truth, so this is the AP of that class subset)."""
+    for metrics in results.values():
+        per_class = metrics.get("per_class", {})
+        for key in ("box_AP", "mask_AP"):
+            values = [ap for name, ap in per_class.get(key, {}).items()
+                      if name not in seg_classes and ap is not None and ap == ap and ap >= 0]
+            unseen = [name for name in per_class.get(key, {}) if name not in seg_classes]
+            if unseen:
+                metrics[f"{key}_unseen"] = sum(values) / len(values) if values else 0.0
 
 
 def train(cfg: DictConfig) -> dict:
@@ -56,9 +73,45 @@ def train(cfg: DictConfig) -> dict:
         raise
     _finish_wandb(loggers, exit_code=0)
     results = getattr(module, "val_results", {})
-    if results and trainer.is_global_zero:
-        print(metrics_table(results))
+    if trainer.is_global_zero:
+        if results:
+            seg_set = datamodule.train_sets.get("seg")
+            if seg_set is not None:
+                add_unseen_class_metrics(results, set(seg_set.vocabulary.names))
+            scalars = {name: {k: v for k, v in metrics.items() if k != "per_class"}
+                       for name, metrics in results.items()}
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.output_dir) / "metrics.json").write_text(json.dumps(
+                {"step": trainer.global_step, "metrics": scalars}, indent=1))
+            for logger in loggers or []:
+                logger.log_metrics({f"final/{name}/{key}": value for name, metrics in scalars.items()
+                                    for key, value in metrics.items()}, step=trainer.global_step)
+            print(metrics_table(results))
+        if cfg.get("prediction_overlays", True) and datamodule.val_sets:
+            written = write_prediction_overlays(module.model, datamodule.val_sets, Path(cfg.output_dir),
+                                                image_size=int(cfg.data.eval_max_size))
+            print("prediction overlays: " + ", ".join(str(p) for p in written))
     return results
+
+
+def write_prediction_overlays(model, val_sets, out_dir: Path, image_size: int) -> list[Path]:
+    """Predict the first image of each validation set and write the overlay PNG (+ its JSON) under ``out_dir``:
+    ``prediction_<data set>_panoptic.png`` for panoptic sets, ``..._instance.png`` for detection sets."""
+    from openseed.data.shards import read_shards
+    from openseed.predict import Predictor
+
+    device = next(model.parameters()).device
+    predictor = Predictor(model, device=str(device), image_size=image_size)
+    written = []
+    for shards in val_sets:
+        sample = next(iter(read_shards(shards.root)), None)
+        if sample is None:
+            continue
+        array = sample.image.permute(1, 2, 0).cpu().numpy()
+        task = "panoptic" if shards.task == "seg" else "instance"
+        result = predictor(array, shards.vocabulary, task=task)
+        written.append(Predictor.save(result, out_dir, stem=f"prediction_{shards.name}")[0])
+    return written
 
 
 def _finish_wandb(loggers, exit_code: int) -> None:

@@ -100,3 +100,20 @@ def test_csv_run_writes_overlay_pictures(synth_shards, tmp_path):
     train(_compose(_short_run_overrides(synth_shards), tmp_path))
     assert list(tmp_path.rglob("overlays/synthshapes_seg_val_step*.png"))
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    # the end-of-run prediction overlays: one per validation set, at the validation image's own size
+    from PIL import Image
+
+    for name, task in (("synthshapes_seg_val", "panoptic"), ("synthshapes_det_val", "instance")):
+        with Image.open(tmp_path / f"prediction_{name}_{task}.png") as picture:
+            assert picture.size == (160, 160)
+        assert (tmp_path / f"prediction_{name}_{task}.json").is_file()
+    # throughput: 2 seg + 2 det images in the one step
+    import csv
+
+    (metrics_file,) = tmp_path.rglob("metrics.csv")
+    rows = [r for r in csv.DictReader(metrics_file.open()) if r.get("train/images_per_sec")]
+    assert len(rows) == 1
+    row = {k: float(v) for k, v in rows[0].items() if k.startswith("train/") and v}
+    assert row["train/images_per_sec"] > 0
+    assert row["train/seg/images_per_sec"] * row["train/sec_per_step"] == pytest.approx(2.0)
+    assert row["train/images_per_sec"] == pytest.approx(2 * row["train/det/images_per_sec"])
