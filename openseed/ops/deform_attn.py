@@ -10,13 +10,22 @@ interpolation with zeros outside the map, exactly ``F.grid_sample(mode="bilinear
 align_corners=False)`` with ``grid = 2 * loc - 1``.
 
 Backends: ``"torch"`` (always registered, any device and float dtype) and whatever else registers itself through
-:func:`register_backend` (a Triton kernel for CUDA tensors registers as ``"triton"``). ``backend=None`` reads the
-environment variable ``OPENSEED_DEFORM_ATTN`` (``"auto"``, the default, or a backend name); ``"auto"`` takes the
-first backend of ``AUTO_ORDER`` that is registered and available for the inputs.
+:func:`register_backend`. ``backend=None`` reads the environment variable ``OPENSEED_DEFORM_ATTN`` (``"auto"``, the
+default, or a backend name); ``"auto"`` takes the first backend of ``AUTO_ORDER`` that is registered and available
+for the inputs.
+
+``"triton"`` is registered at the end of this module: fused Triton forward and backward kernels
+(:mod:`openseed.ops.triton_deform_attn`) for CUDA tensors in fp32, bf16 or fp16 (fp32 accumulation, output in
+``value``'s dtype, gradients for value, sampling locations and attention weights). It is available only for such
+tensors and when ``triton`` can be imported; the import happens on first use, so importing this module stays cheap
+and works without triton or CUDA. With ``"auto"``, CUDA inputs therefore use Triton and every other device (or
+dtype, e.g. fp64) uses ``"torch"``; ``OPENSEED_DEFORM_ATTN=torch`` or ``=triton`` (or the ``backend`` argument)
+forces one, and forcing ``"triton"`` on inputs it cannot run raises a RuntimeError that names the available ones.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -274,3 +283,40 @@ class MSDeformAttn(nn.Module):
             locations = ref[..., :2] + offsets / points * ref[..., 2:] * 0.5
         out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
         return self.output_proj(out)
+
+
+# --- Triton backend (CUDA), registered lazily -------------------------------------------------------------------
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_fn() -> BackendFn | None:
+    """The Triton kernel's entry point, imported on first use; None when triton (or the kernel module) is unusable."""
+    try:
+        from openseed.ops.triton_deform_attn import HAS_TRITON, ms_deform_attn_triton
+    except Exception:  # any import problem means "not available", the torch path still works
+        return None
+    return ms_deform_attn_triton if HAS_TRITON else None
+
+
+def _triton_available(value: Tensor) -> bool:
+    """CUDA tensors in fp32 / bf16 / fp16, and triton importable (checked only for such tensors)."""
+    return value.is_cuda and value.dtype in _TRITON_DTYPES and _triton_fn() is not None
+
+
+def _ms_deform_attn_triton(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Lazy entry of the ``"triton"`` backend: imports :mod:`openseed.ops.triton_deform_attn` on the first call."""
+    fn = _triton_fn()
+    if fn is None:
+        raise RuntimeError("the Triton deformable attention backend needs the `triton` package, which is not installed")
+    return fn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+register_backend("triton", _ms_deform_attn_triton, _triton_available)
