@@ -1,0 +1,95 @@
+"""Evaluation entry point: ``python -m openseed.evaluate ckpt_path=PATH [data=NAME] [overrides]`` (conf/evaluate.yaml).
+
+Loads a model from a Lightning checkpoint of ``openseed.train`` or a model file (``openseed.modeling.checkpoint``),
+evaluates it on every validation set of the data config (by default the same sets, batch sizes and resizing as the
+training's validation) with the evaluation runner's ``DatasetEvaluator`` (each data set on its own vocabulary,
+prompt-ensembled class names), prints a metrics table and writes ``<output_dir>/metrics.json``:
+``{"ckpt_path": ..., "metrics": {set name: {"PQ": ..., "box_AP": ...}}, "per_class": {set name: {...}}}``, metrics as
+fractions (the training's ``metrics.json`` has the same ``metrics``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from openseed.train import CONF, metrics_table
+
+log = logging.getLogger("openseed.evaluate")
+USAGE = ("python -m openseed.evaluate ckpt_path=PATH, PATH a training checkpoint (e.g. "
+         "outputs/<run>/checkpoints/last.ckpt) or a model file written by openseed.modeling.checkpoint.save_model")
+
+
+def checkpoint_file(ckpt_path) -> Path:
+    """The checkpoint file ``ckpt_path`` names. Raises ValueError when unset, FileNotFoundError when not a file."""
+    if ckpt_path is None or str(ckpt_path).strip() == "":
+        raise ValueError(f"ckpt_path is required. Usage: {USAGE}")
+    path = Path(str(ckpt_path)).expanduser()
+    if not path.is_file():
+        what = "a folder, not a file" if path.is_dir() else "not found"
+        raise FileNotFoundError(f"ckpt_path={path}: {what}. Usage: {USAGE}")
+    return path
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def evaluate(cfg: DictConfig) -> dict[str, dict]:
+    """Evaluate ``cfg.ckpt_path`` on every ``cfg.data.val`` set; returns ``{set name: metrics}`` and writes them to
+    ``<cfg.output_dir>/metrics.json``."""
+    from hydra.utils import instantiate
+
+    from openseed.evaluation.runner import DatasetEvaluator
+    from openseed.modeling.checkpoint import load_model
+    from openseed.modeling.postprocess import InferenceConfig
+
+    path = checkpoint_file(cfg.get("ckpt_path"))
+    if not cfg.data.get("val"):
+        raise ValueError("the data config has no validation sets (data.val): nothing to evaluate")
+    datamodule = instantiate(cfg.data, seg=None, det=None)  # the validation sets only
+    datamodule.setup()  # missing data stops here, before the model is loaded
+    inference = InferenceConfig(**OmegaConf.to_container(cfg.inference, resolve=True))
+    overrides = OmegaConf.to_container(cfg.model_overrides, resolve=True)
+    device = _device(cfg.device)
+    model = load_model(path, **overrides).to(device).eval()
+    log.info("evaluating %s on %s", path, ", ".join(s.name for s in datamodule.val_sets))
+    results = {}
+    for shards, loader in zip(datamodule.val_sets, datamodule.val_dataloader()):
+        evaluator = DatasetEvaluator.for_shards(shards, inference)
+        text = model.embed_vocabulary(shards.vocabulary)
+        for batch in loader:
+            batch = batch.to(device)
+            evaluator.update(model(batch.images, batch.padding_mask, batch.vocabulary, text=text), batch)
+        results[shards.name] = evaluator.compute()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    scalars = {name: {k: v for k, v in metrics.items() if k != "per_class"} for name, metrics in results.items()}
+    per_class = {name: metrics.get("per_class", {}) for name, metrics in results.items()}
+    (out / "metrics.json").write_text(json.dumps({"ckpt_path": str(path), "metrics": scalars, "per_class": per_class},
+                                                 indent=1))
+    print(metrics_table(results))
+    log.info("metrics written to %s", out / "metrics.json")
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=CONF, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    try:
+        evaluate(cfg)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
