@@ -23,7 +23,7 @@ from safetensors.torch import load_file as load_safetensors
 from timm.layers import LayerNorm2d
 from timm.models import focalnet, swin_transformer
 from timm.models.focalnet import FocalNet
-from timm.models.resnet import ResNet
+from timm.models.resnet import BasicBlock, ResNet
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, window_partition, window_reverse
 from torch import Tensor, nn
 
@@ -249,6 +249,15 @@ def _build_tiny(pretrained: bool = False, drop_path_rate: float | None = None) -
                            drop_path_rate=0.1 if drop_path_rate is None else drop_path_rate, **_SWIN_ANY_SIZE)
 
 
+def _build_tiny_resnet(pretrained: bool = False, drop_path_rate: float | None = None) -> nn.Module:
+    """A 1.2M-parameter ResNet (basic blocks 1-1-1-1, widths 32-64-128-256, deep stem) that learns fast from scratch:
+    the CPU default's backbone (a small Swin needs far more data and steps without pretrained weights)."""
+    if pretrained:
+        raise ValueError("backbone 'tiny_resnet' has no pretrained weights; use pretrained=False or a local checkpoint")
+    return ResNet(block=BasicBlock, layers=(1, 1, 1, 1), channels=(32, 64, 128, 256), stem_width=16, stem_type="deep",
+                  num_classes=0, drop_path_rate=drop_path_rate or 0.0)
+
+
 # name -> builder(pretrained: bool, drop_path_rate: float | None) returning the timm classification model.
 # Weight tags follow the OpenSeeD paper: Swin-T ImageNet-1k, Swin-L ImageNet-22k (384, window 12), Focal-T =
 # FocalNet-T (LRF: focal levels 3, as X-Decoder's Focal-T), ResNet-50 with the classic torchvision weights.
@@ -258,6 +267,7 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "focal_tiny": _timm_builder("focalnet_tiny_lrf.ms_in1k", 0.3),
     "resnet50": _timm_builder("resnet50.tv_in1k", None),
     "tiny": _build_tiny,
+    "tiny_resnet": _build_tiny_resnet,
 }
 
 

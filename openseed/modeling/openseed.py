@@ -64,7 +64,7 @@ MODEL_SIZES: dict[str, OpenSeeDConfig] = {
     "swint": OpenSeeDConfig(backbone="swin_tiny", drop_path_rate=0.3),
     "swinl": OpenSeeDConfig(backbone="swin_large", encoder_features=("res2", "res3", "res4", "res5"), num_levels=5),
     # the CPU default experiment on synthshapes (160 px)
-    "small": OpenSeeDConfig(backbone="tiny", hidden_dim=128, encoder_layers=2, decoder_layers=4, num_heads=4,
+    "small": OpenSeeDConfig(backbone="tiny_resnet", hidden_dim=128, encoder_layers=2, decoder_layers=4, num_heads=4,
                             ffn_dim=512, mask_dim=128, num_fg=40, num_bg=20, text_tower="minilm", text_dim=128,
                             text_trainable=False, cond_budget=40),
     # tests: a few seconds per step on CPU
