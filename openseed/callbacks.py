@@ -71,12 +71,16 @@ class Throughput(Callback):
 
 
 class ValidationOverlays(Callback):
-    """Logs the first ``num_images`` of every panoptic validation set, each validation: the image with the predicted
-    and the ground-truth panoptic class maps as W&B mask overlays. Without a W&B logger, writes side-by-side PNGs
-    (prediction | ground truth) under ``<log dir>/overlays``."""
+    """Logs the first ``num_images`` of every validation set, each validation.
 
-    def __init__(self, num_images: int = 4, inference: InferenceConfig | None = None):
+    Panoptic sets: the image with the predicted and the ground-truth panoptic class maps as W&B mask overlays.
+    Detection sets: the image with the predicted instances scoring at least ``score_threshold`` (boxes, and their masks
+    as a class map when the model predicts masks) and the ground-truth boxes (W&B box overlays). Without a W&B logger,
+    writes side-by-side PNGs (prediction | ground truth) under ``<log dir>/overlays``."""
+
+    def __init__(self, num_images: int = 4, inference: InferenceConfig | None = None, score_threshold: float = 0.3):
         self.num_images, self.inference = num_images, inference or InferenceConfig()
+        self.score_threshold = score_threshold
         self.pending: dict[int, list[dict]] = {}
 
     def on_validation_epoch_start(self, trainer, module) -> None:
@@ -84,25 +88,39 @@ class ValidationOverlays(Callback):
 
     def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         kept = self.pending.setdefault(dataloader_idx, [])
-        if outputs is None or batch.task != "seg" or len(kept) >= self.num_images or batch.annotations is None:
+        if outputs is None or len(kept) >= self.num_images or batch.annotations is None:
             return
         padded = tuple(batch.images.shape[-2:])
-        results = postprocess_batch(outputs, batch.targets, batch.vocabulary, padded, "panoptic", self.inference)
+        task = "panoptic" if batch.task == "seg" else "instance"
+        results = postprocess_batch(outputs, batch.targets, batch.vocabulary, padded, task, self.inference)
         label_of = {c.id: i for i, c in enumerate(batch.vocabulary.categories)}
+        classes = {i + 1: n for i, n in enumerate(batch.vocabulary.prompt_names())}
         for result, annotation, target, image in zip(results, batch.annotations, batch.targets, batch.images):
             if len(kept) >= self.num_images:
                 break
             height, width = target.orig_size
             picture = Image.fromarray(image[:, : target.image_size[0], : target.image_size[1]].permute(1, 2, 0)
                                       .cpu().numpy()).resize((width, height))
-            truth_ids = rgb_to_id(np.asarray(Image.open(io.BytesIO(annotation["panoptic_png"])).convert("RGB")))
-            truth_segments = [{"id": o["segment_id"], "category_id": o["category_id"]}
-                              for o in annotation["json"]["objects"]]
-            kept.append({"image": np.asarray(picture),
-                         "prediction": _label_map(result["panoptic_seg"].cpu().numpy(), result["segments_info"],
-                                                  label_of),
-                         "truth": _label_map(truth_ids, truth_segments, label_of),
-                         "classes": {i + 1: n for i, n in enumerate(batch.vocabulary.prompt_names())}})
+            item = {"image": np.asarray(picture), "classes": classes}
+            if task == "panoptic":
+                truth_ids = rgb_to_id(np.asarray(Image.open(io.BytesIO(annotation["panoptic_png"])).convert("RGB")))
+                truth_segments = [{"id": o["segment_id"], "category_id": o["category_id"]}
+                                  for o in annotation["json"]["objects"]]
+                item["prediction"] = _label_map(result["panoptic_seg"].cpu().numpy(), result["segments_info"],
+                                                label_of)
+                item["truth"] = _label_map(truth_ids, truth_segments, label_of)
+            else:
+                keep = (result["scores"] >= self.score_threshold).cpu()
+                item["pred_boxes"] = result["boxes"][keep].cpu().numpy()
+                item["pred_labels"] = result["labels"][keep].cpu().numpy() + 1
+                item["pred_scores"] = result["scores"][keep].cpu().numpy()
+                masks = result.get("masks")
+                if masks is not None:
+                    item["pred_masks"] = masks[keep].cpu().numpy()
+                objects = [o for o in annotation["json"]["objects"] if not o.get("iscrowd")]
+                item["true_boxes"] = np.array([o["bbox"] for o in objects], dtype=np.float32).reshape(-1, 4)
+                item["true_labels"] = np.array([label_of[o["category_id"]] + 1 for o in objects], dtype=np.int64)
+            kept.append(item)
 
     def on_validation_epoch_end(self, trainer, module) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
@@ -114,24 +132,67 @@ class ValidationOverlays(Callback):
                 continue
             name = names[index]
             if wandb_loggers:
-                import wandb
-
-                images = [wandb.Image(item["image"], masks={
-                    "prediction": {"mask_data": item["prediction"], "class_labels": item["classes"]},
-                    "ground_truth": {"mask_data": item["truth"], "class_labels": item["classes"]}})
-                    for item in items]
+                images = [_wandb_image(item) for item in items]
                 for logger in wandb_loggers:
                     logger.experiment.log({f"val/{name}/overlays": images, "trainer/global_step": trainer.global_step})
             else:
-                from openseed.visualize import draw_overlay, grid
-
-                pictures = []
-                for item in items:
-                    for key in ("prediction", "truth"):
-                        present = [v for v in np.unique(item[key]) if v]
-                        masks = np.stack([item[key] == v for v in present]) if present else None
-                        pictures.append(draw_overlay(item["image"], masks, None,
-                                                     [item["classes"][int(v)] for v in present]))
                 folder = Path(trainer.log_dir or trainer.default_root_dir) / "overlays"
                 folder.mkdir(parents=True, exist_ok=True)
-                grid(pictures, columns=2).save(folder / f"{name}_step{trainer.global_step:07d}.png")
+                _overlay_grid(items).save(folder / f"{name}_step{trainer.global_step:07d}.png")
+
+
+def _wandb_boxes(boxes: np.ndarray, labels: np.ndarray, classes: dict[int, str], scores=None) -> dict:
+    data = []
+    for k, (box, label) in enumerate(zip(boxes.tolist(), labels.tolist())):
+        entry = {"position": {"minX": box[0], "minY": box[1], "maxX": box[2], "maxY": box[3]}, "domain": "pixel",
+                 "class_id": int(label), "box_caption": classes[int(label)]}
+        if scores is not None:
+            entry["scores"] = {"score": float(scores[k])}
+            entry["box_caption"] += f" {float(scores[k]):.2f}"
+        data.append(entry)
+    return {"box_data": data, "class_labels": classes}
+
+
+def _wandb_image(item: dict):
+    import wandb
+
+    masks = {}
+    if "truth" in item:  # panoptic
+        masks["prediction"] = {"mask_data": item["prediction"], "class_labels": item["classes"]}
+        masks["ground_truth"] = {"mask_data": item["truth"], "class_labels": item["classes"]}
+    boxes = None
+    if "pred_boxes" in item:  # detection
+        if item.get("pred_masks") is not None:
+            label_map = np.zeros(item["image"].shape[:2], dtype=np.int32)
+            for index in np.argsort(item["pred_scores"]):  # higher scores painted last, on top
+                label_map[item["pred_masks"][index]] = item["pred_labels"][index]
+            masks["prediction"] = {"mask_data": label_map, "class_labels": item["classes"]}
+        boxes = {"prediction": _wandb_boxes(item["pred_boxes"], item["pred_labels"], item["classes"],
+                                            item["pred_scores"]),
+                 "ground_truth": _wandb_boxes(item["true_boxes"], item["true_labels"], item["classes"])}
+    return wandb.Image(item["image"], masks=masks or None, boxes=boxes)
+
+
+def _overlay_grid(items: list[dict]):
+    """Rows of (prediction | ground truth) pictures."""
+    from openseed.visualize import draw_overlay, grid
+
+    def from_label_map(image, label_map, classes):
+        present = [v for v in np.unique(label_map) if v]
+        masks = np.stack([label_map == v for v in present]) if present else None
+        return masks, [classes[int(v)] for v in present]
+
+    pictures = []
+    for item in items:
+        if "pred_boxes" in item:
+            masks = item.get("pred_masks")
+            masks = masks if masks is not None and len(masks) else None
+            names = [f"{item['classes'][int(v)]} {s:.2f}" for v, s in zip(item["pred_labels"], item["pred_scores"])]
+            pictures.append(draw_overlay(item["image"], masks, item["pred_boxes"], names))
+            pictures.append(draw_overlay(item["image"], None, item["true_boxes"],
+                                         [item["classes"][int(v)] for v in item["true_labels"]]))
+        else:
+            for key in ("prediction", "truth"):
+                masks, names = from_label_map(item["image"], item[key], item["classes"])
+                pictures.append(draw_overlay(item["image"], masks, None, names))
+    return grid(pictures, columns=2)

@@ -68,35 +68,45 @@ def train(cfg: DictConfig) -> dict:
         logger.log_hyperparams(resolved)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        results = getattr(module, "val_results", {})
+        if trainer.is_global_zero:
+            _report(cfg, results, datamodule, module, trainer, loggers or [])
     except BaseException:
         _finish_wandb(loggers, exit_code=1)  # the run is closed (and synced later) even when training crashes
         raise
     _finish_wandb(loggers, exit_code=0)
-    results = getattr(module, "val_results", {})
-    if trainer.is_global_zero:
-        if results:
-            seg_set = datamodule.train_sets.get("seg")
-            if seg_set is not None:
-                add_unseen_class_metrics(results, set(seg_set.vocabulary.names))
-            scalars = {name: {k: v for k, v in metrics.items() if k != "per_class"}
-                       for name, metrics in results.items()}
-            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.output_dir) / "metrics.json").write_text(json.dumps(
-                {"step": trainer.global_step, "metrics": scalars}, indent=1))
-            for logger in loggers or []:
-                logger.log_metrics({f"final/{name}/{key}": value for name, metrics in scalars.items()
-                                    for key, value in metrics.items()}, step=trainer.global_step)
-            print(metrics_table(results))
-        if cfg.get("prediction_overlays", True) and datamodule.val_sets:
-            written = write_prediction_overlays(module.model, datamodule.val_sets, Path(cfg.output_dir),
-                                                image_size=int(cfg.data.eval_max_size))
-            print("prediction overlays: " + ", ".join(str(p) for p in written))
     return results
+
+
+def _report(cfg: DictConfig, results: dict, datamodule, module, trainer, loggers: list) -> None:
+    """The end of a run (global rank 0): metrics.json, final metrics to the loggers, the table, prediction overlays."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if results:
+        seg_set = datamodule.train_sets.get("seg")
+        if seg_set is not None:
+            add_unseen_class_metrics(results, set(seg_set.vocabulary.names))
+        scalars = {name: {k: v for k, v in metrics.items() if k != "per_class"} for name, metrics in results.items()}
+        (out / "metrics.json").write_text(json.dumps({"step": trainer.global_step, "metrics": scalars}, indent=1))
+        for logger in loggers:
+            logger.log_metrics({f"final/{name}/{key}": value for name, metrics in scalars.items()
+                                for key, value in metrics.items()}, step=trainer.global_step)
+        print(metrics_table(results))
+    if cfg.get("prediction_overlays", True) and datamodule.val_sets:
+        written = write_prediction_overlays(module.model, datamodule.val_sets, out,
+                                            image_size=int(cfg.data.eval_max_size))
+        print("prediction overlays: " + ", ".join(str(p) for p in written))
+        for logger in loggers:
+            if type(logger).__name__ == "WandbLogger":
+                import wandb
+
+                logger.experiment.log({f"final/{p.stem}": wandb.Image(str(p)) for p in written})
 
 
 def write_prediction_overlays(model, val_sets, out_dir: Path, image_size: int) -> list[Path]:
     """Predict the first image of each validation set and write the overlay PNG (+ its JSON) under ``out_dir``:
-    ``prediction_<data set>_panoptic.png`` for panoptic sets, ``..._instance.png`` for detection sets."""
+    ``prediction_<data set>_panoptic.png`` for panoptic sets, ``..._instance.png`` for detection sets (instances
+    scoring >= 0.3 drawn; the JSON holds them all)."""
     from openseed.data.shards import read_shards
     from openseed.predict import Predictor
 
@@ -110,7 +120,7 @@ def write_prediction_overlays(model, val_sets, out_dir: Path, image_size: int) -
         array = sample.image.permute(1, 2, 0).cpu().numpy()
         task = "panoptic" if shards.task == "seg" else "instance"
         result = predictor(array, shards.vocabulary, task=task)
-        written.append(Predictor.save(result, out_dir, stem=f"prediction_{shards.name}")[0])
+        written.append(Predictor.save(result, out_dir, stem=f"prediction_{shards.name}", score_threshold=0.3)[0])
     return written
 
 

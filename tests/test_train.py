@@ -3,8 +3,10 @@
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from lightning import Callback
 from omegaconf import open_dict
 
 from openseed.train import CONF, train
@@ -56,9 +58,9 @@ def test_missing_data_is_a_clear_error(tmp_path):
         train(cfg)
 
 
-def _short_run_overrides(synth_shards):
+def _short_run_overrides(synth_shards, logger="csv"):
     return ["model=tiny", "prepare_synthshapes=false", "criterion.num_points=256", "+trainer.max_steps=1",
-            "trainer.log_every_n_steps=1",
+            "trainer.log_every_n_steps=1", "trainer.check_val_every_n_epoch=1", f"logger={logger}",
             "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1", "data.num_workers=0",
             f"data.seg.path={synth_shards['seg_train']}", f"data.det.path={synth_shards['det_train']}",
             f"data.val.0.path={synth_shards['seg_val']}", f"data.val.1.path={synth_shards['det_val']}",
@@ -69,12 +71,15 @@ def test_wandb_offline_run_holds_metrics_and_overlay_images(synth_shards, tmp_pa
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_CONSOLE", "off")  # no console capture inside pytest's own
-    train(_compose(_short_run_overrides(synth_shards) + ["logger=wandb"], tmp_path))
+    train(_compose(_short_run_overrides(synth_shards, logger="wandb"), tmp_path))
     (run,) = (tmp_path / "wandb").glob("offline-run-*")
     records = next(run.glob("*.wandb")).read_bytes()
     for key in (b"val/synthshapes_seg_val/PQ", b"val/synthshapes_det_val/box_AP", b"train/loss"):
         assert key in records, key
     assert list((run / "files" / "media" / "images").rglob("*.png"))  # the validation overlays
+    assert b"val/synthshapes_det_val/overlays" in records  # detection sets too (boxes)
+    box_files = list((run / "files" / "media").rglob("*boxes*"))
+    assert box_files or b"box_data" in records
     assert b"prepare_synthshapes" in records and b"num_points" in records  # the resolved config
 
 
@@ -92,13 +97,14 @@ def test_wandb_run_is_finished_when_training_crashes(synth_shards, tmp_path, mon
 
     monkeypatch.setattr(OpenSeeDModule, "training_step", crash)
     with pytest.raises(RuntimeError, match="boom"):
-        train(_compose(_short_run_overrides(synth_shards) + ["logger=wandb"], tmp_path))
+        train(_compose(_short_run_overrides(synth_shards, logger="wandb"), tmp_path))
     assert wandb.run is None
 
 
 def test_csv_run_writes_overlay_pictures(synth_shards, tmp_path):
     train(_compose(_short_run_overrides(synth_shards), tmp_path))
     assert list(tmp_path.rglob("overlays/synthshapes_seg_val_step*.png"))
+    assert list(tmp_path.rglob("overlays/synthshapes_det_val_step*.png"))
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     # the end-of-run prediction overlays: one per validation set, at the validation image's own size
     from PIL import Image
@@ -117,3 +123,23 @@ def test_csv_run_writes_overlay_pictures(synth_shards, tmp_path):
     assert row["train/images_per_sec"] > 0
     assert row["train/seg/images_per_sec"] * row["train/sec_per_step"] == pytest.approx(2.0)
     assert row["train/images_per_sec"] == pytest.approx(2 * row["train/det/images_per_sec"])
+
+
+class LastCheckpointProbe(Callback):
+    """Records, at the start of every epoch, the step stored in checkpoints/last.ckpt (None: no file yet)."""
+
+    seen: list = []
+
+    def on_train_epoch_start(self, trainer, module):
+        path = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        LastCheckpointProbe.seen.append(torch.load(path, weights_only=True)["global_step"] if path.is_file() else None)
+
+
+def test_last_checkpoint_is_written_after_every_epoch(synth_shards, tmp_path):
+    overrides = [o for o in _short_run_overrides(synth_shards) if not o.startswith("+trainer.max_steps")]
+    overrides += ["+trainer.max_steps=3", "trainer.max_epochs=3", "++prediction_overlays=false",
+                  "+callbacks.probe._target_=tests.test_train.LastCheckpointProbe"]
+    LastCheckpointProbe.seen = []
+    train(_compose(overrides, tmp_path))
+    assert LastCheckpointProbe.seen == [None, 1, 2]  # resumable from every epoch end, not only the run's end
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
