@@ -26,10 +26,11 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -m "slow"
 
-# Grows into the full default experiment (python -m openseed.train); for now it runs the data steps that exist:
-# generate synthshapes, convert it to shards, and stream one joint training batch.
+# The default experiment (conf/experiment/synthshapes_joint.yaml): generates synthshapes under data/ on first use,
+# trains the small model on 2 CPU cores (~14 min), validates, prints the metrics table, writes checkpoints and
+# prediction overlays under outputs/. Extra Hydra overrides: make train ARGS="trainer.max_epochs=6".
 train: $(STAMP)
-	$(PY) -m data_prep.prepare_synthshapes --root data/synthshapes --check-loader
+	$(PY) -m openseed.train $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m data_prep.benchmark

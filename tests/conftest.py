@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# W&B is the default logger: tests never reach for the network or an account, and keep the console quiet
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
 REALDATA = Path(os.environ.get("OPENSEED_REALDATA", ROOT.parent / "shared" / "realdata"))
 PANOPTIC = REALDATA / "coco_panoptic_sample"
 LABELME = REALDATA / "labelme_coco"

@@ -37,13 +37,14 @@ def _resolved(cfg) -> dict:
             else value for key, value in cfg.items() if key != "hydra"}
 
 
-def _synth_overrides(shards, steps=1, val_batches=0, detection=True):
+def _synth_overrides(shards, steps=1, val_batches=0, detection=True, logger="csv"):
     """A tiny model on the synthshapes fixture shards for a few steps (validation on ``val_batches`` batches)."""
     overrides = ["model=tiny", "prepare_synthshapes=false", "criterion.num_points=256", f"+trainer.max_steps={steps}",
                  "trainer.log_every_n_steps=1", f"+trainer.limit_val_batches={val_batches}",
                  "+trainer.num_sanity_val_steps=0", "+trainer.enable_progress_bar=false",
                  "++prediction_overlays=false", "data.num_workers=0", "data.pin_memory=false", "data.shuffle_buffer=4",
-                 "data.image_size=160", "data.eval_max_size=160",
+                 "data.image_size=160", "data.eval_max_size=160", "trainer.check_val_every_n_epoch=1",
+                 f"logger={logger}",
                  f"data.seg.path={shards['seg_train']}", "data.seg.batch_size=2",
                  f"data.val.0.path={shards['seg_val']}", "data.val.0.batch_size=2"]
     if val_batches:  # validation runs at the end of an epoch: end it after the last step
@@ -235,7 +236,7 @@ def test_requeued_job_resumes_from_last_checkpoint(requeued_run):
 def test_tensorboard_logger_writes_scalars_and_hparams(synth_shards, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    train(_compose(_synth_overrides(synth_shards, steps=1, val_batches=1) + ["logger=tensorboard"], tmp_path))
+    train(_compose(_synth_overrides(synth_shards, steps=1, val_batches=1, logger="tensorboard"), tmp_path))
     (run,) = {events.parent for events in (tmp_path / "tensorboard").rglob("events.out.tfevents.*")}
     scalars = EventAccumulator(str(run)).Reload().Tags()["scalars"]  # every events file of the run
     for tag in ("train/loss", "train/seg/loss_mask", "val/synthshapes_seg_val/PQ", "val/synthshapes_det_val/box_AP"):
