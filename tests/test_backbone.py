@@ -23,9 +23,11 @@ CHANNELS = {
     "focal_tiny": (96, 192, 384, 768),
     "resnet50": (256, 512, 1024, 2048),
     "tiny": (48, 96, 192, 384),
+    "tiny_resnet": (32, 64, 128, 256),
 }
 # the whole backbone: encoder without classifier head / final norm, plus the output LayerNorms
-PARAMS = {"swin_tiny": 27.52e6, "swin_large": 195.2e6, "focal_tiny": 27.88e6, "resnet50": 23.51e6}
+PARAMS = {"swin_tiny": 27.52e6, "swin_large": 195.2e6, "focal_tiny": 27.88e6, "resnet50": 23.51e6,
+          "tiny_resnet": 1.23e6}
 
 
 def _count(module: torch.nn.Module) -> int:
