@@ -65,7 +65,6 @@ class Throughput(Callback):
         metrics.update({f"train/{task}/images_per_sec": n / seconds for task, n in self.images.items()})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        self.last = metrics
         self._reset()
         self.start = time.perf_counter()
 
@@ -177,7 +176,7 @@ def _overlay_grid(items: list[dict]):
     """Rows of (prediction | ground truth) pictures."""
     from openseed.visualize import draw_overlay, grid
 
-    def from_label_map(image, label_map, classes):
+    def from_label_map(label_map, classes):
         present = [v for v in np.unique(label_map) if v]
         masks = np.stack([label_map == v for v in present]) if present else None
         return masks, [classes[int(v)] for v in present]
@@ -193,6 +192,6 @@ def _overlay_grid(items: list[dict]):
                                          [item["classes"][int(v)] for v in item["true_labels"]]))
         else:
             for key in ("prediction", "truth"):
-                masks, names = from_label_map(item["image"], item[key], item["classes"])
+                masks, names = from_label_map(item[key], item["classes"])
                 pictures.append(draw_overlay(item["image"], masks, None, names))
     return grid(pictures, columns=2)

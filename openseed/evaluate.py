@@ -19,7 +19,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from openseed.train import CONF, metrics_table
+from openseed.train import CONF, metrics_table, scalar_metrics
 
 log = logging.getLogger("openseed.evaluate")
 USAGE = ("python -m openseed.evaluate ckpt_path=PATH, PATH a training checkpoint (e.g. "
@@ -73,7 +73,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
         results[shards.name] = evaluator.compute()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    scalars = {name: {k: v for k, v in metrics.items() if k != "per_class"} for name, metrics in results.items()}
+    scalars = scalar_metrics(results)
     per_class = {name: metrics.get("per_class", {}) for name, metrics in results.items()}
     (out / "metrics.json").write_text(json.dumps({"ckpt_path": str(path), "metrics": scalars, "per_class": per_class},
                                                  indent=1))

@@ -31,6 +31,11 @@ def metrics_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def scalar_metrics(results: dict[str, dict]) -> dict[str, dict]:
+    """``{data set: metrics}`` without the ``per_class`` details (what metrics.json and the loggers get)."""
+    return {name: {k: v for k, v in metrics.items() if k != "per_class"} for name, metrics in results.items()}
+
+
 def add_unseen_class_metrics(results: dict[str, dict], seg_classes: set[str]) -> None:
     """Adds ``box_AP_unseen`` / ``mask_AP_unseen`` to every validation set that has classes outside the segmentation
     training vocabulary (e.g. synthshapes' detection-only shapes): the mean per-class AP over those classes (COCO AP is
@@ -38,10 +43,9 @@ def add_unseen_class_metrics(results: dict[str, dict], seg_classes: set[str]) ->
     for metrics in results.values():
         per_class = metrics.get("per_class", {})
         for key in ("box_AP", "mask_AP"):
-            values = [ap for name, ap in per_class.get(key, {}).items()
-                      if name not in seg_classes and ap is not None and ap == ap and ap >= 0]
-            unseen = [name for name in per_class.get(key, {}) if name not in seg_classes]
+            unseen = [ap for name, ap in per_class.get(key, {}).items() if name not in seg_classes]
             if unseen:
+                values = [ap for ap in unseen if ap is not None and ap == ap and ap >= 0]  # classes with GT
                 metrics[f"{key}_unseen"] = sum(values) / len(values) if values else 0.0
 
 
@@ -86,7 +90,7 @@ def _report(cfg: DictConfig, results: dict, datamodule, module, trainer, loggers
         seg_set = datamodule.train_sets.get("seg")
         if seg_set is not None:
             add_unseen_class_metrics(results, set(seg_set.vocabulary.names))
-        scalars = {name: {k: v for k, v in metrics.items() if k != "per_class"} for name, metrics in results.items()}
+        scalars = scalar_metrics(results)
         (out / "metrics.json").write_text(json.dumps({"step": trainer.global_step, "metrics": scalars}, indent=1))
         for logger in loggers:
             logger.log_metrics({f"final/{name}/{key}": value for name, metrics in scalars.items()

@@ -231,8 +231,7 @@ class SetCriterion(nn.Module):
             masks=None if t.masks is None else t.masks.to(device),
             has_mask=t.has_mask.to(device=device, dtype=torch.bool),
             is_thing=t.is_thing.to(device=device, dtype=torch.bool),
-            ignore=None if getattr(t, "ignore_mask", None) is None or not bool(t.ignore_mask.any())
-            else t.ignore_mask.to(device),
+            ignore=None if t.ignore_mask is None or not bool(t.ignore_mask.any()) else t.ignore_mask.to(device),
         )
 
     @staticmethod
