@@ -1,5 +1,7 @@
 """The Hydra training entry point: configs compose, and a fast_dev_run trains and validates on synthshapes."""
 
+import json
+import struct
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ from lightning import Callback
 from omegaconf import open_dict
 
 from openseed.train import CONF, train
+from tests._wandb_log import config_keys, history_values, wait_for_records
 
 TRAINERS = sorted(p.stem for p in (Path(CONF) / "trainer").glob("*.yaml"))
 LOGGERS = sorted(p.stem for p in (Path(CONF) / "logger").glob("*.yaml"))
@@ -73,14 +76,50 @@ def test_wandb_offline_run_holds_metrics_and_overlay_images(synth_shards, tmp_pa
     monkeypatch.setenv("WANDB_CONSOLE", "off")  # no console capture inside pytest's own
     train(_compose(_short_run_overrides(synth_shards, logger="wandb"), tmp_path))
     (run,) = (tmp_path / "wandb").glob("offline-run-*")
-    records = next(run.glob("*.wandb")).read_bytes()
-    for key in (b"val/synthshapes_seg_val/PQ", b"val/synthshapes_det_val/box_AP", b"train/loss"):
-        assert key in records, key
-    assert list((run / "files" / "media" / "images").rglob("*.png"))  # the validation overlays
-    assert b"val/synthshapes_det_val/overlays" in records  # detection sets too (boxes)
-    box_files = list((run / "files" / "media").rglob("*boxes*"))
-    assert box_files or b"box_data" in records
-    assert b"prepare_synthshapes" in records and b"num_points" in records  # the resolved config
+    records = wait_for_records(next(run.glob("*.wandb")))
+    history = history_values(records)
+    assert 0.0 < float(history["train/loss"][0]) < 1e4
+    for key in ("val/synthshapes_seg_val/PQ", "val/synthshapes_det_val/box_AP", "final/synthshapes_det_val/box_AP"):
+        (value,) = history[key]
+        assert 0.0 <= float(value) <= 100.0, (key, value)
+    # the validation overlays: panoptic masks for the segmentation set, boxes and masks for the detection set
+    assert list((run / "files" / "media" / "images").rglob("*.png"))
+    assert "val/synthshapes_seg_val/overlays/all_masks" in history
+    assert {"val/synthshapes_det_val/overlays/all_boxes", "val/synthshapes_det_val/overlays/all_masks"} <= set(history)
+    # the resolved config
+    assert {"prepare_synthshapes", "criterion", "trainer", "data"} <= config_keys(records)
+    criteria = [json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "config"
+                for item in r.config.update if item.key == "criterion"]
+    assert criteria and all(c["num_points"] == 256 for c in criteria)
+
+
+def test_wandb_log_reader_joins_chunks_across_blocks_and_stops_at_a_torn_tail(tmp_path):
+    from wandb.proto import wandb_internal_pb2
+
+    from tests._wandb_log import BLOCK, read_records
+
+    def chunk(kind, payload):
+        return struct.pack("<IHB", 0, len(payload), kind) + payload
+
+    def history_record(key, size):
+        record = wandb_internal_pb2.Record()
+        item = record.history.item.add()
+        item.key, item.value_json = key, json.dumps("x" * size)
+        return record.SerializeToString()
+
+    small, big = history_record("a/b", 10), history_record("val/long_key/PQ", 40000)  # big spans two blocks
+    log = bytearray(b":W&B" + struct.pack("<HB", 0xBEE1, 0) + chunk(1, small))
+    first = BLOCK - len(log) - 7
+    log += chunk(2, big[:first])
+    log += chunk(4, big[first:])
+    assert b"val/long_key/PQ" in big and len(log) > BLOCK
+    path = tmp_path / "run.wandb"
+    path.write_bytes(bytes(log))
+    records = read_records(path)
+    assert [r.history.item[0].key for r in records] == ["a/b", "val/long_key/PQ"]
+    assert json.loads(records[1].history.item[0].value_json) == "x" * 40000
+    path.write_bytes(bytes(log[:-100]))  # the writer has not finished the last chunk yet
+    assert [r.history.item[0].key for r in read_records(path)] == ["a/b"]
 
 
 def test_wandb_run_is_finished_when_training_crashes(synth_shards, tmp_path, monkeypatch):
