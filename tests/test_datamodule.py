@@ -1,7 +1,9 @@
 """DDP safety of the streams: equal training steps on every rank, validation split disjointly and completely."""
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from openseed.data.datamodule import OpenSeeDDataModule, split_for_slot
 from openseed.structures import Batch
@@ -156,3 +158,53 @@ def test_real_ddp_processes_with_gloo(uneven_seg, uneven_det, panoptic_shards, t
     assert [r["steps"] for r in ranks] == [8, 8]
     assert not set(ranks[0]["val"]) & set(ranks[1]["val"])
     assert sorted(ranks[0]["val"] + ranks[1]["val"]) == list(range(1, 13))
+
+
+class _OrderRecorder(L.LightningModule):
+    """Trains nothing; records the segmentation image ids of every training batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(tuple(t.image_id for t in batch["seg"].targets))
+        return (self.weight - 1.0) ** 2
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([self.weight], lr=0.1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_training_continues_the_data_order(uneven_seg, uneven_det, tmp_path, workers):
+    """Epoch-boundary resume = the uninterrupted order; mid-epoch resume does not replay the trained batches."""
+
+    def fit(ckpt_path=None, save_as=None, save_at_step=None, **limits):
+        module = _OrderRecorder()
+        callbacks = [ModelCheckpoint(dirpath=tmp_path, filename="mid", every_n_train_steps=save_at_step,
+                                     save_top_k=-1)] if save_at_step else []
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            enable_checkpointing=bool(callbacks), callbacks=callbacks, default_root_dir=tmp_path,
+                            **limits)
+        trainer.fit(module, datamodule=_module(uneven_seg, uneven_det, 0, 1, workers=workers), ckpt_path=ckpt_path)
+        if save_as:
+            trainer.save_checkpoint(tmp_path / save_as)
+        return module.seen, trainer
+
+    steps = 35 // 2
+    full, _ = fit(max_epochs=3)
+    assert len(full) == 3 * steps and full[:steps] != full[steps:2 * steps]
+
+    first, _ = fit(max_epochs=1, save_as="epoch1.ckpt")
+    assert first == full[:steps]
+    rest, trainer = fit(ckpt_path=tmp_path / "epoch1.ckpt", max_epochs=3)
+    assert rest == full[steps:] and trainer.global_step == 3 * steps
+
+    # a step checkpoint 5 batches into the second epoch (as a preempted job leaves it)
+    fit(max_steps=steps + 5, save_at_step=steps + 5)
+    tail, trainer = fit(ckpt_path=tmp_path / "mid.ckpt", max_epochs=3)
+    assert trainer.global_step == 3 * steps and len(tail) == 2 * steps - 5
+    second_epoch = full[steps:2 * steps]
+    assert tail[:steps - 5] != second_epoch[:steps - 5]  # not the second epoch replayed from its start
+    assert tail[steps - 5:] == full[2 * steps:]  # the third epoch is the uninterrupted run's

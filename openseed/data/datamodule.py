@@ -104,17 +104,31 @@ def _without_masks(sample: Sample) -> Sample:
 
 
 class JointTrainDataset(IterableDataset):
-    """Endless ``{"seg": Batch, "det": Batch}`` (or only the streams configured) for one rank."""
+    """Endless ``{"seg": Batch, "det": Batch}`` (or only the streams configured) for one rank.
+
+    Each iteration (epoch) draws from streams keyed by (seed, epoch, rank, worker, name). :meth:`start_at` places
+    the first iteration at a resumed position: an epoch-boundary resume continues the exact order of an uninterrupted
+    run; a mid-epoch resume draws the rest of that epoch from a stream keyed also by the batches already done, so it
+    does not replay the batches trained before the interruption (the draws are i.i.d. shard picks, so a fresh key
+    leaves the sampling distribution unchanged).
+    """
 
     def __init__(self, streams: Mapping[str, TrainStream], rank: int, seed: int):
         super().__init__()
         self.streams, self.rank, self.seed = dict(streams), rank, seed
         self.epoch = -1  # advanced in each (persistent) worker copy at every new iteration
+        self.batches_done = 0  # batches of the first epoch already trained before a mid-epoch resume
+
+    def start_at(self, epoch: int, batches_done: int = 0) -> None:
+        """Make the next iteration epoch ``epoch``, of which ``batches_done`` batches were trained already."""
+        self.epoch, self.batches_done = epoch - 1, batches_done
 
     def __iter__(self) -> Iterator[dict[str, Batch]]:
         self.epoch += 1
         worker, _ = _worker()
-        iterators = {name: stream.batches((self.seed, self.epoch, self.rank, worker, name))
+        resumed = (self.batches_done,) if self.batches_done else ()
+        self.batches_done = 0  # only the first epoch after a resume is partial
+        iterators = {name: stream.batches((self.seed, self.epoch, self.rank, worker, name) + resumed)
                      for name, stream in self.streams.items()}
         while True:
             yield {name: next(iterator) for name, iterator in iterators.items()}
@@ -172,7 +186,12 @@ class EvalDataset(IterableDataset):
 
 
 class SizedLoader:
-    """A DataLoader over an endless or finite stream, cut at (or sized to) ``length`` batches per pass."""
+    """A DataLoader over an endless or finite stream, cut at (or sized to) ``length`` batches per pass.
+
+    Iterating is lazy: nothing starts (no worker process, no epoch advanced in a persistent worker's dataset copy)
+    until the first batch is asked for, so an ``iter()`` that only checks iterability (Lightning does one before
+    training) does not consume an epoch of the training stream.
+    """
 
     def __init__(self, loader: DataLoader, length: int):
         self.loader, self.length = loader, length
@@ -181,7 +200,26 @@ class SizedLoader:
         return self.length
 
     def __iter__(self):
-        return itertools.islice(iter(self.loader), self.length)
+        return self._batches()
+
+    def _batches(self):
+        yield from itertools.islice(iter(self.loader), self.length)
+
+
+class TrainLoader(SizedLoader):
+    """The training loader: before its first pass it asks ``position()`` for (epoch, batches done in that epoch),
+    the trainer's position after a checkpoint restore, and starts the stream there (persistent workers copy the
+    dataset at that first pass and count epochs on from it)."""
+
+    def __init__(self, loader: DataLoader, length: int, position: Callable[[], tuple[int, int]]):
+        super().__init__(loader, length)
+        self.position, self.started = position, False
+
+    def _batches(self):
+        if not self.started:
+            self.loader.dataset.start_at(*self.position())
+            self.started = True
+        yield from super()._batches()
 
 
 class OpenSeeDDataModule(LightningDataModule):
@@ -276,7 +314,19 @@ class OpenSeeDDataModule(LightningDataModule):
                                      keep_masks=name == "seg" or self.det_masks)
                    for name, shards in self.train_sets.items()}
         dataset = JointTrainDataset(streams, self.rank, self.seed)
-        return SizedLoader(self._loader(dataset, persistent=True), self.steps_per_epoch)
+        return TrainLoader(self._loader(dataset, persistent=True), self.steps_per_epoch, self._train_position)
+
+    def _train_position(self) -> tuple[int, int]:
+        """(epoch, batches already trained in it) from the attached trainer's batch count, which a checkpoint
+        restores: Lightning's own epoch counter is not yet advanced past an end-of-epoch checkpoint when the loader
+        starts, its batch count is."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 0
+        done = trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        limit = trainer.limit_train_batches
+        per_epoch = min(self.steps_per_epoch, limit) if isinstance(limit, int) else int(self.steps_per_epoch * limit)
+        return divmod(done, max(per_epoch, 1))
 
     def val_dataloader(self) -> list[SizedLoader]:
         self.setup()
