@@ -63,7 +63,8 @@ if HAS_TRITON:
 
         ``loc_x``, ``loc_y`` and ``active`` are ``[BLOCK_Q]``; ``height``, ``width``, ``start`` are the level's
         int32 shape and first token. Corner order: (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1).
-        Returns the fractional parts ``fx``, ``fy`` too (the backward pass needs them).
+        Returns the fractional parts ``fx``, ``fy`` and their complements ``gx = 1 - fx``, ``gy = 1 - fy`` too (the
+        backward pass needs them).
         """
         width_f = width.to(loc_x.dtype)
         height_f = height.to(loc_x.dtype)
@@ -100,7 +101,36 @@ if HAS_TRITON:
         t11 = tl.where(in11, row1 + x1, 0)
         gx = 1.0 - fx
         gy = 1.0 - fy
-        return t00, t01, t10, t11, in00, in01, in10, in11, gy * gx, gy * fx, fy * gx, fy * fx, fx, fy
+        return t00, t01, t10, t11, in00, in01, in10, in11, gy * gx, gy * fx, fy * gx, fy * fx, fx, fy, gx, gy
+
+    @triton.jit
+    def _program_tile(num_queries, num_heads, channels, num_tokens, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr):
+        """The tile of program (i, b * H + h): queries ``[i * BLOCK_Q, (i + 1) * BLOCK_Q)`` of head h, all channels.
+
+        Returns the (b, q, h) row indices (int64, so large batches cannot overflow the flattened offsets), the query
+        and channel indices with their masks, the offset of head h of batch b in a ``[B, S, H, C]`` tensor and the
+        stride between its tokens.
+        """
+        pid_q = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // num_heads
+        h = pid_bh % num_heads
+        q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        q_mask = q < num_queries
+        c = tl.arange(0, BLOCK_C)
+        c_mask = c < channels
+        row = (b.to(tl.int64) * num_queries + q) * num_heads + h
+        head_offset = (b.to(tl.int64) * num_tokens * num_heads + h) * channels
+        return row, q_mask, c, c_mask, head_offset, num_heads * channels
+
+    @triton.jit
+    def _load_point(loc_ptr, attn_ptr, row, q_mask, lvl, p, NUM_LEVELS: tl.constexpr, NUM_POINTS: tl.constexpr):
+        """Index into ``[B, Q, H, L, P]`` of point p of level lvl for the tile's rows, its location and weight."""
+        lp = row * (NUM_LEVELS * NUM_POINTS) + lvl * NUM_POINTS + p
+        loc_x = tl.load(loc_ptr + 2 * lp, mask=q_mask, other=0.0)
+        loc_y = tl.load(loc_ptr + 2 * lp + 1, mask=q_mask, other=0.0)
+        a = tl.load(attn_ptr + lp, mask=q_mask, other=0.0)
+        return lp, loc_x, loc_y, a
 
     @triton.jit
     def _gather_rows(value_base, token, inside, token_stride, c, c_mask, ACC: tl.constexpr):
@@ -127,29 +157,18 @@ if HAS_TRITON:
     ):
         """Forward pass: program (i, b * H + h) writes queries ``[i * BLOCK_Q, (i + 1) * BLOCK_Q)`` of head h."""
         ACC: tl.constexpr = loc_ptr.dtype.element_ty
-        pid_q = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // num_heads
-        h = pid_bh % num_heads
-        q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        q_mask = q < num_queries
-        c = tl.arange(0, BLOCK_C)
-        c_mask = c < channels
-        # (b, q, h) row index, in int64 so that large batches cannot overflow the flattened offsets
-        row = (b.to(tl.int64) * num_queries + q) * num_heads + h
-        value_base = value_ptr + (b.to(tl.int64) * num_tokens * num_heads + h) * channels
-        token_stride = num_heads * channels
+        row, q_mask, c, c_mask, head_offset, token_stride = _program_tile(
+            num_queries, num_heads, channels, num_tokens, BLOCK_Q, BLOCK_C
+        )
+        value_base = value_ptr + head_offset
         acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=ACC)
         for lvl in range(NUM_LEVELS):
             height = tl.load(shapes_ptr + 2 * lvl)
             width = tl.load(shapes_ptr + 2 * lvl + 1)
             start = tl.load(starts_ptr + lvl)
             for p in tl.static_range(NUM_POINTS):
-                lp = row * (NUM_LEVELS * NUM_POINTS) + lvl * NUM_POINTS + p  # index into [B, Q, H, L, P]
-                loc_x = tl.load(loc_ptr + 2 * lp, mask=q_mask, other=0.0)
-                loc_y = tl.load(loc_ptr + 2 * lp + 1, mask=q_mask, other=0.0)
-                a = tl.load(attn_ptr + lp, mask=q_mask, other=0.0)
-                t00, t01, t10, t11, in00, in01, in10, in11, w00, w01, w10, w11, fx, fy = _bilinear_corners(
+                lp, loc_x, loc_y, a = _load_point(loc_ptr, attn_ptr, row, q_mask, lvl, p, NUM_LEVELS, NUM_POINTS)
+                t00, t01, t10, t11, in00, in01, in10, in11, w00, w01, w10, w11, fx, fy, gx, gy = _bilinear_corners(
                     loc_x, loc_y, height, width, start, q_mask
                 )
                 sample = w00[:, None] * _gather_rows(value_base, t00, in00, token_stride, c, c_mask, ACC)
@@ -196,19 +215,11 @@ if HAS_TRITON:
         corner ``k``.
         """
         ACC: tl.constexpr = loc_ptr.dtype.element_ty
-        pid_q = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // num_heads
-        h = pid_bh % num_heads
-        q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        q_mask = q < num_queries
-        c = tl.arange(0, BLOCK_C)
-        c_mask = c < channels
-        row = (b.to(tl.int64) * num_queries + q) * num_heads + h
-        head_offset = (b.to(tl.int64) * num_tokens * num_heads + h) * channels
+        row, q_mask, c, c_mask, head_offset, token_stride = _program_tile(
+            num_queries, num_heads, channels, num_tokens, BLOCK_Q, BLOCK_C
+        )
         value_base = value_ptr + head_offset
         grad_value_base = grad_value_ptr + head_offset
-        token_stride = num_heads * channels
         tile_mask = q_mask[:, None] & c_mask[None, :]
         g = tl.load(grad_out_ptr + row[:, None] * channels + c[None, :], mask=tile_mask, other=0.0).to(ACC)
         for lvl in range(NUM_LEVELS):
@@ -216,11 +227,8 @@ if HAS_TRITON:
             width = tl.load(shapes_ptr + 2 * lvl + 1)
             start = tl.load(starts_ptr + lvl)
             for p in tl.static_range(NUM_POINTS):
-                lp = row * (NUM_LEVELS * NUM_POINTS) + lvl * NUM_POINTS + p
-                loc_x = tl.load(loc_ptr + 2 * lp, mask=q_mask, other=0.0)
-                loc_y = tl.load(loc_ptr + 2 * lp + 1, mask=q_mask, other=0.0)
-                a = tl.load(attn_ptr + lp, mask=q_mask, other=0.0)
-                t00, t01, t10, t11, in00, in01, in10, in11, w00, w01, w10, w11, fx, fy = _bilinear_corners(
+                lp, loc_x, loc_y, a = _load_point(loc_ptr, attn_ptr, row, q_mask, lvl, p, NUM_LEVELS, NUM_POINTS)
+                t00, t01, t10, t11, in00, in01, in10, in11, w00, w01, w10, w11, fx, fy, gx, gy = _bilinear_corners(
                     loc_x, loc_y, height, width, start, q_mask
                 )
                 v00 = _gather_rows(value_base, t00, in00, token_stride, c, c_mask, ACC)
@@ -229,8 +237,6 @@ if HAS_TRITON:
                 v11 = _gather_rows(value_base, t11, in11, token_stride, c, c_mask, ACC)
                 sample = w00[:, None] * v00 + w01[:, None] * v01 + w10[:, None] * v10 + w11[:, None] * v11
                 grad_a = tl.sum(g * sample, axis=1)
-                gy = 1.0 - fy
-                gx = 1.0 - fx
                 d_fx = tl.sum(g * (gy[:, None] * (v01 - v00) + fy[:, None] * (v11 - v10)), axis=1)
                 d_fy = tl.sum(g * (gx[:, None] * (v10 - v00) + fx[:, None] * (v11 - v01)), axis=1)
                 tl.store(grad_attn_ptr + lp, grad_a, mask=q_mask)
