@@ -1,12 +1,14 @@
 """Model size and training-step cost.
 
     python experiments/model_profile/measure.py [--steps 5] [--size small] [--data data/synthshapes]
+        [--seg-batch 8] [--det-batch 6] [--num-points 784]
 
 1. Parameter counts of the Swin-T and Swin-L configurations (whole model and each part). Their text tower is a
    randomly initialised CLIP ViT-B/32-sized text transformer (12 layers, width 512, projection 512): the same
    shapes as the pretrained one, which cannot be downloaded here.
-2. Forward + backward time and peak memory of one joint training step (segmentation + detection batch, the batch
-   sizes and image size of conf/data/synthshapes.yaml) for the small configuration on this machine's CPU.
+2. Forward + backward time and peak memory of one joint training step (segmentation + detection batch; by default
+   the batch sizes, image size and mask points of the default experiment, conf/experiment/synthshapes_joint.yaml)
+   for the small configuration on this machine's CPU.
 3. Where a training step's time goes: the forward time of backbone, pixel decoder, text encoder and decoder, inside
    them the deformable attention, the matcher and the rest of the criterion, and the backward pass (torch.profiler;
    the regions are marked with ``record_function`` in the code).
@@ -73,7 +75,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--size", default="small")
     parser.add_argument("--data", default=str(ROOT / "data" / "synthshapes"))
-    parser.add_argument("--num-points", type=int, default=1600, help="point samples per mask in the criterion")
+    parser.add_argument("--num-points", type=int, default=784, help="point samples per mask in the criterion")
+    parser.add_argument("--seg-batch", type=int, default=8, help="segmentation images per step")
+    parser.add_argument("--det-batch", type=int, default=6, help="detection images per step")
     parser.add_argument("--skip-params", action="store_true")
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
@@ -81,8 +85,8 @@ def main(argv=None) -> int:
         parameter_table()
 
     dirs = prepare_synthshapes(args.data, progress=False)
-    data = OpenSeeDDataModule(seg={"path": str(dirs["seg_train"]), "batch_size": 16},
-                              det={"path": str(dirs["det_train"]), "batch_size": 32}, image_size=160,
+    data = OpenSeeDDataModule(seg={"path": str(dirs["seg_train"]), "batch_size": args.seg_batch},
+                              det={"path": str(dirs["det_train"]), "batch_size": args.det_batch}, image_size=160,
                               scale_range=(0.5, 1.5), num_workers=0)
     batches = [b for _, b in zip(range(args.steps + 1), data.train_dataloader())]
     torch.manual_seed(0)
@@ -102,7 +106,8 @@ def main(argv=None) -> int:
         optimizer.zero_grad()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times.sort()
-    print(f"\n{args.size}: joint step (16 seg + 32 det images, 160 px) forward+backward median "
+    print(f"\n{args.size}: joint step ({args.seg_batch} seg + {args.det_batch} det images, 160 px, "
+          f"{args.num_points} points) forward+backward median "
           f"{times[len(times) // 2]:.2f} s over {len(times)} steps; peak resident memory {peak / 1024:.0f} MiB "
           f"(+{(peak - before) / 1024:.0f} MiB over the loaded model and data)")
 
