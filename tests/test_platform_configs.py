@@ -41,7 +41,7 @@ def _synth_overrides(shards, steps=1, val_batches=0, detection=True, logger="csv
     """A tiny model on the synthshapes fixture shards for a few steps (validation on ``val_batches`` batches)."""
     overrides = ["model=tiny", "prepare_synthshapes=false", "criterion.num_points=256", f"+trainer.max_steps={steps}",
                  "trainer.log_every_n_steps=1", f"+trainer.limit_val_batches={val_batches}",
-                 "+trainer.num_sanity_val_steps=0", "+trainer.enable_progress_bar=false",
+                 "++trainer.num_sanity_val_steps=0", "+trainer.enable_progress_bar=false",
                  "++prediction_overlays=false", "data.num_workers=0", "data.pin_memory=false", "data.shuffle_buffer=4",
                  "data.image_size=160", "data.eval_max_size=160", "trainer.check_val_every_n_epoch=1",
                  f"logger={logger}",
