@@ -1,7 +1,7 @@
 """Model size and training-step cost.
 
     python experiments/model_profile/measure.py [--steps 5] [--size small] [--data data/synthshapes]
-        [--seg-batch 8] [--det-batch 6] [--num-points 784]
+        [--seg-batch 8] [--det-batch 6] [--num-points 512]
 
 1. Parameter counts of the Swin-T and Swin-L configurations (whole model and each part). Their text tower is a
    randomly initialised CLIP ViT-B/32-sized text transformer (12 layers, width 512, projection 512): the same
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--size", default="small")
     parser.add_argument("--data", default=str(ROOT / "data" / "synthshapes"))
-    parser.add_argument("--num-points", type=int, default=784, help="point samples per mask in the criterion")
+    parser.add_argument("--num-points", type=int, default=512, help="point samples per mask in the criterion")
     parser.add_argument("--seg-batch", type=int, default=8, help="segmentation images per step")
     parser.add_argument("--det-batch", type=int, default=6, help="detection images per step")
     parser.add_argument("--skip-params", action="store_true")
