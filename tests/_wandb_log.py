@@ -59,18 +59,21 @@ def wait_for_records(path: Path, timeout: float = 60.0) -> list:
         time.sleep(0.2)
 
 
-def history_values(records: list) -> dict:
-    """Every logged history key -> the list of its JSON-encoded values, in logging order."""
+def _values(records: list, kind: str, items) -> dict:
+    """Key -> the list of its JSON-encoded values, in logging order, over the records of one kind."""
     values: dict = {}
     for record in records:
-        if record.WhichOneof("record_type") == "history":
-            for item in record.history.item:
-                key = item.key or "/".join(item.nested_key)
-                values.setdefault(key, []).append(item.value_json)
+        if record.WhichOneof("record_type") == kind:
+            for item in items(record):
+                values.setdefault(item.key or "/".join(item.nested_key), []).append(item.value_json)
     return values
 
 
-def config_keys(records: list) -> set:
-    """The top-level keys of every config update in the log."""
-    return {item.key or "/".join(item.nested_key) for record in records
-            if record.WhichOneof("record_type") == "config" for item in record.config.update}
+def history_values(records: list) -> dict:
+    """Every logged history key -> the list of its JSON-encoded values, in logging order."""
+    return _values(records, "history", lambda record: record.history.item)
+
+
+def config_values(records: list) -> dict:
+    """Every top-level config key -> the JSON-encoded values of its updates, in logging order."""
+    return _values(records, "config", lambda record: record.config.update)

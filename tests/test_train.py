@@ -12,7 +12,7 @@ from lightning import Callback
 from omegaconf import open_dict
 
 from openseed.train import CONF, train
-from tests._wandb_log import config_keys, history_values, wait_for_records
+from tests._wandb_log import config_values, history_values, wait_for_records
 
 TRAINERS = sorted(p.stem for p in (Path(CONF) / "trainer").glob("*.yaml"))
 LOGGERS = sorted(p.stem for p in (Path(CONF) / "logger").glob("*.yaml"))
@@ -87,9 +87,9 @@ def test_wandb_offline_run_holds_metrics_and_overlay_images(synth_shards, tmp_pa
     assert "val/synthshapes_seg_val/overlays/all_masks" in history
     assert {"val/synthshapes_det_val/overlays/all_boxes", "val/synthshapes_det_val/overlays/all_masks"} <= set(history)
     # the resolved config
-    assert {"prepare_synthshapes", "criterion", "trainer", "data"} <= config_keys(records)
-    criteria = [json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "config"
-                for item in r.config.update if item.key == "criterion"]
+    config = config_values(records)
+    assert {"prepare_synthshapes", "criterion", "trainer", "data"} <= set(config)
+    criteria = [json.loads(value) for value in config["criterion"]]
     assert criteria and all(c["num_points"] == 256 for c in criteria)
 
 
