@@ -43,14 +43,14 @@ def vocab():
 
 def test_templates():
     assert len(PROMPT_TEMPLATES) == 81 == len(set(PROMPT_TEMPLATES))
-    assert PROMPT_TEMPLATES[0] == "a photo of a {}."
+    assert PROMPT_TEMPLATES[:2] == ("{}.", "a photo of a {}.")  # the reference OpenSeeD order
     assert {"a bad photo of a {}.", "a photo of many {}.", "a tattoo of the {}.", "itap of my {}."} <= set(
         PROMPT_TEMPLATES)
     assert all(t.count("{}") == 1 for t in PROMPT_TEMPLATES)
 
 
 def test_unknown_kind():
-    with pytest.raises(ValueError, match="minilm, clip, tiny"):
+    with pytest.raises(ValueError, match="minilm, clip, tiny, clip_transformer"):
         build_text_tower("bert-huge")
 
 
@@ -86,13 +86,13 @@ def test_evaluation_embeddings(tiny, vocab):
     assert torch.equal(again, uncached.encode_vocabulary(vocab))  # deterministic without the cache too
     assert torch.allclose(first, again, atol=1e-6)
 
-    # the ensemble is the mean of the per-prompt normalised features (prompts embedded one at a time here)
+    # the ensemble is the normalised mean of the per-prompt joint embeddings (prompts embedded one at a time here)
     with torch.no_grad():
         reference = []
         for name in vocab.prompt_names():
             features = [F.normalize(tiny(*tiny.tokenize([t.format(name)])), dim=-1) for t in PROMPT_TEMPLATES]
-            reference.append(torch.cat(features).mean(dim=0))
-        expected = F.normalize(encoder.projection(torch.stack(reference)), dim=-1)
+            reference.append(F.normalize(encoder.projection(torch.cat(features)), dim=-1).mean(dim=0))
+        expected = F.normalize(torch.stack(reference), dim=-1)
     assert torch.allclose(first, expected, atol=1e-5)
 
     single = TextEncoder(tiny, 16, templates=["a photo of a {}."]).eval()
@@ -147,7 +147,8 @@ def test_class_name_cleaning_is_shared(tiny, vocab):
     assert len(encoder.prompts(vocab, training=True, rng=random.Random(0))) == len(vocab)
     evaluation = encoder.prompts(vocab, training=False)
     assert len(evaluation) == len(vocab) * len(PROMPT_TEMPLATES)
-    assert evaluation[2 * len(PROMPT_TEMPLATES)] == "a photo of a brick wall."
+    assert evaluation[2 * len(PROMPT_TEMPLATES)] == "brick wall."
+    assert evaluation[2 * len(PROMPT_TEMPLATES) + 1] == "a photo of a brick wall."
 
 
 def test_synonyms(tiny, vocab):
@@ -262,3 +263,84 @@ def test_frozen_tower_prompt_cache_is_exact_and_runs_the_tower_once_per_text(tin
                           uncached.eval()._project(uncached._run_tower(prompts)), atol=1e-6)
     encoder.load_state_dict(encoder.state_dict())
     assert not encoder._prompt_cache  # loading weights forgets it
+
+
+def test_ensemble_averages_projected_embeddings(tiny, vocab):
+    """Each template is projected and normalised before the average (CLIP's and the reference's order): with a
+    non-orthogonal projection this differs from projecting the average of the tower features."""
+    encoder = TextEncoder(tiny, 6, templates=["{}.", "a photo of a {}.", "a drawing of the {}."]).eval()
+    with torch.no_grad():
+        encoder.projection.weight.copy_(torch.randn(6, tiny.width, generator=torch.Generator().manual_seed(0)))
+        encoder.projection.weight[:, 0] *= 25.0  # far from orthogonal
+        embeddings = encoder.encode_vocabulary(vocab)
+        by_hand, projected_mean = [], []
+        for name in vocab.prompt_names():
+            ids, mask = tiny.tokenize([t.format(name) for t in encoder.templates])
+            features = F.normalize(tiny(ids, mask), dim=-1)  # [T, width]
+            joint = features @ encoder.projection.weight.T  # [T, 6]
+            joint = joint / joint.norm(dim=-1, keepdim=True)
+            mean = joint.mean(dim=0)
+            by_hand.append(mean / mean.norm())
+            projected_mean.append(F.normalize(features.mean(dim=0) @ encoder.projection.weight.T, dim=0))
+    assert torch.allclose(embeddings, torch.stack(by_hand), atol=1e-5)
+    assert not torch.allclose(embeddings, torch.stack(projected_mean), atol=1e-3)
+
+
+def test_cached_ensemble_follows_the_projection(tiny, vocab):
+    """The evaluation cache holds tower features only: any change of the projection (in place, as an optimizer
+    does, or with gradients) gives exactly the uncached result."""
+    encoder = TextEncoder(tiny, 8, trainable=False).eval()
+    uncached = TextEncoder(tiny, 8, trainable=False, cache_eval=False).eval()
+    for _ in range(3):
+        uncached.projection.load_state_dict(encoder.projection.state_dict())
+        with torch.no_grad():
+            cached = encoder.encode_vocabulary(vocab)
+            assert torch.equal(encoder.encode_vocabulary(vocab), cached)
+        assert torch.allclose(cached, uncached.encode_vocabulary(vocab), atol=1e-6)
+        with_grad = encoder.encode_vocabulary(vocab)
+        assert with_grad.requires_grad and torch.allclose(with_grad, cached, atol=1e-6)
+        with torch.no_grad():
+            encoder.projection.weight.add_(0.1 * torch.randn_like(encoder.projection.weight))
+    assert len(encoder._eval_cache) == 1 and next(iter(encoder._eval_cache.values()))[1].shape == (
+        len(vocab), len(PROMPT_TEMPLATES), tiny.width)
+    fresh = TextEncoder(tiny, 8, trainable=False).eval()
+    with torch.inference_mode():  # a cache filled in inference mode serves a later call that needs gradients
+        fresh.encode_vocabulary(vocab)
+    fresh.encode_vocabulary(vocab).sum().backward()
+    assert fresh.projection.weight.grad.abs().sum() > 0
+
+
+def test_reference_name_style(tiny, vocab):
+    encoder = TextEncoder(tiny, 8, name_style="reference")
+    evaluation = encoder.prompts(vocab, training=False)
+    names = evaluation[::len(PROMPT_TEMPLATES)]
+    assert names == ["person.", "sofa.", "wall-brick.", "sky.", "dog."]
+    drawn = {encoder.prompts(vocab, training=True, rng=random.Random(seed))[1] for seed in range(30)}
+    assert {"sofa", "couch"} == {word for p in drawn for word in ("sofa", "couch") if word in p}
+    assert all("brick wall" not in p for p in encoder.prompts(vocab, True, random.Random(0)))
+    # the evaluation cache tells the styles apart
+    encoder.eval()
+    openseed_style = TextEncoder(tiny, 8).eval()
+    openseed_style.projection.load_state_dict(encoder.projection.state_dict())
+    reference = encoder.encode_vocabulary(vocab)
+    encoder.name_style = "openseed"
+    assert torch.allclose(encoder.encode_vocabulary(vocab), openseed_style.encode_vocabulary(vocab), atol=1e-6)
+    assert not torch.allclose(encoder.encode_vocabulary(vocab), reference, atol=1e-3)
+    assert {key[0] for key in encoder._eval_cache} == {"openseed", "reference"}
+    with pytest.raises(ValueError, match="name_style"):
+        TextEncoder(tiny, 8, name_style="clip")
+
+
+def test_clip_transformer_tower_in_the_encoder(vocab):
+    tower = build_text_tower("clip_transformer", context_length=18, width=32, layers=2, heads=2)
+    keys = set(tower.state_dict())
+    assert {"token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias",
+            "resblocks.1.attn.in_proj_weight", "resblocks.1.attn.in_proj_bias", "resblocks.1.attn.out_proj.weight",
+            "resblocks.1.attn.out_proj.bias", "resblocks.1.mlp.c_fc.weight", "resblocks.1.mlp.c_proj.bias",
+            "resblocks.1.ln_1.weight", "resblocks.1.ln_2.bias"} <= keys
+    assert len(keys) == 4 + 2 * 12
+    encoder = TextEncoder(tower, 16, name_style="reference").eval()
+    assert encoder.encode_vocabulary(vocab).shape == (len(vocab), 16)
+    encoder.train()
+    encoder.encode_vocabulary(vocab, rng=random.Random(0)).pow(3).sum().backward()
+    assert tower.token_embedding.weight.grad.abs().sum() > 0

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from openseed.data.vocab import Vocabulary, clean_class_name
+from openseed.data.vocab import Vocabulary, clean_class_name, reference_class_name, reference_synonyms
 from tests.conftest import PANOPTIC
 
 
@@ -71,3 +71,27 @@ def test_model_side_imports_stay_light():
     from openseed.data import OpenSeeDDataModule, Vocabulary
 
     assert Vocabulary.__module__ == "openseed.data.vocab" and OpenSeeDDataModule.__name__ == "OpenSeeDDataModule"
+
+
+@pytest.mark.parametrize("raw, evaluation, training", [
+    ("wall-brick", "wall-brick", "wall-brick"), ("sky-other-merged", "sky", "sky"), ("door-stuff", "door", "door"),
+    ("Traffic Sign", "Traffic Sign", "Traffic Sign"), ("aerosol_can", "aerosol_can", "aerosol_can"),
+    ("building, edifice", "building, edifice", "building edifice"), ("salt+pepper", "salt+pepper", "salt pepper"),
+])
+def test_reference_class_name(raw, evaluation, training):
+    assert reference_class_name(raw) == evaluation
+    assert reference_class_name(raw, training=True) == training
+
+
+def test_reference_name_style():
+    vocab = Vocabulary.from_coco_categories([{"id": 3, "name": "sofa/couch,settee"}, {"id": 7, "name": "wall-brick"},
+                                             {"id": 9, "name": "sky-other-merged", "isthing": 0}])
+    assert reference_synonyms("sofa/couch,settee") == ("sofa", "couch,settee")
+    assert vocab.prompt_names(style="reference") == ["sofa", "wall-brick", "sky"]
+    drawn = {vocab.prompt_names(random.Random(seed), style="reference")[0] for seed in range(50)}
+    assert drawn == {"sofa", "couchsettee"}
+    assert vocab.prompt_names(random.Random(0), style="reference")[1:] == ["wall-brick", "sky"]
+    # the default is unchanged
+    assert vocab.prompt_names() == ["sofa", "brick wall", "sky"]
+    with pytest.raises(ValueError, match="unknown name style"):
+        vocab.prompt_names(style="clip")

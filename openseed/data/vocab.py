@@ -16,6 +16,9 @@ from pathlib import Path
 
 # COCO panoptic suffixes that say how the class was built, not what it is.
 _DROPPED_SUFFIXES = ("-merged", "-other", "-stuff")
+#: How ``Vocabulary.prompt_names`` turns categories into words: openseed's cleaned synonyms, or the reference
+#: OpenSeeD code's rule on the raw names (``reference_class_name``).
+NAME_STYLES = ("openseed", "reference")
 # Hyphenated names whose parts already read in English order (everything else "head-modifier" is swapped).
 _KEEP_ORDER = {"window-blind": "window blind"}
 
@@ -42,6 +45,21 @@ def clean_class_name(name: str) -> str:
         text = f"{modifier} {head}"  # COCO writes "wall-brick" for a brick wall
     text = text.replace("_", " ").replace("-", " ")
     return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def reference_class_name(name: str, training: bool = False) -> str:
+    """A raw class name as the reference OpenSeeD code embeds it: only ``-other``, ``-merged`` and ``-stuff`` are
+    removed (``"sky-other-merged" -> "sky"``, ``"wall-brick"`` stays); in training it also drops commas and reads
+    ``+`` as a space. Nothing else changes (no lower-casing: the tokenizer does that)."""
+    text = name.replace("-other", "").replace("-merged", "").replace("-stuff", "")
+    return text.replace(",", "").replace("+", " ") if training else text
+
+
+def reference_synonyms(name: str) -> tuple[str, ...]:
+    """The reference-style names of one raw class name: its ``/``-separated parts, each through
+    ``reference_class_name`` (evaluation form); the first is the canonical one."""
+    parts = tuple(p for p in (reference_class_name(part) for part in name.split("/")) if p)
+    return parts or (reference_class_name(name),)
 
 
 @dataclass(frozen=True)
@@ -137,12 +155,24 @@ class Vocabulary:
     def __contains__(self, category_id: int) -> bool:
         return int(category_id) in self._index_of_id
 
-    def prompt_names(self, rng: random.Random | None = None) -> list[str]:
+    def prompt_names(self, rng: random.Random | None = None, style: str = "openseed") -> list[str]:
         """The words the text encoder embeds, one per class: the canonical synonym, or (training, with ``rng``)
-        one synonym drawn per class."""
+        one synonym drawn per class.
+
+        ``style``: ``"openseed"`` reads the cleaned ``synonyms``; ``"reference"`` the raw name as the reference
+        OpenSeeD code cleans it (``reference_synonyms``; with ``rng``, the drawn one in ``reference_class_name``'s
+        training form).
+        """
+        if style == "openseed":
+            if rng is None:
+                return [c.synonyms[0] for c in self.categories]
+            return [rng.choice(c.synonyms) for c in self.categories]
+        if style != "reference":
+            raise ValueError(f"unknown name style {style!r}; known: {', '.join(NAME_STYLES)}")
+        synonyms = [reference_synonyms(c.name) for c in self.categories]
         if rng is None:
-            return [c.synonyms[0] for c in self.categories]
-        return [rng.choice(c.synonyms) for c in self.categories]
+            return [s[0] for s in synonyms]
+        return [reference_class_name(rng.choice(s), training=True) for s in synonyms]
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_json(self) -> list[dict]:

