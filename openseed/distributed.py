@@ -32,6 +32,7 @@ KNOWN_BLOCKS: dict[str, str] = {
     "DeformableEncoderLayer": "openseed.modeling.pixel_decoder.DeformableEncoderLayer",  # pixel decoder
     "DecoderLayer": "openseed.modeling.decoder.DecoderLayer",  # decoder
     "CLIPEncoderLayer": "transformers.models.clip.modeling_clip.CLIPEncoderLayer",  # text tower: CLIP
+    "ResidualAttentionBlock": "openseed.modeling.clip_text.ResidualAttentionBlock",  # text tower: clip_transformer
     "BertLayer": "transformers.models.bert.modeling_bert.BertLayer",  # text tower: MiniLM, tiny
 }
 

@@ -20,6 +20,7 @@ STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 CHANNELS = {
     "swin_tiny": (96, 192, 384, 768),
     "swin_large": (192, 384, 768, 1536),
+    "swin": (96, 192, 384, 768),  # custom sizes; Swin-T's by default
     "focal_tiny": (96, 192, 384, 768),
     "resnet50": (256, 512, 1024, 2048),
     "tiny": (48, 96, 192, 384),
@@ -71,6 +72,18 @@ def test_swin_takes_any_multiple_of_32(built, name, sizes):
     for height, width in sizes:
         with torch.no_grad():
             _check_features(built[name](torch.randn(1, 3, height, width)), name, 1, height, width)
+
+
+def test_custom_swin_sizes_and_option_errors():
+    """The reference's small test models' Swin (embed 32, depths 1-1-2-1, heads 1-2-4-8, window 12)."""
+    model = build_backbone("swin", options={"embed_dim": 32, "depths": [1, 1, 2, 1], "num_heads": [1, 2, 4, 8],
+                                            "window_size": 12})
+    assert model.channels == dict(zip(FEATURE_NAMES, (32, 64, 128, 256)))
+    assert model.encoder.layers[2].blocks[1].attn.relative_position_bias_table.shape == (23 * 23, 4)
+    with pytest.raises(ValueError, match="takes no options"):
+        build_backbone("swin_tiny", options={"window_size": 12})
+    with pytest.raises(ValueError, match=r"unknown swin option\(s\) \['mlp_ratio'\]"):
+        build_backbone("swin", options={"mlp_ratio": 2})
 
 
 def test_rejects_sizes_not_multiple_of_32(built):

@@ -39,10 +39,21 @@ def test_model_configs_build(name):
     assert model.config["decoupled"] is False and model.decoder.num_bg == 0
 
 
-@pytest.mark.parametrize("name", ["swint", "swinl"])
-def test_full_size_model_configs_name_real_sizes(name):
+@pytest.mark.parametrize("name", ["swint_nodecouple", "swint_decouple", "swinl_decouple"])
+def test_full_size_model_configs_name_the_released_architectures(name):
     from openseed.modeling.openseed import MODEL_SIZES
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(overrides=[f"+model={name}"])
-    assert cfg.model.size == name and MODEL_SIZES[name].num_fg == 300 and MODEL_SIZES[name].decoder_layers == 9
+    config = MODEL_SIZES[cfg.model.size]
+    assert cfg.model.size == name and cfg.model.init_from is None
+    assert config.num_fg == 300 and config.decoder_layers == 9 and config.num_bg == (0 if "nodecouple" in name else 100)
+    assert config.text_tower == "clip_transformer" and config.text_context == (77 if name == "swint_decouple" else 18)
+    assert not config.mask_padding and config.level_order == "coarse_first" and not config.class_bias
+
+
+def test_converted_model_config_requires_the_file():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(overrides=["+model=converted"])
+    with pytest.raises(Exception, match="init_from"):
+        instantiate(cfg.model)

@@ -19,7 +19,8 @@ from openseed.train import CONF, train
 
 TRAINERS = ["cpu", "gpu", "ddp", "fsdp"]
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
-PAPER = {"swint_joint": ("swint", "objects365v1_train"), "swinl_joint": ("swinl", "objects365v2_train")}
+PAPER = {"swint_joint": ("swint_decouple", "objects365v1_train"),
+         "swinl_joint": ("swinl_decouple", "objects365v2_train")}
 
 
 def _compose(overrides, output_dir, config_name="train"):

@@ -249,6 +249,19 @@ def _build_tiny(pretrained: bool = False, drop_path_rate: float | None = None) -
                            drop_path_rate=0.1 if drop_path_rate is None else drop_path_rate, **_SWIN_ANY_SIZE)
 
 
+def _build_swin(pretrained: bool = False, drop_path_rate: float | None = None, embed_dim: int = 96,
+                depths: tuple[int, ...] = (2, 2, 6, 2), num_heads: tuple[int, ...] = (3, 6, 12, 24),
+                window_size: int = 7) -> nn.Module:
+    """A Swin of any size (e.g. the reference's small test models: embed 32, depths 1-1-2-1); no weights exist for
+    arbitrary sizes: they come from a converted checkpoint."""
+    if pretrained:
+        raise ValueError("backbone 'swin' (custom sizes) has no published weights; use swin_tiny / swin_large, or "
+                         "pretrained=False and load a converted checkpoint")
+    return SwinTransformer(embed_dim=int(embed_dim), depths=tuple(depths), num_heads=tuple(num_heads),
+                           window_size=int(window_size), drop_path_rate=0.3 if drop_path_rate is None else
+                           drop_path_rate, **_SWIN_ANY_SIZE)
+
+
 def _build_tiny_resnet(pretrained: bool = False, drop_path_rate: float | None = None) -> nn.Module:
     """A 1.2M-parameter ResNet (basic blocks 1-1-1-1, widths 32-64-128-256, deep stem) that learns fast from scratch:
     the CPU default's backbone (a small Swin needs far more data and steps without pretrained weights)."""
@@ -258,7 +271,8 @@ def _build_tiny_resnet(pretrained: bool = False, drop_path_rate: float | None = 
                   num_classes=0, drop_path_rate=drop_path_rate or 0.0)
 
 
-# name -> builder(pretrained: bool, drop_path_rate: float | None) returning the timm classification model.
+# name -> builder(pretrained: bool, drop_path_rate: float | None, **options) returning the timm classification model
+# (only "swin" takes options: its sizes).
 # Weight tags follow the OpenSeeD paper: Swin-T ImageNet-1k, Swin-L ImageNet-22k (384, window 12), Focal-T =
 # FocalNet-T (LRF: focal levels 3, as X-Decoder's Focal-T), ResNet-50 with the classic torchvision weights.
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
@@ -266,13 +280,14 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "swin_large": _timm_builder("swin_large_patch4_window12_384.ms_in22k", 0.3, **_SWIN_ANY_SIZE),
     "focal_tiny": _timm_builder("focalnet_tiny_lrf.ms_in1k", 0.3),
     "resnet50": _timm_builder("resnet50.tv_in1k", None),
+    "swin": _build_swin,
     "tiny": _build_tiny,
     "tiny_resnet": _build_tiny_resnet,
 }
 
 
 def build_backbone(name: str, pretrained: bool | str | os.PathLike | None = False, drop_path_rate: float | None = None,
-                   freeze_at: int = 0) -> Backbone:
+                   freeze_at: int = 0, options: Mapping | None = None) -> Backbone:
     """Build a named backbone.
 
     Args:
@@ -282,11 +297,19 @@ def build_backbone(name: str, pretrained: bool | str | os.PathLike | None = Fals
             ``Backbone.load_weights``).
         drop_path_rate: stochastic depth rate; None keeps the configuration's default (0.3 for the transformers).
         freeze_at: see ``Backbone``.
+        options: sizes for the "swin" builder (embed_dim, depths, num_heads, window_size); no other backbone takes
+            options.
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; known: {sorted(BACKBONES)}")
+    options = dict(options or {})
+    if options and name != "swin":
+        raise ValueError(f"backbone {name!r} takes no options (got {sorted(options)}); only 'swin' has sizes")
+    known = {"embed_dim", "depths", "num_heads", "window_size"}
+    if set(options) - known:
+        raise ValueError(f"unknown swin option(s) {sorted(set(options) - known)}; known: {sorted(known)}")
     from_file = pretrained is not None and not isinstance(pretrained, bool)
-    backbone = Backbone(BACKBONES[name](pretrained=pretrained is True, drop_path_rate=drop_path_rate),
+    backbone = Backbone(BACKBONES[name](pretrained=pretrained is True, drop_path_rate=drop_path_rate, **options),
                         freeze_at=freeze_at)
     if from_file:
         backbone.load_weights(pretrained)

@@ -1,17 +1,22 @@
-"""Saving and loading a model: its config and weights in one file, loaded strictly.
+"""Saving and loading a model: its config and weights in one file, loaded strictly and without running pickled code.
 
-A model file holds ``{"format": "openseed-model", "version": 1, "config": OpenSeeDConfig fields, "state_dict": ...}``.
-``load_model`` also reads Lightning checkpoints of the training module: their weights live under ``state_dict`` with a
-``model.`` prefix and the config under ``hyper_parameters["model_config"]``. Keys are mapped explicitly; any missing or
-unexpected key is an error that lists them (never a silent partial load).
+A model file holds ``{"format": "openseed-model", "version": 1, "config": OpenSeeDConfig fields, "state_dict": ...}``
+(``python -m openseed.convert_checkpoint`` writes one from the authors' released checkpoints). ``load_model`` also
+reads Lightning checkpoints of the training module: their weights live under ``state_dict`` with a ``model.`` prefix
+and the config under ``hyper_parameters["model_config"]``. Files are read with ``torch.load(weights_only=True)``: a
+file that holds other Python objects is refused with a clear error (an unsafe load would execute code stored in it).
+Keys are mapped explicitly; any missing or unexpected key is an error that lists them (never a silent partial load).
 """
 
 from __future__ import annotations
 
-from dataclasses import fields
+import os
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
 
 from openseed.modeling.openseed import OpenSeeD, OpenSeeDConfig, build_openseed
 
@@ -19,47 +24,77 @@ FORMAT, VERSION = "openseed-model", 1
 LIGHTNING_PREFIX = "model."
 
 
+def write_model_file(config: dict, state_dict: dict[str, Tensor], path: str | Path) -> None:
+    """Write a model file (see the module docstring) atomically: a reader never sees a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        torch.save({"format": FORMAT, "version": VERSION, "config": dict(config), "state_dict": state_dict}, partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def save_model(model: OpenSeeD, path: str | Path) -> None:
     """Write the model's config and weights (built with ``build_openseed``, which records ``model.config``)."""
     if not hasattr(model, "config"):
         raise ValueError("the model has no recorded config: build it with build_openseed")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": FORMAT, "version": VERSION, "config": dict(model.config),
-                "state_dict": model.state_dict()}, path)
+    write_model_file(model.config, model.state_dict(), path)
 
 
-def _config(values: dict) -> OpenSeeDConfig:
-    known = {f.name for f in fields(OpenSeeDConfig)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"checkpoint config has unknown field(s) {sorted(unknown)}")
-    return OpenSeeDConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict[str, Tensor]]:
+    """(config dict, model state dict) of a model file or a training checkpoint, read without running pickled code.
 
-
-def load_model(path: str | Path, map_location: str | torch.device = "cpu", **overrides) -> OpenSeeD:
-    """Build the model a checkpoint describes and load its weights strictly.
-
-    ``overrides`` change config fields that do not change the weights' shapes (e.g. ``text_path`` to point the text
-    tower at a local copy, ``backbone_pretrained=False`` since the checkpoint holds the backbone's weights anyway).
+    Raises FileNotFoundError, or ValueError naming the file when it is empty, truncated, unsafe or of another kind.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    data = torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path}: holds Python objects other than tensors and plain containers; openseed does not "
+                         f"load such files (unpickling them would run code stored in the file). "
+                         f"({str(err).splitlines()[0]})") from err
+    except (EOFError, zipfile.BadZipFile, RuntimeError, OSError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{path}: not a readable checkpoint (empty, truncated or another format): {reason}") from err
     if isinstance(data, dict) and data.get("format") == FORMAT:
-        config, state = data["config"], data["state_dict"]
-    elif isinstance(data, dict) and "state_dict" in data and "model_config" in data.get("hyper_parameters", {}):
-        config = dict(data["hyper_parameters"]["model_config"])
+        return dict(data["config"]), data["state_dict"]
+    if isinstance(data, dict) and "state_dict" in data and "model_config" in data.get("hyper_parameters", {}):
         state = {k[len(LIGHTNING_PREFIX):]: v for k, v in data["state_dict"].items() if k.startswith(LIGHTNING_PREFIX)}
         if not state:
             raise ValueError(f"{path}: a Lightning checkpoint without '{LIGHTNING_PREFIX}*' weights")
-    else:
-        raise ValueError(f"{path}: not an openseed model file or training checkpoint")
-    config = {**config, "backbone_pretrained": False, **overrides}
-    model = build_openseed(_config(config))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"{path}: weights do not fit the model: missing {missing[:10]}"
+        return dict(data["hyper_parameters"]["model_config"]), state
+    raise ValueError(f"{path}: not an openseed model file or training checkpoint (a released OpenSeeD checkpoint "
+                     f"is converted first: python -m openseed.convert_checkpoint)")
+
+
+def read_model_config(path: str | Path) -> OpenSeeDConfig:
+    """The config a model file or training checkpoint records, without building the model."""
+    return OpenSeeDConfig.from_dict(read_checkpoint(path)[0])
+
+
+def load_state_strictly(model: nn.Module, state: dict[str, Tensor], source: str | Path) -> None:
+    """``model.load_state_dict(state)`` that names every missing and unexpected key and every shape mismatch."""
+    target = model.state_dict()
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    shapes = sorted(f"{k}: file {tuple(v.shape)} vs model {tuple(target[k].shape)}" for k, v in state.items()
+                    if k in target and v.shape != target[k].shape)
+    if missing or unexpected or shapes:
+        raise RuntimeError(f"{source}: weights do not fit the model: missing {missing[:10]}"
                            f"{' ...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}"
-                           f"{' ...' if len(unexpected) > 10 else ''}")
-    return model
+                           f"{' ...' if len(unexpected) > 10 else ''}, shape mismatches {shapes[:10]}"
+                           f"{' ...' if len(shapes) > 10 else ''}")
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(path: str | Path, **overrides) -> OpenSeeD:
+    """Build the model a checkpoint describes and load its weights strictly (on the CPU).
+
+    ``overrides`` change config fields that do not change the weights' shapes (e.g. ``text_path`` to point the text
+    tower at a local copy).
+    """
+    return build_openseed(None, init_from=path, **overrides)

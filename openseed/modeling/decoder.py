@@ -1,24 +1,37 @@
 """The OpenSeeD decoder: three query types, conditioned decoding, layer-wise box refinement, open-vocabulary heads.
 
-SPEC.md section 2. Queries are laid out along one axis as ``[conditioned (G x M) | foreground | background]``:
+SPEC.md section 2; the computation is the reference's (IDEA-Research/OpenSeeD, checked against ../shared/reference).
+Queries are laid out along one axis as ``[conditioned (G x M) | foreground | background]``:
 
 - foreground: language-guided selection of the top encoder tokens (score = max text similarity over the vocabulary);
-  content = the token's (projected) feature, reference = its proposal box (anchor at the token's cell refined by a box
-  head). The proposals are returned for supervision ("interm" outputs).
+  content = the token's (projected) feature, reference = its proposal box (anchor at the token's cell refined by the
+  box head). The proposals are returned for supervision ("interm" outputs).
 - background: learned content embeddings and learned anchor boxes, the same for every image.
 - conditioned: built from (box, class) pairs: content = the class's text embedding through a learned projection,
   reference = the box (with noise in training). ``G`` groups of ``M`` slots, ``M`` = most boxes in an image.
 
+One class head (projection into the text space + logit scale) and one box MLP serve the proposals and every decoder
+layer. The proposals are *selected* by the class head on the encoder features as they are, and *predicted* (logits and
+masks, for their loss) through the decoder's final LayerNorm, as every other prediction.
+
 Self-attention masks: matching (fg + bg) queries never see conditioned ones; a conditioned group sees itself and the
 matching queries, never another group; nobody sees a conditioned padding slot. Each layer: self-attention ->
-deformable cross-attention around the reference box -> FFN, post-norm. Boxes are refined layer by layer (detached
-between layers; the loss box of layer l uses the undetached reference from layer l - 1: "look forward twice").
+deformable cross-attention around the reference box -> FFN, post-norm. After layer l, with ``h`` its output and ``r``
+its input reference box (detached): the next reference box is ``sigmoid(box(h) + logit(r))`` (detached before it
+enters layer l + 1), the loss box of layer l is ``sigmoid(box(norm(h)) + logit(r'))`` with ``r'`` the undetached box
+of layer l - 1 ("look forward twice"), and its logits and masks come from ``norm(norm(h))`` (the decoder's final
+LayerNorm applied twice, as the reference applies it: once in its decoder, once before its heads).
+
+Levels: the pixel decoder's memory is finest level first. ``level_order="coarse_first"`` makes the decoder read it in
+the reverse order, as the reference does; level ``l`` in the decoder's order gets proposal anchors of side
+``anchor_size x 2^l`` (so in the reference the coarsest level proposes the smallest anchors), and the deformable
+cross-attention's per-level weights follow that order.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +41,8 @@ from openseed.modeling.layers import MLP, feed_forward, grid_positions, inverse_
 from openseed.modeling.outputs import ConditionedOutputs, Outputs, Prediction
 from openseed.modeling.pixel_decoder import EncoderMemory
 from openseed.ops import MSDeformAttn
+
+LEVEL_ORDERS = ("fine_first", "coarse_first")
 
 
 @dataclass
@@ -52,26 +67,30 @@ LOGIT_SCALE_INIT = math.log(1 / 0.07)
 
 
 class TextClassifier(nn.Module):
-    """logits = exp(s) * cos(W h, t_k) + b: W projects queries into the text space, s a learned log-scale,
-    b a learned bias (initialised to the prior probability ``prior_prob``, so sigmoid focal training starts calm).
+    """logits = exp(s) * cos(W h, t_k) (+ b): W projects queries into the text space, s a learned log-scale, b an
+    optional learned bias.
 
-    The log-scale starts at CLIP's ``log(1 / 0.07)`` (scale 14.3): the logits can then span the sigmoid's range from
-    the first step. (With a scale of e = 2.7 and the prior bias of -4.6 no class could reach a probability above 0.13
-    until Adam had moved the scalar by ~1, i.e. thousands of steps at lr 1e-4: short runs never passed the panoptic
-    score threshold.)"""
+    The bias (``bias=True``, our choice for models trained from scratch; the reference has none) starts at the prior
+    probability ``prior_prob``, so sigmoid focal training starts from calm negatives. The log-scale starts at CLIP's
+    ``log(1 / 0.07)`` (scale 14.3): the logits can then span the sigmoid's range from the first step. (With a scale of
+    e = 2.7 and the prior bias of -4.6 no class could reach a probability above 0.13 until Adam had moved the scalar by
+    ~1, i.e. thousands of steps at lr 1e-4: short runs never passed the panoptic score threshold.)"""
 
     def __init__(self, hidden_dim: int, text_dim: int, logit_scale_init: float = LOGIT_SCALE_INIT,
-                 prior_prob: float = 0.01):
+                 prior_prob: float = 0.01, bias: bool = True):
         super().__init__()
         self.project = nn.Linear(hidden_dim, text_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
-        bias = -torch.log(torch.tensor((1 - prior_prob) / prior_prob))
-        self.bias = nn.Parameter(bias.clone())
+        if bias:
+            self.bias = nn.Parameter(-torch.log(torch.tensor((1 - prior_prob) / prior_prob)))
+        else:
+            self.register_parameter("bias", None)
 
     def forward(self, queries: Tensor, text: Tensor) -> Tensor:
         """queries [B, Q, hidden], text [K, text_dim] -> logits [B, Q, K]."""
         projected = F.normalize(self.project(queries), dim=-1)
-        return self.logit_scale.exp() * projected @ F.normalize(text, dim=-1).t() + self.bias
+        logits = self.logit_scale.exp() * projected @ F.normalize(text, dim=-1).t()
+        return logits if self.bias is None else logits + self.bias
 
 
 class DecoderLayer(nn.Module):
@@ -111,46 +130,60 @@ class OpenSeeDDecoder(nn.Module):
         conditioned: build conditioned queries when conditions are given (training: from ground truth).
         cond_budget: conditioned queries per image at most (groups x slots); box_noise_scale: box jitter (fraction
             of the box size) of the conditioned references in training.
-        anchor_size: anchor side of level l proposals = anchor_size * 2^l (normalised).
+        anchor_size: anchor side of level l proposals = anchor_size * 2^l (normalised; l in ``level_order``).
+        class_bias: a learned bias on the class logits (see ``TextClassifier``); the reference has none.
+        level_order: "fine_first" (the memory's order) or "coarse_first" (the reference's); see the module docstring.
     """
 
     def __init__(self, hidden_dim: int = 256, text_dim: int = 512, mask_dim: int = 256, num_levels: int = 4,
                  num_fg: int = 300, num_bg: int = 100, num_layers: int = 9, num_heads: int = 8, num_points: int = 4,
                  ffn_dim: int = 2048, dropout: float = 0.0, decoupled: bool = True, conditioned: bool = True,
                  cond_budget: int = 100, box_noise_scale: float = 0.4, anchor_size: float = 0.05,
-                 logit_scale_init: float = LOGIT_SCALE_INIT):
+                 logit_scale_init: float = LOGIT_SCALE_INIT, class_bias: bool = True,
+                 level_order: str = "fine_first"):
         super().__init__()
+        if level_order not in LEVEL_ORDERS:
+            raise ValueError(f"level_order must be one of {LEVEL_ORDERS}, got {level_order!r}")
         self.hidden_dim, self.num_heads = hidden_dim, num_heads
-        self.decoupled, self.conditioned = decoupled, conditioned
+        self.decoupled, self.conditioned, self.level_order = decoupled, conditioned, level_order
         self.num_fg = num_fg if decoupled else num_fg + num_bg
         self.num_bg = num_bg if decoupled else 0
         self.cond_budget, self.box_noise_scale, self.anchor_size = cond_budget, box_noise_scale, anchor_size
-        # language-guided foreground selection on encoder tokens
+        # language-guided foreground selection on encoder tokens (scored and boxed by the shared heads below)
         self.enc_output = nn.Linear(hidden_dim, hidden_dim)
         self.enc_norm = nn.LayerNorm(hidden_dim)
-        self.enc_class = TextClassifier(hidden_dim, text_dim, logit_scale_init)
-        self.enc_box = MLP(hidden_dim, hidden_dim, 4, 3)
         # background queries
         if self.num_bg:
             self.bg_content = nn.Embedding(self.num_bg, hidden_dim)
             self.bg_anchor = nn.Embedding(self.num_bg, 4)
             anchors = torch.rand(self.num_bg, 4) * torch.tensor([1.0, 1.0, 0.6, 0.6]) + torch.tensor([0, 0, 0.2, 0.2])
             self.bg_anchor.weight.data.copy_(inverse_sigmoid(anchors.clamp(0.01, 0.99)))
-        # conditioned queries
+        # conditioned queries: content = text embedding x a learned map (no bias, as the reference's lang_mapper)
         if conditioned:
-            self.cond_content = nn.Linear(text_dim, hidden_dim)
+            self.cond_content = nn.Linear(text_dim, hidden_dim, bias=False)
         self.ref_point_head = MLP(2 * hidden_dim, hidden_dim, hidden_dim, 2)
         self.layers = nn.ModuleList(DecoderLayer(hidden_dim, num_levels, num_heads, num_points, ffn_dim, dropout)
                                     for _ in range(num_layers))
         self.norm = nn.LayerNorm(hidden_dim)
-        self.class_head = TextClassifier(hidden_dim, text_dim, logit_scale_init)
+        self.class_head = TextClassifier(hidden_dim, text_dim, logit_scale_init, bias=class_bias)
         self.box_head = MLP(hidden_dim, hidden_dim, 4, 3)
         self.mask_head = MLP(hidden_dim, hidden_dim, mask_dim, 3)
-        for head in (self.box_head, self.enc_box):
-            nn.init.zeros_(head.layers[-1].weight)
-            nn.init.zeros_(head.layers[-1].bias)
+        nn.init.zeros_(self.box_head.layers[-1].weight)
+        nn.init.zeros_(self.box_head.layers[-1].bias)
 
     # ------------------------------------------------------------------------------------------------ queries
+    def _in_level_order(self, memory: EncoderMemory) -> EncoderMemory:
+        """The memory with its levels in the decoder's order (see the module docstring)."""
+        if self.level_order == "fine_first":
+            return memory
+        sizes = memory.spatial_shapes.prod(1).tolist()
+        reverse = lambda x: torch.cat(x.split(sizes, 1)[::-1], 1)  # noqa: E731
+        shapes = memory.spatial_shapes.flip(0)
+        starts = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
+        padding = None if memory.padding_mask is None else reverse(memory.padding_mask)
+        return replace(memory, memory=reverse(memory.memory), padding_mask=padding, spatial_shapes=shapes,
+                       level_start_index=starts)
+
     def _anchors(self, memory: EncoderMemory) -> tuple[Tensor, Tensor]:
         """Unsigmoided anchor boxes [S, 4] at every token's cell and which tokens may propose [B, S]."""
         anchors = []
@@ -159,38 +192,38 @@ class OpenSeeDDecoder(nn.Module):
             size = torch.full_like(centres, self.anchor_size * 2.0**level)
             anchors.append(torch.cat([centres, size], -1))
         anchors = torch.cat(anchors, 0)
-        inside = ((anchors > 0.01) & (anchors < 0.99)).all(-1)
-        valid = inside[None] & ~memory.padding_mask
+        inside = ((anchors > 0.01) & (anchors < 0.99)).all(-1)[None]
+        valid = inside.expand(memory.memory.shape[0], -1)
+        if memory.padding_mask is not None:
+            valid = valid & ~memory.padding_mask
         return inverse_sigmoid(anchors), valid
 
-    def select_foreground(self, memory: EncoderMemory, text: Tensor) -> tuple[Tensor, Tensor, Prediction, Tensor]:
+    def select_foreground(self, memory: EncoderMemory, text: Tensor) -> tuple[Tensor, Tensor]:
         """Top-``num_fg`` encoder tokens by their best text similarity.
 
-        Returns (content [B, F, D] detached, reference boxes [B, F, 4] detached, proposal predictions without
-        masks (logits [B, F, K], boxes [B, F, 4]), undetached content for the proposals' masks).
+        Returns (content [B, F, D], unsigmoided proposal boxes [B, F, 4]), both undetached.
         """
         anchors, valid = self._anchors(memory)
         if int(valid.sum(1).min()) < self.num_fg:
             raise ValueError(f"only {int(valid.sum(1).min())} encoder tokens can propose boxes but {self.num_fg} "
                              "foreground queries are asked for: use larger images or fewer queries")
         features = self.enc_norm(self.enc_output(memory.memory.masked_fill(~valid[..., None], 0.0)))
-        logits = self.enc_class(features, text)
-        boxes_unsig = self.enc_box(features) + anchors
-        scores = logits.max(-1).values.masked_fill(~valid, float("-inf"))
+        scores = self.class_head(features, text).max(-1).values.masked_fill(~valid, float("-inf"))
         index = scores.topk(self.num_fg, dim=1).indices
-        gather = lambda x: torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
-        content = gather(features)
-        boxes = gather(boxes_unsig).sigmoid()
-        return content.detach(), boxes.detach(), Prediction(gather(logits), boxes, None), content
+        content = torch.gather(features, 1, index[..., None].expand(-1, -1, features.shape[-1]))
+        # the box MLP acts on each token alone: running it on the selected tokens only gives the same boxes
+        return content, self.box_head(content) + anchors[index]
 
     def _conditioned_queries(self, conditions: Conditions, text: Tensor, batch: int
                              ) -> tuple[Tensor, Tensor, Tensor, int, int]:
-        """Content [B, G*M, D], reference boxes [B, G*M, 4], target index [B, G*M] (-1 = padding), G, M."""
+        """Content [B, G*M, D], unsigmoided reference boxes [B, G*M, 4], target index [B, G*M] (-1 = padding), G,
+        M. (The boxes pass through ``inverse_sigmoid``, whose clamp keeps a box side of 1 just inside the image, as
+        in the reference.)"""
         device = text.device
         slots = max([1] + [len(labels) for labels in conditions.labels])
         groups = conditions.num_groups or max(1, self.cond_budget // slots)
         content = text.new_zeros(batch, groups * slots, self.hidden_dim)
-        boxes = text.new_tensor([0.5, 0.5, 0.1, 0.1]).repeat(batch, groups * slots, 1)
+        boxes = inverse_sigmoid(text.new_tensor([0.5, 0.5, 0.1, 0.1])).repeat(batch, groups * slots, 1)
         target_index = torch.full((batch, groups * slots), -1, dtype=torch.long, device=device)
         projected = self.cond_content(text)  # [K, D]: one projection per class, shared by all its boxes
         for i, (labels, image_boxes) in enumerate(zip(conditions.labels, conditions.boxes)):
@@ -204,7 +237,7 @@ class OpenSeeDDecoder(nn.Module):
             if conditions.add_noise and self.box_noise_scale > 0:
                 noisy = jitter_boxes(noisy, self.box_noise_scale)
             content[i, index] = projected[labels.to(device)].repeat(groups, 1)
-            boxes[i, index] = noisy
+            boxes[i, index] = inverse_sigmoid(noisy)
             target_index[i, index] = torch.arange(count, device=device).repeat(groups)
         return content, boxes, target_index, groups, slots
 
@@ -226,47 +259,51 @@ class OpenSeeDDecoder(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ forward
     def _predict(self, tgt: Tensor, boxes: Tensor, text: Tensor, mask_features: Tensor) -> Prediction:
+        """Logits and masks from ``norm(tgt)`` (the shared heads), with the given boxes."""
         hidden = self.norm(tgt)
         masks = torch.einsum("bqc,bchw->bqhw", self.mask_head(hidden), mask_features)
         return Prediction(self.class_head(hidden, text), boxes, masks)
 
     def forward(self, memory: EncoderMemory, text: Tensor, conditions: Conditions | None = None) -> Outputs:
         """memory: the pixel decoder's output; text: [K, text_dim] embeddings of the vocabulary."""
-        batch = memory.memory.shape[0]
-        fg_content, fg_boxes, proposals, proposal_content = self.select_foreground(memory, text)
-        proposals.masks = self._predict(proposal_content, proposals.boxes, text, memory.mask_features).masks
-        contents, boxes = [fg_content], [fg_boxes]
-        if self.num_bg:
-            contents.append(self.bg_content.weight[None].expand(batch, -1, -1))
-            boxes.append(self.bg_anchor.weight.sigmoid()[None].expand(batch, -1, -1))
-        num_matching = self.num_fg + self.num_bg
-        use_conditions = conditions is not None and self.conditioned
         if conditions is not None and not self.conditioned:
             raise ValueError("conditions given to a decoder built with conditioned=False")
+        mask_features = memory.mask_features
+        memory = self._in_level_order(memory)
+        batch = memory.memory.shape[0]
+        proposal_content, proposal_boxes = self.select_foreground(memory, text)
+        proposals = self._predict(proposal_content, proposal_boxes.sigmoid(), text, mask_features)
+        contents, boxes = [proposal_content.detach()], [proposal_boxes.detach()]  # boxes unsigmoided
+        if self.num_bg:
+            contents.append(self.bg_content.weight[None].expand(batch, -1, -1))
+            boxes.append(self.bg_anchor.weight[None].expand(batch, -1, -1))
+        num_matching = self.num_fg + self.num_bg
         attn_mask, num_cond, cond = None, 0, None
-        if use_conditions:
+        if conditions is not None:
             cond_content, cond_boxes, target_index, groups, slots = self._conditioned_queries(conditions, text, batch)
             contents.insert(0, cond_content)
             boxes.insert(0, cond_boxes)
             num_cond = groups * slots
             attn_mask = self._attention_mask(target_index, groups, slots, num_matching)
         tgt = torch.cat(contents, 1)
-        reference = torch.cat(boxes, 1)  # undetached: the background anchors learn through "look forward twice"
-        predictions = [self._predict(tgt, reference, text, memory.mask_features)]
+        # undetached: the background anchors learn through the first layer's loss boxes ("look forward twice";
+        # the reference detaches them here and trains them through its proposal outputs instead)
+        reference = torch.cat(boxes, 1).sigmoid()
+        predictions = [self._predict(tgt, reference, text, mask_features)]
         reference_in = reference.detach()
         for layer in self.layers:
             query_pos = self.ref_point_head(sine_embedding(reference_in, self.hidden_dim // 2))
             tgt = layer(tgt, query_pos, reference_in, memory, attn_mask)
-            delta = self.box_head(self.norm(tgt))
-            loss_boxes = (delta + inverse_sigmoid(reference)).sigmoid()
-            reference = (delta + inverse_sigmoid(reference_in)).sigmoid()
+            hidden = self.norm(tgt)
+            loss_boxes = (self.box_head(hidden) + inverse_sigmoid(reference)).sigmoid()
+            reference = (self.box_head(tgt) + inverse_sigmoid(reference_in)).sigmoid()
             reference_in = reference.detach()
-            predictions.append(self._predict(tgt, loss_boxes, text, memory.mask_features))
+            predictions.append(self._predict(hidden, loss_boxes, text, mask_features))
         matching = [_slice(p, num_cond, num_cond + num_matching) for p in predictions]
-        if use_conditions:
+        if conditions is not None:
             cond = ConditionedOutputs([_slice(p, 0, num_cond) for p in predictions], target_index, groups)
         return Outputs(final=matching[-1], aux=matching[:-1], proposals=proposals, conditioned=cond,
-                       num_fg=self.num_fg, num_bg=self.num_bg, mask_features=memory.mask_features)
+                       num_fg=self.num_fg, num_bg=self.num_bg, mask_features=mask_features)
 
 
 def _slice(prediction: Prediction, start: int, stop: int) -> Prediction:

@@ -52,6 +52,21 @@ def grid_positions(height: int, width: int, device: torch.device) -> Tensor:
     """[H * W, 2] normalised (x, y) centres of the cells of an H x W map, row-major."""
     ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
     xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
+    return _stack_grid(xs, ys)
+
+
+def embedding_positions(height: int, width: int, device: torch.device) -> Tensor:
+    """[H * W, 2] the (x, y) coordinates the encoder's sine position embedding is taken of, row-major.
+
+    DETR's normalised cumulative form, as the reference computes it on an unmasked map: cell ``i`` of ``n`` sits at
+    ``(i + 1) / (n + 1e-6)`` (so the last cell is ~1, not its centre ``(i + 0.5) / n``).
+    """
+    ys = torch.arange(1, height + 1, device=device, dtype=torch.float32) / (height + 1e-6)
+    xs = torch.arange(1, width + 1, device=device, dtype=torch.float32) / (width + 1e-6)
+    return _stack_grid(xs, ys)
+
+
+def _stack_grid(xs: Tensor, ys: Tensor) -> Tensor:
     grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack([grid_x, grid_y], dim=-1).reshape(-1, 2)
 

@@ -1,16 +1,18 @@
 """OpenSeeD as one plain ``nn.Module``: backbone -> pixel decoder -> decoder, classified against text embeddings.
 
-    model = build_openseed("tiny")                  # or "small" (CPU default), "swint", "swinl"
+    model = build_openseed("tiny")    # or "small" (CPU default), "swint_nodecouple", "swint_decouple", "swinl_decouple"
     outputs = model(batch.images, batch.padding_mask, batch.vocabulary, batch.targets)   # training
     masks = model.segment_boxes(images, padding_mask, boxes=[...], names=[...])        # box-prompted
 
-Sizes live in ``MODEL_SIZES`` (the paper's Swin-T / Swin-L settings and two CPU sizes); any field can be overridden.
+Sizes live in ``MODEL_SIZES`` (the three released architectures, which compute what the reference computes, and two
+CPU sizes); any field can be overridden.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +33,27 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 
 @dataclass(frozen=True)
 class OpenSeeDConfig:
-    """Every size and switch of the model. See ``MODEL_SIZES`` for the named settings."""
+    """Every size and switch of the model, and how it is meant to be run. See ``MODEL_SIZES`` for the named settings.
+
+    Architecture: backbone (a ``BACKBONES`` name; ``backbone_options`` sizes a custom "swin"), encoder levels and
+    sizes, decoder sizes (``decoder_num_heads``: None = ``num_heads``; the reference's decoder always has 8), queries,
+    text tower (``text_tower`` kind; ``text_context/width/layers/heads`` size the "clip_transformer" kind).
+
+    Switches where our CPU models keep their own choice and the presets that load released weights follow the
+    reference (docs/model.md, "Switches"): ``mask_padding`` (padded cells are kept out of attention and query
+    selection), ``level_order`` ("fine_first": the finest encoder level proposes the smallest anchors;
+    "coarse_first": the reference's reversed order), ``class_bias`` (a learned prior bias on the class logits),
+    ``name_cleaning`` ("openseed": ``openseed.data.vocab.clean_class_name``; "reference": only -other/-merged/-stuff
+    removed).
+
+    Use: ``eval_short_edge`` / ``eval_max_size`` the evaluation resize (None: the caller's, e.g. the data config's or
+    the predictor's square ``image_size``), ``test_top_k`` instance detections per image, ``clip_boxes`` clip
+    predicted boxes to the image (the reference does not).
+    """
 
     backbone: str = "swin_tiny"
     backbone_pretrained: bool | str = False
+    backbone_options: dict | None = None
     drop_path_rate: float | None = None
     encoder_features: tuple[str, ...] = ("res3", "res4", "res5")
     num_levels: int = 4
@@ -42,6 +61,7 @@ class OpenSeeDConfig:
     encoder_layers: int = 6
     decoder_layers: int = 9
     num_heads: int = 8
+    decoder_num_heads: int | None = None
     num_points: int = 4
     ffn_dim: int = 2048
     dropout: float = 0.0
@@ -51,18 +71,53 @@ class OpenSeeDConfig:
     text_tower: str = "clip"
     text_path: str | None = None
     text_dim: int = 512
+    text_context: int = 77
+    text_width: int = 512
+    text_layers: int = 12
+    text_heads: int = 8
     text_trainable: bool = True
     text_lr_multiplier: float = 0.1
     decoupled: bool = True
     conditioned: bool = True
     cond_budget: int = 100
     box_noise_scale: float = 0.4
+    mask_padding: bool = True
+    level_order: str = "fine_first"
+    class_bias: bool = True
+    name_cleaning: str = "openseed"
+    eval_short_edge: int | None = None
+    eval_max_size: int | None = None
+    test_top_k: int = 100
+    clip_boxes: bool = True
 
+    @classmethod
+    def from_dict(cls, values: dict) -> OpenSeeDConfig:
+        """From recorded fields (a checkpoint's config); unknown fields are an error, lists become tuples."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown model config field(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+# The reference's computation and use, shared by the presets of the three released architectures
+# (../shared/reference/README.md; docs/model.md): no padding mask, levels read coarsest first, no class bias, its
+# CLIP-style text transformer with its name cleaning, 8 decoder heads, 800/1333 evaluation resize, unclipped boxes.
+_REFERENCE = dict(drop_path_rate=0.3, decoder_num_heads=8, text_tower="clip_transformer", text_dim=512,
+                  text_width=512, text_layers=12, text_heads=8, mask_padding=False, level_order="coarse_first",
+                  class_bias=False, name_cleaning="reference", eval_short_edge=800, eval_max_size=1333,
+                  clip_boxes=False)
 
 MODEL_SIZES: dict[str, OpenSeeDConfig] = {
-    # the paper's settings (SPEC.md section 2; ref configs): 4 encoder levels from stride 8 for Swin-T, 5 from 4 for L
-    "swint": OpenSeeDConfig(backbone="swin_tiny", drop_path_rate=0.3),
-    "swinl": OpenSeeDConfig(backbone="swin_large", encoder_features=("res2", "res3", "res4", "res5"), num_levels=5),
+    # the released architectures (../shared/reference/manifests): Swin-T without background queries (text context
+    # 18; model_state_dict_swint_51.2ap.pt), Swin-T decoupled (300 fg + 100 bg, context 77; the COCO + Objects365
+    # configuration), Swin-L decoupled (5 levels from stride 4, context 18; openseed_swinl_pano_sota.pt and
+    # openseed_ade20k_swinl.pt)
+    "swint_nodecouple": OpenSeeDConfig(backbone="swin_tiny", decoupled=False, num_fg=300, num_bg=0, text_context=18,
+                                       test_top_k=100, **_REFERENCE),
+    "swint_decouple": OpenSeeDConfig(backbone="swin_tiny", text_context=77, test_top_k=300, **_REFERENCE),
+    "swinl_decouple": OpenSeeDConfig(backbone="swin_large", encoder_features=("res2", "res3", "res4", "res5"),
+                                     num_levels=5, text_context=18, test_top_k=300, **_REFERENCE),
     # the CPU default experiment on synthshapes (160 px)
     "small": OpenSeeDConfig(backbone="tiny_resnet", hidden_dim=128, encoder_layers=2, decoder_layers=4, num_heads=4,
                             ffn_dim=512, mask_dim=128, num_fg=40, num_bg=20, text_tower="minilm", text_dim=128,
@@ -173,8 +228,25 @@ class OpenSeeD(nn.Module):
         return results
 
 
-def build_openseed(size: str | OpenSeeDConfig = "tiny", **overrides) -> OpenSeeD:
-    """Build a model from a named size (``MODEL_SIZES``) or a config, with any field overridden by keyword."""
+def build_openseed(size: str | OpenSeeDConfig | None = "tiny", init_from: str | Path | None = None,
+                   **overrides) -> OpenSeeD:
+    """Build a model from a named size (``MODEL_SIZES``) or a config, with any field overridden by keyword.
+
+    ``init_from``: a model file (e.g. a converted released checkpoint) or training checkpoint whose weights the model
+    starts from, loaded strictly (fine-tuning: weights only; optimizer, schedule and step start afresh). With
+    ``size=None`` the model is the file's own (its recorded config, with ``overrides``). The backbone's published
+    weights are not fetched then (``backbone_pretrained`` is ignored): the file's replace them.
+    """
+    state = None
+    if init_from is not None:
+        from openseed.modeling.checkpoint import read_checkpoint
+
+        recorded, state = read_checkpoint(init_from)
+        overrides = {**overrides, "backbone_pretrained": False}
+        if size is None:
+            size = OpenSeeDConfig.from_dict(recorded)
+    if size is None:
+        raise ValueError("give a model size (one of MODEL_SIZES, or a config) or init_from=<model file>")
     if isinstance(size, str):
         if size not in MODEL_SIZES:
             raise ValueError(f"unknown model size {size!r}; choose from {sorted(MODEL_SIZES)}")
@@ -187,17 +259,26 @@ def build_openseed(size: str | OpenSeeDConfig = "tiny", **overrides) -> OpenSeeD
         raise ValueError(f"unknown model option(s) {sorted(unknown)}; known: {sorted(known)}")
     config = replace(config, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
     backbone = build_backbone(config.backbone, pretrained=config.backbone_pretrained,
-                              drop_path_rate=config.drop_path_rate)
+                              drop_path_rate=config.drop_path_rate, options=config.backbone_options)
     pixel_decoder = PixelDecoder(backbone.channels, backbone.strides, config.encoder_features, config.num_levels,
                                  config.hidden_dim, config.encoder_layers, config.num_heads, config.num_points,
-                                 config.ffn_dim, config.dropout, config.mask_dim)
+                                 config.ffn_dim, config.dropout, config.mask_dim, mask_padding=config.mask_padding)
     decoder = OpenSeeDDecoder(config.hidden_dim, config.text_dim, config.mask_dim, config.num_levels, config.num_fg,
-                              config.num_bg, config.decoder_layers, config.num_heads, config.num_points,
-                              config.ffn_dim, config.dropout, config.decoupled, config.conditioned,
-                              config.cond_budget, config.box_noise_scale)
-    tower = build_text_tower(config.text_tower, path=config.text_path)
+                              config.num_bg, config.decoder_layers, config.decoder_num_heads or config.num_heads,
+                              config.num_points, config.ffn_dim, config.dropout, config.decoupled,
+                              config.conditioned, config.cond_budget, config.box_noise_scale,
+                              class_bias=config.class_bias, level_order=config.level_order)
+    tower_options = {}
+    if config.text_tower == "clip_transformer":
+        tower_options = dict(context_length=config.text_context, width=config.text_width, layers=config.text_layers,
+                             heads=config.text_heads)
+    tower = build_text_tower(config.text_tower, path=config.text_path, **tower_options)
     text_encoder = TextEncoder(tower, config.text_dim, trainable=config.text_trainable,
-                               lr_multiplier=config.text_lr_multiplier)
+                               lr_multiplier=config.text_lr_multiplier, name_style=config.name_cleaning)
     model = OpenSeeD(backbone, pixel_decoder, decoder, text_encoder)
     model.config = asdict(config)
+    if state is not None:
+        from openseed.modeling.checkpoint import load_state_strictly
+
+        load_state_strictly(model, state, init_from)
     return model
