@@ -1,0 +1,108 @@
+"""Convert an authors' OpenSeeD checkpoint into an openseed model file.
+
+    python -m openseed.convert_checkpoint model_state_dict_swint_51.2ap.pt --arch swint_nodecouple --out swint.pt
+    python -m openseed.convert_checkpoint openseed_swinl_pano_sota.pt --arch swinl_decouple --out swinl.pt
+    python -m openseed.convert_checkpoint weights.pt --config config.yaml --out small.pt  # sizes from a config
+
+``--arch`` names one of the three released architectures at full size (``openseed.modeling.reference``); ``--config``
+reads the sizes from a reference config file instead (``configs/openseed/*.yaml`` of the authors' repository, or a
+merged config such as the test fixtures'). The source is read with ``torch.load(weights_only=True)``; every key is
+mapped explicitly (see ``openseed.modeling.reference.map_reference_state_dict``) and anything that does not fit is an
+error listing the keys. The result loads with ``openseed.modeling.checkpoint.load_model``, ``Predictor``,
+``python -m openseed.predict``, ``python -m openseed.evaluate`` and, as initial weights, ``model.init_from`` in
+training. Exit status: 0 written, 2 bad input (message on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from openseed.modeling.checkpoint import write_model_file
+from openseed.modeling.openseed import MODEL_SIZES, OpenSeeDConfig, build_openseed
+from openseed.modeling.reference import (
+    REFERENCE_ARCHITECTURES,
+    ConversionError,
+    config_from_reference,
+    describe_state_dict,
+    map_reference_state_dict,
+    read_state_dict,
+)
+
+
+def target_shapes(config: OpenSeeDConfig) -> dict[str, torch.Size]:
+    """The state-dict shapes of the model ``config`` builds (built on the meta device: no memory, no init)."""
+    with torch.device("meta"):
+        model = build_openseed(config)
+    return {key: value.shape for key, value in model.state_dict().items()}
+
+
+def _facts(facts: dict) -> str:
+    return (f"text context {facts['text_context']}, {facts['background_queries']} background queries, "
+            f"{facts['encoder_levels']} encoder levels, Swin embedding {facts['swin_embed_dim']} with "
+            f"{facts['swin_stage3_depth']} blocks in stage 3")
+
+
+def convert(source: str | Path, out: str | Path, arch: str | None = None, config_file: str | Path | None = None,
+            log=print) -> dict:
+    """Convert ``source`` into the model file ``out``; returns a summary (architecture, counts, seconds).
+
+    Exactly one of ``arch`` (a released architecture) and ``config_file`` (a reference config) must be given.
+    Raises ``ConversionError`` (a ValueError) or FileNotFoundError naming what does not fit.
+    """
+    if (arch is None) == (config_file is None):
+        raise ConversionError("give exactly one of --arch and --config")
+    if arch is not None and arch not in REFERENCE_ARCHITECTURES:
+        raise ConversionError(f"unknown --arch {arch!r}; choose from {', '.join(REFERENCE_ARCHITECTURES)}")
+    start = time.perf_counter()
+    config = MODEL_SIZES[arch] if arch is not None else config_from_reference(config_file)
+    log(f"reading {source}")
+    state = read_state_dict(source)
+    elements = sum(value.numel() for value in state.values())
+    log(f"read {len(state)} tensors ({elements / 1e6:.1f} M values) in {time.perf_counter() - start:.1f} s")
+    facts = describe_state_dict(state)
+    if arch is not None and facts["architecture"] not in (None, arch):
+        raise ConversionError(f"{source} holds a {facts['architecture']} model ({_facts(facts)}), not {arch}: "
+                              f"use --arch {facts['architecture']}")
+    log(f"mapping onto openseed's {arch or Path(config_file).name} model")
+    try:
+        mapped, report = map_reference_state_dict(state, config, target_shapes(config))
+    except ConversionError as err:
+        known = f" It looks like {facts['architecture']}." if facts["architecture"] else ""
+        raise ConversionError(f"{source} does not convert to {arch or config_file} ({_facts(facts)}).{known} "
+                              f"{err}") from None
+    log(f"writing {out}")
+    write_model_file(asdict(config), mapped, out)
+    seconds = time.perf_counter() - start
+    parameters = sum(value.numel() for value in mapped.values())
+    log(f"converted {source} -> {out}: {report.summary()}; {parameters / 1e6:.2f} M values; "
+        f"{Path(out).stat().st_size / 2**20:.1f} MiB; {seconds:.1f} s")
+    return {"architecture": arch or str(config_file), "tensors": report.written, "values": parameters,
+            "dropped": report.dropped, "aliases": report.aliases, "seconds": seconds}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m openseed.convert_checkpoint",
+                                     description="Convert an authors' OpenSeeD checkpoint into an openseed model file.")
+    parser.add_argument("source", help="the released .pt file (a state dict, flat or nested under 'model')")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--arch", choices=REFERENCE_ARCHITECTURES, help="the released architecture the file holds")
+    which.add_argument("--config", help="a reference config file (YAML) giving the sizes instead of --arch")
+    parser.add_argument("--out", required=True, help="the openseed model file to write")
+    args = parser.parse_args(argv)
+    try:
+        convert(args.source, args.out, arch=args.arch, config_file=args.config)
+    except (ConversionError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
