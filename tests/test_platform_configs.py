@@ -101,6 +101,33 @@ def test_segmentation_only_preset_trains_without_detection_data(synth_shards, tm
     assert "train/seg/loss" in header and not any(c.startswith("train/det/") for c in header)
 
 
+# ------------------------------------------------------------------------------------------------ fine-tuning
+def test_finetuning_starts_from_a_converted_reference_model(synth_shards, tmp_path):
+    """model=converted model.init_from=FILE: the converted small reference model (its own config) with the file's
+    weights, trained for two steps with a fresh optimizer and schedule."""
+    from openseed.convert_checkpoint import convert
+    from openseed.modeling.checkpoint import read_checkpoint
+    from tests._reference import reference_path
+
+    converted = tmp_path / "converted.pt"
+    convert(reference_path("swint_decouple", "weights.pt"), converted,
+            config_file=reference_path("swint_decouple", "config.yaml"), log=lambda message: None)
+    overrides = [o for o in _synth_overrides(synth_shards, steps=2) if o != "model=tiny"]
+    cfg = _compose(overrides + ["model=converted", f"model.init_from={converted}", "trainer=cpu", "logger=csv"],
+                   tmp_path)
+    _, initial = read_checkpoint(converted)
+    model = instantiate(cfg.model)
+    assert model.config["text_tower"] == "clip_transformer" and model.config["level_order"] == "coarse_first"
+    assert all(torch.equal(value, initial[key]) for key, value in model.state_dict().items())
+    train(cfg)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 2  # the schedule and the step start afresh
+    trained = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    assert set(trained) == set(initial)
+    changed = [key for key, value in initial.items() if not torch.equal(trained[key], value)]
+    assert "decoder.class_head.project.weight" in changed and "text_encoder.tower.ln_final.weight" in changed
+
+
 # ------------------------------------------------------------------------------------------------ FSDP
 EXPECTED_UNITS = {  # model size -> FSDP units per block class: backbone blocks (tiny: Swin 1-1-2-1, small: ResNet
     # basic blocks 1-1-1-1), pixel-decoder encoder layers, decoder layers, text tower layers (tiny BERT, MiniLM)

@@ -23,7 +23,7 @@ from openseed.data.vocab import Vocabulary
 from openseed.modeling.backbone import Backbone, build_backbone
 from openseed.modeling.decoder import Conditions, OpenSeeDDecoder
 from openseed.modeling.outputs import Outputs, targets_to_model_boxes
-from openseed.modeling.pixel_decoder import PixelDecoder
+from openseed.modeling.pixel_decoder import EncoderMemory, PixelDecoder
 from openseed.modeling.text_encoder import TextEncoder, build_text_tower
 from openseed.structures import Targets
 
@@ -151,10 +151,14 @@ class OpenSeeD(nn.Module):
         return self.text_encoder.encode_vocabulary(vocabulary, training=self.training,
                                                    rng=self.rng if self.training else None)
 
-    def encode_images(self, images: Tensor, padding_mask: Tensor):
-        """uint8 or float [B, 3, H, W] (RGB, 0-255; H, W multiples of 32) -> ``EncoderMemory``."""
+    def normalise(self, images: Tensor, padding_mask: Tensor) -> Tensor:
+        """uint8 or float [B, 3, H, W] RGB 0-255 -> the backbone's input: (x - mean) / std, zero on padding."""
         pixels = (images.float() - self.pixel_mean) / self.pixel_std
-        pixels = pixels.masked_fill(padding_mask[:, None], 0.0)
+        return pixels.masked_fill(padding_mask[:, None], 0.0)
+
+    def encode_images(self, images: Tensor, padding_mask: Tensor) -> EncoderMemory:
+        """uint8 or float [B, 3, H, W] (RGB, 0-255; H, W multiples of 32) -> ``EncoderMemory``."""
+        pixels = self.normalise(images, padding_mask)
         with record_function("backbone"):
             features = self.backbone(pixels)
         with record_function("pixel_decoder"):
@@ -186,9 +190,48 @@ class OpenSeeD(nn.Module):
             return self.decoder(memory, text, conditions)
 
     @torch.no_grad()
+    def decode_boxes(self, images: Tensor, padding_mask: Tensor, vocabulary: Vocabulary, boxes: list[Tensor],
+                     labels: list[Tensor], memory: EncoderMemory | None = None, text: Tensor | None = None) -> Outputs:
+        """Box-prompted decoding (conditioned queries without noise, one group; paper Fig. 6), in eval mode.
+
+        Args:
+            images, padding_mask: as ``forward``.
+            vocabulary: the classes the outputs are scored against; ``labels`` index into it.
+            boxes: per image, [N_i, 4] xyxy pixels of the padded image.
+            labels: per image, long [N_i]: the class of each box (its text embedding is the query's content).
+            memory, text: the image's ``encode_images`` output and the vocabulary's embeddings, when already
+                computed (an annotation tool encodes an image once and decodes many boxes).
+        Returns:
+            ``Outputs`` whose ``conditioned.predictions`` hold, before the first decoder layer and after each layer,
+            one query per box (slot j of image i = box j); the matching queries' predictions of the same pass as
+            usual (conditioned queries cannot influence them).
+        """
+        if not self.decoder.conditioned:
+            raise ValueError("this model was built with conditioned=False: it cannot decode box prompts")
+        if len(boxes) != images.shape[0] or len(labels) != images.shape[0]:
+            raise ValueError(f"need boxes and labels for each of the {images.shape[0]} images")
+        for image_boxes, image_labels in zip(boxes, labels):
+            if len(image_boxes) != len(image_labels):
+                raise ValueError(f"{len(image_boxes)} boxes but {len(image_labels)} labels")
+        was_training = self.training
+        self.eval()
+        try:
+            padded = tuple(images.shape[-2:])
+            conditions = Conditions(labels=[torch.as_tensor(label, dtype=torch.long) for label in labels],
+                                    boxes=[targets_to_model_boxes(b.float().to(images.device), padded) for b in boxes],
+                                    add_noise=False, num_groups=1)
+            if text is None:
+                text = self.embed_vocabulary(vocabulary)
+            if memory is None:
+                memory = self.encode_images(images, padding_mask)
+            return self.decoder(memory, text, conditions)
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
     def segment_boxes(self, images: Tensor, padding_mask: Tensor, boxes: list[Tensor], names: list[list[str]],
                       threshold: float = 0.0) -> list[Tensor]:
-        """Box-prompted segmentation (conditioned decoding without noise; paper Fig. 6).
+        """Box-prompted segmentation: one mask per box (``decode_boxes`` with a vocabulary of the given names).
 
         Args:
             images, padding_mask: as ``forward``.
@@ -198,26 +241,13 @@ class OpenSeeD(nn.Module):
         Returns:
             per image, bool [N_i, h_i, w_i] masks at the image's unpadded size (from ``padding_mask``).
         """
-        if not self.decoder.conditioned:
-            raise ValueError("this model was built with conditioned=False: it cannot decode box prompts")
-        if len(boxes) != images.shape[0] or len(names) != images.shape[0]:
+        if len(names) != images.shape[0]:
             raise ValueError(f"need boxes and names for each of the {images.shape[0]} images")
-        for image_boxes, image_names in zip(boxes, names):
-            if len(image_boxes) != len(image_names):
-                raise ValueError(f"{len(image_boxes)} boxes but {len(image_names)} names")
-        was_training = self.training
-        self.eval()
-        try:
-            vocabulary = Vocabulary.from_names(sorted({n for image_names in names for n in image_names}) or ["object"])
-            index = {n: i for i, n in enumerate(vocabulary.names)}
-            padded = tuple(images.shape[-2:])
-            conditions = Conditions(
-                labels=[torch.tensor([index[n] for n in image_names], dtype=torch.long) for image_names in names],
-                boxes=[targets_to_model_boxes(b.float().to(images.device), padded) for b in boxes],
-                add_noise=False, num_groups=1)
-            outputs = self.forward(images, padding_mask, vocabulary, conditions=conditions)
-        finally:
-            self.train(was_training)
+        vocabulary = Vocabulary.from_names(sorted({n for image_names in names for n in image_names}) or ["object"])
+        index = {n: i for i, n in enumerate(vocabulary.names)}
+        labels = [torch.tensor([index[n] for n in image_names], dtype=torch.long) for image_names in names]
+        outputs = self.decode_boxes(images, padding_mask, vocabulary, boxes, labels)
+        padded = tuple(images.shape[-2:])
         masks = F.interpolate(outputs.conditioned.predictions[-1].masks, size=padded, mode="bilinear",
                               align_corners=False)
         results = []
