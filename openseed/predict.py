@@ -78,12 +78,24 @@ class Predictor:
     Args:
         model: an ``OpenSeeD`` or the path of a model file / training checkpoint.
         device: where to run (default: CUDA if available).
-        image_size: longer side the image is resized to (and the square it is padded to), as in evaluation.
+        image_size: longer side the image is resized to (and the square it is padded to), as in evaluation; not
+            used when ``short_edge`` is given.
         inference: post-processing thresholds.
+        short_edge, max_size: preprocess as the reference's evaluation instead (``short_edge=800, max_size=1333`` for
+            the released checkpoints): shorter side to ``short_edge`` unless the longer would pass ``max_size``
+            (``EvalResize``'s size rule, ``int(x * scale + 0.5)``), zero padding at the bottom and right to a
+            multiple of ``SIZE_DIVISIBILITY`` (32). ``max_size`` needs ``short_edge``.
+
+    Either way the image is resampled as in evaluation (``EvalResize.resize_image``: PIL bilinear on uint8).
     """
 
+    SIZE_DIVISIBILITY = 32
+
     def __init__(self, model: OpenSeeD | str | Path, device: str | None = None, image_size: int = 1024,
-                 inference: InferenceConfig | None = None):
+                 inference: InferenceConfig | None = None, short_edge: int | None = None,
+                 max_size: int | None = None):
+        if max_size is not None and short_edge is None:
+            raise ValueError("max_size caps short_edge: give short_edge too (image_size sets the longer side alone)")
         if not isinstance(model, OpenSeeD):
             from openseed.modeling.checkpoint import load_model
 
@@ -91,15 +103,21 @@ class Predictor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.image_size, self.inference = image_size, inference or InferenceConfig()
-        self.resize = EvalResize(None, image_size)
+        self.short_edge, self.max_size = short_edge, max_size
+        self.resize = EvalResize(None, image_size) if short_edge is None else EvalResize(short_edge, max_size)
 
     def _prepare(self, array: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], tuple[int, int]]:
         orig = array.shape[:2]
         size = self.resize.output_size(*orig)
-        image = F.resize(torch.from_numpy(array.copy()).permute(2, 0, 1), list(size), antialias=True)
-        padded = torch.zeros((1, 3, self.image_size, self.image_size), dtype=torch.uint8)
+        image = self.resize.resize_image(torch.from_numpy(array.copy()).permute(2, 0, 1), size)
+        if self.short_edge is None:
+            height = width = self.image_size
+        else:
+            step = self.SIZE_DIVISIBILITY
+            height, width = -(-size[0] // step) * step, -(-size[1] // step) * step
+        padded = torch.zeros((1, 3, height, width), dtype=torch.uint8)
         padded[0, :, : size[0], : size[1]] = image
-        padding = torch.ones((1, self.image_size, self.image_size), dtype=torch.bool)
+        padding = torch.ones((1, height, width), dtype=torch.bool)
         padding[0, : size[0], : size[1]] = False
         return padded.to(self.device), padding.to(self.device), size, orig
 

@@ -79,3 +79,28 @@ def test_evaluate_a_model_on_shards_and_the_command_line(synth_shards, tmp_path,
     result = json.loads(capsys.readouterr().out)
     assert set(result[str(synth_shards["det_val"])]) >= {"box_AP", "mask_AP"}
     assert main(["shards=[x]"]) == 2
+
+
+def test_instances_drop_stuff_after_the_topk(synth_shards):
+    """As the reference on panoptic data: the top-k runs over every class, the stuff pairs go afterwards, so an image
+    keeps only the thing pairs among its top k (fewer than k when stuff is among them)."""
+    from openseed.modeling.postprocess import InferenceConfig
+
+    shards, batches = _batches(synth_shards["seg_val"])
+    top_k = 3
+    evaluator = DatasetEvaluator.for_shards(shards, InferenceConfig(top_k=top_k))
+    thing = torch.tensor(shards.vocabulary.is_thing)
+    expected, fewer = {}, 0
+    for batch in batches:
+        outputs = _oracle(batch)
+        evaluator.update(outputs, batch)
+        for target, logits in zip(batch.targets, outputs.final.logits):
+            order = torch.sort(logits.sigmoid().flatten(), descending=True, stable=True).indices[:top_k]
+            labels = order % logits.shape[1]
+            expected[target.image_id] = sorted(shards.vocabulary.ids[int(c)] for c in labels[thing[labels]])
+            fewer += len(expected[target.image_id]) < top_k
+    got = {}
+    for record in evaluator.detections:
+        got.setdefault(record["image_id"], []).append(record["category_id"])
+    assert {k: sorted(v) for k, v in got.items()} == {k: v for k, v in expected.items() if v}
+    assert fewer > 0  # stuff was among some image's top k: those images have fewer than k detections

@@ -1,4 +1,5 @@
-"""Post-processing on hand-built outputs with known answers (SPEC section 5)."""
+"""Post-processing on hand-built outputs with known answers (the reference's rules; the recorded reference outputs
+themselves are in test_reference_postprocess.py)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from openseed.modeling.postprocess import (
     boxes_to_original,
     instance_inference,
     instances_to_coco,
+    model_boxes_to_original,
     panoptic_class_probs,
     panoptic_inference,
+    panoptic_keep,
     postprocess_batch,
     resize_masks_to_original,
     semantic_inference,
@@ -79,13 +82,13 @@ def test_temperature_probabilities_by_hand():
 
 def test_panoptic_stuff_merges_things_separate_low_score_dropped():
     size = (8, 8)
-    logits = torch.stack([confident(2), confident(2), confident(0), confident(0), torch.zeros(K)])
+    logits = torch.stack([confident(2), confident(2), confident(0), confident(0), torch.full((K,), -2.0)])
     masks = torch.stack([
         region_mask(size, slice(0, 8), slice(0, 4)),  # stuff 2, left half
         region_mask(size, slice(0, 4), slice(4, 8)),  # stuff 2, top right
         region_mask(size, slice(4, 6), slice(4, 8)),  # thing 0
         region_mask(size, slice(6, 8), slice(4, 8)),  # thing 0
-        torch.full(size, 10.0),  # uniform class scores (1/5 < 0.25): dropped although its mask covers everything
+        torch.full(size, 10.0),  # max sigmoid 0.12 < 0.25: dropped although its mask covers everything
     ])
     seg, info = panoptic_inference(logits, masks, IS_THING, CATEGORY_IDS, InferenceConfig())
     assert seg.dtype == torch.int32 and seg.shape == size
@@ -153,8 +156,51 @@ def test_panoptic_pixels_follow_score_times_mask_probability():
 
 
 def test_panoptic_nothing_kept_is_all_void():
-    seg, info = panoptic_inference(torch.zeros(3, K), torch.full((3, 4, 5), 10.0), IS_THING, CATEGORY_IDS)
+    seg, info = panoptic_inference(torch.full((3, K), -2.0), torch.full((3, 4, 5), 10.0), IS_THING, CATEGORY_IDS)
     assert info == [] and seg.shape == (4, 5) and not seg.any()
+
+
+def test_panoptic_keeps_by_max_sigmoid_then_scores_by_the_temperature_softmax():
+    """Kept: max sigmoid > 0.25 (not the max of the softmax); the kept query's score and label come from the
+    softmax. A flat row (sigmoid 0.5 everywhere, softmax 1/K) is kept; a peaked row with sigmoid 0.2 (softmax 0.87)
+    is not."""
+    flat = torch.zeros(K)
+    peaked = torch.full((K,), -10.0)
+    peaked[1] = math.log(0.2 / 0.8)  # sigmoid 0.2
+    logits = torch.stack([flat, peaked])
+    assert panoptic_keep(logits).tolist() == [True, False]
+    probs = panoptic_class_probs(logits)
+    assert probs[0].max().item() == pytest.approx(1 / K) and probs[1].max().item() > 0.85
+    size = (4, 5)
+    seg, info = panoptic_inference(logits, torch.full((2, *size), 10.0), IS_THING, CATEGORY_IDS)
+    assert (seg == 1).all()
+    assert [(s["category_id"], s["isthing"]) for s in info] == [(1, True)]  # first maximum of a flat softmax: label 0
+    assert info[0]["score"] == pytest.approx(1 / K)
+    # only the peaked query: nothing kept, although its softmax score is 0.87
+    seg, info = panoptic_inference(logits[1:], torch.full((1, *size), 10.0), IS_THING, CATEGORY_IDS)
+    assert info == [] and not seg.any()
+
+
+def test_panoptic_overlap_divides_all_won_pixels_by_the_own_area():
+    """The reference code's overlap rule: area(won, whatever the own probability) / area(own) >= 0.8; the segment
+    holds only the won pixels with own probability >= 0.5. Here query 0 owns rows 0-1 (16 px), loses row 0 to query
+    1 and wins rows 1-7 (56 px, rows 2-7 at probability 0.4): 56 / 16 >= 0.8 -> a segment of row 1 only (the
+    paraphrase area(won and own) / area(own) = 8 / 16 would drop it)."""
+    size = (8, 8)
+    logits = torch.stack([confident(0), confident(1)])
+    first = torch.full(size, math.log(0.4 / 0.6))  # prob 0.4
+    first[:2] = math.log(9.0)  # prob 0.9 on rows 0-1
+    second = region_mask(size, slice(0, 1), slice(0, 8), inside=math.log(19.0))  # prob 0.95 on row 0
+    seg, info = panoptic_inference(logits, torch.stack([first, second]), IS_THING, CATEGORY_IDS)
+    expected = torch.zeros(size, dtype=torch.int32)
+    expected[1] = 1
+    expected[0] = 2
+    assert torch.equal(seg, expected)  # rows 2-7: won by query 0 below 0.5: void
+    assert [(s["id"], s["category_id"], s["area"]) for s in info] == [(1, 1, 8), (2, 5, 8)]
+    # a query must still hold some won pixel with probability >= 0.5: query 0 without any own pixel it wins
+    first[1] = math.log(0.4 / 0.6)
+    seg, info = panoptic_inference(logits, torch.stack([first, second]), IS_THING, CATEGORY_IDS)
+    assert [(s["id"], s["category_id"]) for s in info] == [(1, 5)] and int((seg == 1).sum()) == 8
 
 
 # ---------------------------------------------------------------------------------------------------------- instance
@@ -200,6 +246,20 @@ def test_instance_topk_fg_only_rescoring_and_boxes():
     assert no_masks["masks"] is None and torch.allclose(no_masks["scores"], torch.tensor([3.0, 2.0]).sigmoid())
 
 
+def test_instance_stuff_labels_dropped_after_the_topk():
+    """As the reference on panoptic data: the top-k runs over every class, then the stuff pairs go (fewer than k)."""
+    logits, masks, boxes = _instance_case()
+    is_thing = [True, False, True]
+    result = instance_inference(logits, masks, boxes, InferenceConfig(top_k=4), num_fg=3, is_thing=is_thing)
+    # top 4: (2,2)=3.0, (0,0)=2.0, (1,1)=1.0 (stuff: dropped), (2,0)=0.5
+    assert result["labels"].tolist() == [2, 0, 0]
+    assert torch.equal(result["boxes"], boxes[[2, 0, 2]]) and result["masks"].shape == (3, 6, 8)
+    everything = instance_inference(logits, masks, boxes, InferenceConfig(top_k=4), num_fg=3)
+    assert torch.equal(result["scores"], everything["scores"][[0, 1, 3]])
+    # dropping before the top-k would have let a fourth thing pair in: (0, 2) at sigmoid(0)
+    assert torch.tensor(is_thing)[everything["labels"]].sum() == 3
+
+
 def test_instances_to_coco_round_trip():
     logits, masks, boxes = _instance_case()
     result = instance_inference(logits, masks, boxes, InferenceConfig(top_k=4), num_fg=3)
@@ -226,16 +286,28 @@ def test_semantic_sums_and_argmax():
         [[4.0, 4.0], [-4.0, -4.0]],  # query 0 (mostly class 0): top row
         [[-4.0, 0.0], [4.0, 4.0]],  # query 1 (mostly class 1): bottom row, half on (0, 1)
     ])
-    scores = semantic_inference(logits, masks)
-    assert scores.shape == (3, 2, 2)
-    class_p, mask_p = logits.sigmoid(), masks.sigmoid()
-    for k in range(3):
-        for y in range(2):
-            for x in range(2):
-                expected = class_p[0, k] * mask_p[0, y, x] + class_p[1, k] * mask_p[1, y, x]
-                assert scores[k, y, x].item() == pytest.approx(expected.item(), rel=1e-6)
-    assert semantic_labels(scores).tolist() == [[0, 0], [1, 1]]
-    assert semantic_labels(scores, [10, 20, 30]).tolist() == [[10, 10], [20, 20]]
+    mask_p = masks.sigmoid()
+    softmax_p = [[math.exp(_sig(v) / 0.06) / sum(math.exp(_sig(u) / 0.06) for u in row) for v in row]
+                 for row in logits.tolist()]  # the reference's class probabilities, by hand
+    sigmoid_p = [[_sig(v) for v in row] for row in logits.tolist()]
+    for mode, class_p in (("softmax", softmax_p), ("sigmoid", sigmoid_p)):
+        scores = semantic_inference(logits, masks) if mode == "softmax" else semantic_inference(logits, masks, mode)
+        assert scores.shape == (3, 2, 2)
+        for k in range(3):
+            for y in range(2):
+                for x in range(2):
+                    expected = class_p[0][k] * mask_p[0, y, x].item() + class_p[1][k] * mask_p[1, y, x].item()
+                    assert scores[k, y, x].item() == pytest.approx(expected, rel=1e-5)
+        assert semantic_labels(scores).tolist() == [[0, 0], [1, 1]]
+        assert semantic_labels(scores, [10, 20, 30]).tolist() == [[10, 10], [20, 20]]
+    with pytest.raises(ValueError, match="class_probs"):
+        semantic_inference(logits, masks, "softmax2")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="semantic_class_probs"):
+        InferenceConfig(semantic_class_probs="bogus")  # type: ignore[arg-type]
+
+
+def _sig(value: float) -> float:
+    return 1 / (1 + math.exp(-value))
 
 
 # ---------------------------------------------------------------------------------------------------------- resizing
@@ -258,6 +330,17 @@ def test_masks_cropped_from_valid_region():
     assert torch.allclose(resize_masks_to_original(same, (8, 8), (8, 8), (8, 8)), same)
 
 
+def test_mask_resizing_is_bilinear_crop_then_antialiased_bicubic():
+    generator = torch.Generator().manual_seed(0)
+    low = torch.randn(5, 16, 24, generator=generator) * 4
+    out = resize_masks_to_original(low, PADDED, IMAGE, ORIG, chunk_size=2)
+    up = torch.nn.functional.interpolate(low[None], size=PADDED, mode="bilinear", align_corners=False)
+    crop = up[..., : IMAGE[0], : IMAGE[1]]
+    expected = torch.nn.functional.interpolate(crop, size=ORIG, mode="bicubic", align_corners=False, antialias=True)[0]
+    assert torch.equal(out, expected)  # chunks of 2 queries: the same numbers as all at once
+    assert not torch.allclose(out, torch.nn.functional.interpolate(crop, size=ORIG, mode="bilinear")[0], atol=1e-3)
+
+
 def test_boxes_map_back_to_original():
     valid = torch.tensor([[0.0, 0.0, IMAGE[1], IMAGE[0]], [8.0, 4.0, 40.0, 60.0]])
     model_boxes = targets_to_model_boxes(valid, PADDED)
@@ -266,6 +349,13 @@ def test_boxes_map_back_to_original():
     assert torch.allclose(out[0], torch.tensor([0.0, 0.0, ORIG[1], ORIG[0]]), atol=1e-4)
     # x scaled by 40 / 64, y by 24 / 48, and the part in the padding (y up to 60 > 48) clipped
     assert torch.allclose(out[1], torch.tensor([5.0, 2.0, 25.0, 24.0]), atol=1e-4)
+    assert torch.allclose(boxes_to_original(pixels, IMAGE, ORIG, clip=False)[1], torch.tensor([5.0, 2.0, 25.0, 30.0]),
+                          atol=1e-4)
+    # straight from the box head: xyxy x (padded / image x orig), one multiplication; clipped or not
+    for clip in (True, False):
+        direct = model_boxes_to_original(model_boxes, PADDED, IMAGE, ORIG, clip=clip)
+        assert torch.allclose(direct, boxes_to_original(pixels, IMAGE, ORIG, clip=clip), atol=1e-4)
+    assert model_boxes_to_original(model_boxes, PADDED, IMAGE, ORIG, clip=False)[1, 3].item() == pytest.approx(30.0)
 
 
 # ---------------------------------------------------------------------------------------------------------- batches
@@ -324,6 +414,21 @@ def test_postprocess_batch_all_tasks():
                                 InferenceConfig(top_k=3), outputs.num_fg)
     for key in ("scores", "labels", "boxes", "masks"):
         assert torch.allclose(first[key].float(), direct[key].float())
+    # things_only drops the stuff pairs after the top-k; clip_boxes=False leaves boxes past the image as they are
+    inst_things = postprocess_batch(outputs, targets, vocab, PADDED, "instance", InferenceConfig(top_k=3),
+                                    things_only=True)
+    assert inst_things[0]["labels"].tolist() == [0, 1, 1]  # no stuff among the top 3 here: unchanged
+    # with the bg query too, the top 4 are (3, 4), (0, 0), (1, 1), (2, 2): the last is stuff and goes afterwards
+    with_bg = InferenceConfig(top_k=4, instance_from_fg_only=False)
+    kept = postprocess_batch(outputs, targets, vocab, PADDED, "instance", with_bg, things_only=True)
+    assert kept[0]["labels"].tolist() == [4, 0, 1]
+    unclipped = postprocess_batch(outputs, targets, vocab, PADDED, "instance",
+                                  InferenceConfig(top_k=4, instance_from_fg_only=False, clip_boxes=False))
+    clipped = postprocess_batch(outputs, targets, vocab, PADDED, "instance", with_bg)
+    assert unclipped[0]["labels"].tolist() == [4, 0, 1, 2] and clipped[0]["labels"].tolist() == [4, 0, 1, 2]
+    # query 2's box covers the padded frame (96 x 64): 60 x 32 in the original, clipped to 40 x 24
+    assert torch.allclose(unclipped[0]["boxes"][3], torch.tensor([0.0, 0.0, 60.0, 32.0]), atol=1e-4)
+    assert torch.allclose(clipped[0]["boxes"][3], torch.tensor([0.0, 0.0, 40.0, 24.0]), atol=1e-4)
 
     sem = postprocess_batch(outputs, targets, vocab, PADDED, "semantic", InferenceConfig(chunk_size=3),
                             return_semantic_scores=True)

@@ -11,7 +11,8 @@ from pycocotools import mask as mask_utils
 from openseed import Predictor
 from openseed.modeling.checkpoint import save_model
 from openseed.modeling.openseed import build_openseed
-from openseed.predict import main
+from openseed.predict import load_image, main
+from tests._reference import load_npz
 from tests.conftest import PANOPTIC
 
 PHOTO = PANOPTIC / "input_images" / "000000142238.jpg"  # 640 x 427
@@ -77,6 +78,30 @@ def test_box_prompts_give_one_mask_per_box(predictor, tmp_path):
     records = json.loads((tmp_path / "000000142238_boxes.json").read_text())["annotations"]
     assert [r["category_name"] for r in records] == ["person", "horse", "grass"]
     assert [r["bbox"] for r in records] == [[100, 100, 200, 300], [10, 10, 40, 50], [0, 0, 640, 427]]
+
+
+def test_default_preprocessing_is_longer_side_and_square_padding(predictor):
+    images, padding, size, orig = predictor._prepare(load_image(PHOTO)[0])
+    assert images.shape == (1, 3, 256, 256) and size == (171, 256) and orig == (427, 640)
+    assert not padding[0, :171, :256].any() and padding[0, 171:].all() and images[0, :, 171:].sum() == 0
+
+
+def test_reference_preprocessing(checkpoint):
+    """short_edge / max_size: the reference's evaluation input (PIL bilinear, int(x * s + 0.5), zero padding at the
+    bottom and right to a multiple of 32), bit for bit against the recorded input."""
+    expected = load_npz("swint_decouple")["input_image_uint8"]
+    predictor = Predictor(checkpoint, device="cpu", short_edge=800, max_size=1333)
+    images, padding, size, orig = predictor._prepare(load_image(PHOTO)[0])
+    assert images.shape == (1, 3, 800, 1216) and size == (800, 1199) and orig == (427, 640)
+    assert np.array_equal(images[0, :, :800, :1199].numpy(), expected)
+    assert images[0, :, :, 1199:].sum() == 0
+    assert not padding[0, :, :1199].any() and padding[0, :, 1199:].all()
+    small = Predictor(predictor.model, device="cpu", short_edge=100)
+    result = small(PHOTO, ["person", "grass"], task="semantic")
+    assert small._prepare(load_image(PHOTO)[0])[0].shape == (1, 3, 128, 160)  # 100 x 150 padded to 32s
+    assert result["sem_seg"].shape == (427, 640)
+    with pytest.raises(ValueError, match="max_size caps short_edge"):
+        Predictor(predictor.model, device="cpu", max_size=1333)
 
 
 def test_bad_input_is_a_clear_error(predictor, tmp_path):

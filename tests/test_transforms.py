@@ -1,10 +1,13 @@
 """LSJ and evaluation resizing keep image, masks and boxes consistent; collate pads correctly."""
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageOps
 
 from openseed.data.shards import read_shards
 from openseed.data.transforms import EvalResize, LargeScaleJitter, collate, tight_boxes
+from tests._reference import ARCHITECTURES, IMAGE, load_npz
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +80,36 @@ def test_eval_resize_sizes(pan_samples):
     assert out.image.shape[-2:] == (214, 320) and out.masks.shape[-2:] == (214, 320)
     assert torch.equal(out.boxes, tight_boxes(out.masks))
     assert out.orig_size == (427, 640)
+
+
+def test_eval_resize_size_rule_is_int_plus_half():
+    """detectron2's rule: shorter side to short_edge unless the longer passes max_size; new = int(x * scale + 0.5),
+    so halves round up (Python's round() rounds them to even)."""
+    assert EvalResize(None, 10).output_size(5, 4) == (10, 8)
+    assert EvalResize(None, 4).output_size(8, 5) == (4, 3)  # 2.5 -> 3 (round() would give 2)
+    assert EvalResize(6, None).output_size(4, 5) == (6, 8)  # 7.5 -> 8
+    assert EvalResize(800, 1333).output_size(640, 427) == (1199, 800)  # portrait: the same rule transposed
+    assert EvalResize(800, None).output_size(100, 1000) == (800, 8000)  # no cap
+    assert EvalResize(800, 1333).output_size(100, 1000) == (133, 1333)
+
+
+def test_eval_resize_reproduces_the_reference_input(pan_samples):
+    """The reference's evaluation input of the fixture photo (PIL bilinear on uint8, 800 x 1199), bit for bit: from
+    the file read with its EXIF orientation, and through ``EvalResize`` on the decoded shard sample."""
+    expected = load_npz(ARCHITECTURES[0])["input_image_uint8"]
+    for arch in ARCHITECTURES[1:]:
+        assert np.array_equal(load_npz(arch)["input_image_uint8"], expected)
+    with Image.open(IMAGE) as opened:
+        photo = torch.from_numpy(np.array(ImageOps.exif_transpose(opened).convert("RGB"))).permute(2, 0, 1)
+    resize = EvalResize(800, 1333)
+    size = resize.output_size(*photo.shape[-2:])
+    assert size == expected.shape[-2:] == (800, 1199)
+    assert np.array_equal(resize.resize_image(photo, size).numpy(), expected)
+    sample = pan_samples[0]
+    assert sample.image_id == 142238 and torch.equal(sample.image, photo)
+    out = resize(sample)
+    assert np.array_equal(out.image.numpy(), expected)
+    assert out.masks.shape[-2:] == (800, 1199) and torch.equal(out.boxes, tight_boxes(out.masks))
 
 
 def test_collate_pads_images_masks_and_sets_padding_mask(pan_samples, panoptic_shards):

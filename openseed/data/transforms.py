@@ -2,8 +2,9 @@
 
 Training uses large-scale jitter (LSJ, SPEC.md section 4): random flip, resize by a random factor in [0.1, 2.0] of
 the target size, crop to at most the target size; the batch is padded to the target size. Evaluation resizes without
-cropping. Boxes of segmentation targets are re-derived from the transformed masks, so they stay tight; detection
-boxes are transformed, clipped, and dropped when less than a pixel remains.
+cropping, as the reference (detectron2's shortest-edge resize: sizes ``int(x * scale + 0.5)``, the image resampled
+with PIL bilinear on uint8). Boxes of segmentation targets are re-derived from the transformed masks, so they stay
+tight; detection boxes are transformed, clipped, and dropped when less than a pixel remains.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
+from PIL import Image
 from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 
@@ -124,8 +127,14 @@ class LargeScaleJitter:
 
 
 class EvalResize:
-    """Resize without cropping: shorter side to ``short_edge`` with the longer side capped at ``max_size``;
-    ``short_edge=None`` scales the longer side to ``max_size`` (the evaluation size of an LSJ-trained model)."""
+    """Resize without cropping: shorter side to ``short_edge`` unless the longer side would pass ``max_size`` (then
+    the longer side to ``max_size``); ``short_edge=None`` scales the longer side to ``max_size`` (the evaluation size
+    of an LSJ-trained model).
+
+    As the reference's evaluation resize (detectron2 ``ResizeShortestEdge``): the sizes are ``int(x * scale + 0.5)``
+    and a uint8 image is resampled with PIL bilinear (``resize_image``); masks (nearest) and boxes as the other
+    transforms.
+    """
 
     def __init__(self, short_edge: int | None = 800, max_size: int | None = 1333):
         if short_edge is None and max_size is None:
@@ -133,16 +142,37 @@ class EvalResize:
         self.short_edge, self.max_size = short_edge, max_size
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
-        scale = math.inf
         if self.short_edge is not None:
             scale = self.short_edge / min(height, width)
-        if self.max_size is not None:
-            scale = min(scale, self.max_size / max(height, width))
-        return max(1, round(height * scale)), max(1, round(width * scale))
+            new_h, new_w = (self.short_edge, scale * width) if height < width else (scale * height, self.short_edge)
+            if self.max_size is not None and max(new_h, new_w) > self.max_size:
+                shrink = self.max_size / max(new_h, new_w)
+                new_h, new_w = new_h * shrink, new_w * shrink
+        else:
+            scale = self.max_size / max(height, width)
+            new_h, new_w = height * scale, width * scale
+        return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
+
+    @staticmethod
+    def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """[3, H, W] image -> [3, h, w] at ``size`` = (h, w): PIL bilinear for uint8 (the reference), torchvision's
+        antialiased bilinear for other dtypes."""
+        if image.dtype != torch.uint8:
+            return F.resize(image, list(size), antialias=True)
+        height, width = (int(v) for v in size)
+        if tuple(image.shape[-2:]) == (height, width):
+            return image.clone()
+        array = np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy())
+        resized = Image.fromarray(array).resize((width, height), Image.BILINEAR)
+        return torch.from_numpy(np.array(resized)).permute(2, 0, 1).contiguous().to(image.device)
 
     def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
-        size = list(self.output_size(*sample.image.shape[-2:]))
-        return _finish(sample, _apply(_wrapped(sample), lambda x: F.resize(x, size)))
+        size = self.output_size(*sample.image.shape[-2:])
+        items = _wrapped(sample)
+        image = items.pop("image").as_subclass(torch.Tensor)
+        items = _apply(items, lambda x: F.resize(x, list(size)))
+        items["image"] = tv_tensors.Image(self.resize_image(image, size))
+        return _finish(sample, items)
 
 
 def collate(samples: list[Sample], vocabulary: Vocabulary, task: str, size_divisibility: int = 32,

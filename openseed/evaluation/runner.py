@@ -20,7 +20,6 @@ import io
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -32,7 +31,7 @@ from openseed.evaluation.common import gather_to_all
 from openseed.evaluation.instances import evaluate_coco
 from openseed.evaluation.panoptic import PanopticEvaluator
 from openseed.evaluation.semantic import SemanticEvaluator
-from openseed.modeling.outputs import Outputs, Prediction
+from openseed.modeling.outputs import Outputs
 from openseed.modeling.postprocess import InferenceConfig, encode_rle, instances_to_coco, postprocess_batch
 from openseed.structures import Batch
 
@@ -58,7 +57,6 @@ class DatasetEvaluator:
         self.vocabulary, self.task, self.mask_format = vocabulary, task, mask_format
         self.inference = inference or InferenceConfig()
         self.categories = [{"id": c.id, "name": c.name, "isthing": int(c.is_thing)} for c in vocabulary.categories]
-        self.thing_index = torch.tensor(vocabulary.is_thing)
         self.with_masks = mask_format in ("panoptic", "rle")
         self.panoptic = PanopticEvaluator(self.categories) if task == "seg" else None
         self.semantic = SemanticEvaluator(len(vocabulary), ignore_label=IGNORE) if task == "seg" else None
@@ -76,8 +74,10 @@ class DatasetEvaluator:
         if batch.annotations is None:
             raise ValueError("evaluation batches must carry their annotations (collate(..., keep_annotations=True))")
         padded = tuple(batch.images.shape[-2:])
-        things_only = _only_classes(outputs, self.thing_index.to(outputs.final.logits.device))
-        instances = postprocess_batch(things_only, batch.targets, self.vocabulary, padded, "instance", self.inference)
+        # as the reference on panoptic data: the top-k runs over every class and the stuff pairs are dropped after it
+        # (only thing classes are scored; detection data has only things, where this changes nothing)
+        instances = postprocess_batch(outputs, batch.targets, self.vocabulary, padded, "instance", self.inference,
+                                      things_only=True)
         panoptic = semantic = None
         if self.task == "seg":
             panoptic = postprocess_batch(outputs, batch.targets, self.vocabulary, padded, "panoptic", self.inference)
@@ -144,14 +144,6 @@ class DatasetEvaluator:
                 per_class[f"{prefix}_AP"] = {c["name"]: c["AP"] for c in stats["per_category"]}
         metrics["per_class"] = per_class
         return metrics
-
-
-def _only_classes(outputs: Outputs, keep: torch.Tensor) -> Outputs:
-    """The outputs with the logits of classes outside ``keep`` (bool [K]) at -inf (instance inference on things)."""
-    if bool(keep.all()):
-        return outputs
-    logits = outputs.final.logits.masked_fill(~keep, float("-inf"))
-    return replace(outputs, final=Prediction(logits, outputs.final.boxes, outputs.final.masks))
 
 
 def _to_cpu(result: dict) -> dict:

@@ -1,19 +1,27 @@
 """Inference post-processing: model outputs -> panoptic / instance / semantic results at the original image size.
 
-Pure torch / numpy (pycocotools for RLE). The rules follow SPEC section 5:
+Pure torch / numpy (pycocotools for RLE). The rules are those of the authors' OpenSeeD inference code, held to the
+recorded reference outputs (``tests/test_reference_postprocess.py``, ``../shared/reference``):
 
-- Panoptic: class probabilities = ``softmax(sigmoid(logits) / temperature)`` over the K vocabulary entries; queries with
-  max probability > ``object_mask_threshold`` are kept; every pixel goes to the kept query with the highest
-  ``score x mask probability``; a query becomes a segment when the pixels it won *and* where its own mask probability is
-  >= ``mask_threshold`` ("kept area") are non-empty and cover at least ``overlap_threshold`` of its own mask (the pixels
-  with probability >= ``mask_threshold``). Pixels won by a query that is not a segment, or where the winner's own mask
-  probability is below ``mask_threshold``, are void (0). Stuff queries of the same class merge into one segment.
-  (Mask2Former divides the *whole* won area, including low-probability pixels, by the own area; we use the kept area,
-  so the ratio is the fraction of the query's own mask that survives, always <= 1.)
-- Instance: scores = ``sigmoid(logits)`` over (foreground query x class), top-k; mask = logit > 0 (probability >
-  ``mask_threshold``); score x= mean mask probability inside the binary mask; boxes from the box head.
-- Semantic: per class, sum over queries of class probability x mask probability. SPEC says "class probability"; we use
-  ``sigmoid(logits)``, consistent with the per-class sigmoid the model is trained with (no softmax, no "no object").
+- Masks: logits bilinear (align_corners False) to the padded size, the valid region cropped, then bicubic with
+  antialias (align_corners False) to the original size (``resize_masks_to_original``).
+- Panoptic: a query is kept when its largest *sigmoid* class score is > ``object_mask_threshold``; a kept query's
+  score is then the largest of ``softmax(sigmoid(logits) / temperature)`` over the K vocabulary entries and its label
+  that entry. Every pixel goes to the kept query with the highest ``score x mask probability`` (first maximum on a
+  tie). Overlap rule: with "own" = the query's pixels with mask probability >= ``mask_threshold`` and "won" = the
+  pixels it won (whatever its own probability there), the query becomes a segment when own and won-and-own are
+  non-empty and ``area(won) / area(own) >= overlap_threshold``; the segment then holds the pixels won-and-own. This
+  is the reference code's rule; the paraphrase ``area(won and own) / area(own)`` does not reproduce the recorded
+  results (it loses segments on two of the four recorded cases). Pixels won by a query that is not a segment, or
+  where the winner's own probability is below ``mask_threshold``, are void (0). Stuff queries of one class merge
+  into one segment; ids count from 1 in query order.
+- Instance: ``sigmoid(logits)`` over (foreground query x class) pairs, top-k; optionally (``things_only``) pairs with a
+  stuff label are dropped *after* the top-k, so fewer than k remain (the reference on panoptic data); mask = logit >
+  0 at the original size (probability > ``mask_threshold``); score x= mean mask probability inside the mask
+  (``sum / (area + 1e-6)``); boxes from the box head, cxcywh of the padded input scaled by ``padded x orig / resized``
+  and, when ``clip_boxes``, clipped to the image (the reference does not clip).
+- Semantic: per class, the sum over all queries of class probability x mask probability; class probability =
+  ``softmax(sigmoid(logits) / temperature)`` (the reference's PANO_TRANSFORM_EVAL) or, as an option, ``sigmoid``.
 
 Sizes: masks come at 1/4 of the *padded* batch size; ``image_size`` is the valid (unpadded) content in the padded frame,
 ``orig_size`` the stored image before resizing. ``resize_masks_to_original`` and ``boxes_to_original`` map back.
@@ -30,11 +38,13 @@ import pycocotools.mask as mask_util
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.ops import box_convert
 
-from openseed.modeling.outputs import Outputs, model_boxes_to_pixels
+from openseed.modeling.outputs import Outputs
 
 Size = tuple[int, int]
 PostprocessTask = Literal["panoptic", "instance", "semantic"]
+SemanticClassProbs = Literal["softmax", "sigmoid"]
 
 __all__ = [
     "InferenceConfig",
@@ -43,8 +53,10 @@ __all__ = [
     "encode_rle",
     "instance_inference",
     "instances_to_coco",
+    "model_boxes_to_original",
     "panoptic_class_probs",
     "panoptic_inference",
+    "panoptic_keep",
     "postprocess_batch",
     "resize_masks_to_original",
     "semantic_inference",
@@ -54,16 +66,22 @@ __all__ = [
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    """Inference thresholds (SPEC section 5 defaults).
+    """Inference thresholds and options (defaults: the reference's test settings).
 
     Attributes:
-        object_mask_threshold: panoptic: keep queries whose max class probability is above this.
-        overlap_threshold: panoptic: a query needs kept area / own area >= this to become a segment.
+        object_mask_threshold: panoptic: keep queries whose max *sigmoid* class score is above this.
+        overlap_threshold: panoptic: a query needs won area / own area >= this to become a segment (see the module
+            docstring for the exact rule).
         mask_threshold: mask probability threshold (panoptic own mask: prob >= it; instance mask: prob > it, i.e.
             logit > 0 at the default 0.5).
-        temperature: panoptic: class probabilities = softmax(sigmoid(logits) / temperature).
-        top_k: instance: number of (query, class) pairs kept per image (capped at queries x classes).
+        temperature: class probabilities = softmax(sigmoid(logits) / temperature) (panoptic scores and labels;
+            semantic with ``semantic_class_probs="softmax"``).
+        top_k: instance: number of (query, class) pairs kept per image (capped at queries x classes); the full-size
+            reference models use 300 (their callers set it), the small ones 100.
         instance_from_fg_only: instance: use only the foreground queries (the first ``num_fg``).
+        semantic_class_probs: semantic: "softmax" = softmax(sigmoid(logits) / temperature) (the reference),
+            "sigmoid" = sigmoid(logits).
+        clip_boxes: instance: clip boxes to the original image (the reference does not: False reproduces it).
         chunk_size: queries resized at a time in ``postprocess_batch`` / ``resize_masks_to_original`` (memory bound).
     """
 
@@ -73,7 +91,13 @@ class InferenceConfig:
     temperature: float = 0.06
     top_k: int = 100
     instance_from_fg_only: bool = True
+    semantic_class_probs: SemanticClassProbs = "softmax"
+    clip_boxes: bool = True
     chunk_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.semantic_class_probs not in ("softmax", "sigmoid"):
+            raise ValueError(f"semantic_class_probs must be 'softmax' or 'sigmoid', not {self.semantic_class_probs!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------- resizing
@@ -81,8 +105,10 @@ def resize_masks_to_original(mask_logits: Tensor, padded_size: Size, image_size:
                              chunk_size: int = 32) -> Tensor:
     """Mask logits [Q, h, w] at (a fraction of) the padded size -> logits [Q, H0, W0] of the original image.
 
-    Bilinear upsampling to ``padded_size``, crop of the valid ``image_size`` region (top-left), bilinear resize to
-    ``orig_size``. Works in float32, ``chunk_size`` queries at a time.
+    Bilinear upsampling (align_corners False) to ``padded_size``, crop of the valid ``image_size`` region (top-left),
+    bicubic resize with antialias (align_corners False) to ``orig_size`` (skipped when the sizes already agree: at
+    scale 1 it is the identity). Works in float32, ``chunk_size`` queries at a time (each query is resized on its
+    own, so the chunking does not change the result).
     """
     padded_size, image_size, orig_size = _size(padded_size), _size(image_size), _size(orig_size)
     if image_size[0] > padded_size[0] or image_size[1] > padded_size[1]:
@@ -97,25 +123,48 @@ def resize_masks_to_original(mask_logits: Tensor, padded_size: Size, image_size:
             chunk = F.interpolate(chunk, size=padded_size, mode="bilinear", align_corners=False)
         chunk = chunk[..., : image_size[0], : image_size[1]]
         if image_size != orig_size:
-            chunk = F.interpolate(chunk, size=orig_size, mode="bilinear", align_corners=False)
+            chunk = F.interpolate(chunk, size=orig_size, mode="bicubic", align_corners=False, antialias=True)
         out[start:start + chunk_size] = chunk[0]
     return out
 
 
-def boxes_to_original(boxes_xyxy: Tensor, image_size: Size, orig_size: Size) -> Tensor:
+def boxes_to_original(boxes_xyxy: Tensor, image_size: Size, orig_size: Size, clip: bool = True) -> Tensor:
     """Pixel xyxy boxes in the padded frame (valid content = top-left ``image_size``) -> pixel xyxy boxes of the
-    original image: scaled by orig / image size and clipped to ``[0, W0] x [0, H0]``."""
+    original image: scaled by orig / image size and, with ``clip``, clipped to ``[0, W0] x [0, H0]``."""
     (h, w), (h0, w0) = _size(image_size), _size(orig_size)
     scale = boxes_xyxy.new_tensor([w0 / w, h0 / h, w0 / w, h0 / h], dtype=torch.float32)
     boxes = boxes_xyxy.float() * scale
-    limit = boxes.new_tensor([w0, h0, w0, h0])
-    return torch.minimum(boxes.clamp(min=0), limit)
+    return _clip(boxes, (h0, w0)) if clip else boxes
+
+
+def model_boxes_to_original(boxes_cxcywh: Tensor, padded_size: Size, image_size: Size, orig_size: Size,
+                            clip: bool = True) -> Tensor:
+    """Box-head boxes (cxcywh normalised to the padded input) -> pixel xyxy boxes of the original image.
+
+    As the reference: xyxy times ``padded / image x orig`` per axis, in one float32 multiplication; with ``clip``
+    the boxes are then clipped to ``[0, W0] x [0, H0]`` (the reference does not clip).
+    """
+    (hp, wp), (h, w), (h0, w0) = _size(padded_size), _size(image_size), _size(orig_size)
+    scale_h, scale_w = hp / h * h0, wp / w * w0
+    scale = torch.tensor([scale_w, scale_h, scale_w, scale_h], dtype=torch.float32, device=boxes_cxcywh.device)
+    boxes = box_convert(boxes_cxcywh.float(), "cxcywh", "xyxy") * scale
+    return _clip(boxes, (h0, w0)) if clip else boxes
+
+
+def _clip(boxes: Tensor, size: Size) -> Tensor:
+    height, width = size
+    return torch.minimum(boxes.clamp(min=0), boxes.new_tensor([width, height, width, height]))
 
 
 # ---------------------------------------------------------------------------------------------------------- panoptic
 def panoptic_class_probs(logits: Tensor, temperature: float = 0.06) -> Tensor:
     """[Q, K] logits -> [Q, K] class probabilities ``softmax(sigmoid(logits) / temperature)`` over K."""
     return torch.softmax(logits.float().sigmoid() / temperature, dim=-1)
+
+
+def panoptic_keep(logits: Tensor, threshold: float = 0.25) -> Tensor:
+    """[Q, K] logits -> bool [Q]: the queries whose largest sigmoid class score is above ``threshold``."""
+    return logits.float().sigmoid().max(dim=-1).values > threshold
 
 
 def panoptic_inference(logits: Tensor, mask_logits: Tensor, is_thing: Sequence[bool] | Tensor,
@@ -129,6 +178,12 @@ def panoptic_inference(logits: Tensor, mask_logits: Tensor, is_thing: Sequence[b
         is_thing: [K] thing flags of the vocabulary.
         category_ids: [K] the data set's category ids (``Vocabulary.ids``); None: contiguous labels are written.
         cfg: thresholds.
+
+    The reference's rules (module docstring): keep by the max sigmoid score, score and label from the temperature
+    softmax, pixels to the highest ``score x mask probability``, and the overlap rule ``area(won) / area(own)`` of
+    the reference code (a query's won pixels count whatever its own probability there; only the won pixels with
+    probability >= ``mask_threshold`` join its segment). The recorded reference outputs need this rule: the
+    paraphrase ``area(won and own) / area(own)`` loses segments on them.
 
     Returns:
         panoptic_seg: int32 [H0, W0], segment ids 1..n in order of first query, 0 = void.
@@ -147,11 +202,10 @@ def panoptic_inference(logits: Tensor, mask_logits: Tensor, is_thing: Sequence[b
     height, width = mask_logits.shape[-2:]
     panoptic_seg = torch.zeros((height, width), dtype=torch.int32, device=mask_logits.device)
 
-    scores, labels = panoptic_class_probs(logits, cfg.temperature).max(dim=-1)
-    keep = scores > cfg.object_mask_threshold
+    keep = panoptic_keep(logits, cfg.object_mask_threshold)
     if not bool(keep.any()):
         return panoptic_seg, []
-    scores, labels = scores[keep], labels[keep]
+    scores, labels = panoptic_class_probs(logits[keep], cfg.temperature).max(dim=-1)
     mask_probs = mask_logits[keep].float().sigmoid()  # [N, H0, W0]
     # First maximum wins ties (torch.argmax returns the first occurrence): deterministic.
     winner = (scores[:, None, None] * mask_probs).argmax(dim=0)
@@ -161,10 +215,10 @@ def panoptic_inference(logits: Tensor, mask_logits: Tensor, is_thing: Sequence[b
     for k in range(scores.shape[0]):
         label = int(labels[k])
         own = mask_probs[k] >= cfg.mask_threshold
-        own_area = int(own.sum())
-        kept = (winner == k) & own
-        kept_area = int(kept.sum())
-        if kept_area == 0 or own_area == 0 or kept_area / own_area < cfg.overlap_threshold:
+        won = winner == k
+        own_area, won_area = int(own.sum()), int(won.sum())
+        kept = won & own
+        if own_area == 0 or not bool(kept.any()) or won_area / own_area < cfg.overlap_threshold:
             continue
         score = float(scores[k])
         if not thing[label] and label in stuff_segment:
@@ -185,8 +239,10 @@ def panoptic_inference(logits: Tensor, mask_logits: Tensor, is_thing: Sequence[b
 
 
 # ---------------------------------------------------------------------------------------------------------- instance
-def _topk_pairs(logits: Tensor, num_fg: int | None, cfg: InferenceConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-k (query, class) pairs by sigmoid score, ties broken by (query, class) order: (scores, query, label)."""
+def _topk_pairs(logits: Tensor, num_fg: int | None, cfg: InferenceConfig,
+                is_thing: Sequence[bool] | Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k (query, class) pairs by sigmoid score, ties broken by (query, class) order: (scores, query, label).
+    With ``is_thing``, the pairs with a stuff label are dropped after the top-k (fewer than k remain)."""
     if cfg.instance_from_fg_only and num_fg is not None:
         logits = logits[:num_fg]
     num_classes = logits.shape[1]
@@ -194,7 +250,12 @@ def _topk_pairs(logits: Tensor, num_fg: int | None, cfg: InferenceConfig) -> tup
     k = min(int(cfg.top_k), flat.numel())
     scores, order = torch.sort(flat, descending=True, stable=True)
     scores, order = scores[:k], order[:k]
-    return scores, order // num_classes, order % num_classes
+    query, labels = order // num_classes, order % num_classes
+    if is_thing is not None:
+        thing = torch.tensor(_as_bool_list(is_thing, num_classes, "is_thing"), device=labels.device)
+        keep = thing[labels]
+        scores, query, labels = scores[keep], query[keep], labels[keep]
+    return scores, query, labels
 
 
 def _finish_instances(scores: Tensor, labels: Tensor, boxes: Tensor, mask_logits: Tensor | None,
@@ -204,13 +265,14 @@ def _finish_instances(scores: Tensor, labels: Tensor, boxes: Tensor, mask_logits
         probs = mask_logits.float().sigmoid()
         masks = probs > cfg.mask_threshold
         area = masks.flatten(1).sum(dim=1)
-        mean_prob = (probs * masks).flatten(1).sum(dim=1) / area.clamp(min=1)  # 0 for an empty mask
+        mean_prob = (probs * masks).flatten(1).sum(dim=1) / (area + 1e-6)  # as the reference; 0 for an empty mask
         scores = scores * mean_prob
     return {"scores": scores, "labels": labels, "boxes": boxes.float(), "masks": masks}
 
 
 def instance_inference(logits: Tensor, mask_logits: Tensor | None, boxes_xyxy: Tensor,
-                       cfg: InferenceConfig | None = None, num_fg: int | None = None) -> dict[str, Tensor | None]:
+                       cfg: InferenceConfig | None = None, num_fg: int | None = None,
+                       is_thing: Sequence[bool] | Tensor | None = None) -> dict[str, Tensor | None]:
     """One image's instance predictions.
 
     Args:
@@ -219,14 +281,16 @@ def instance_inference(logits: Tensor, mask_logits: Tensor | None, boxes_xyxy: T
         boxes_xyxy: [Q, 4] box-head boxes in pixels of the output image.
         cfg: thresholds; ``cfg.instance_from_fg_only`` uses only the first ``num_fg`` queries.
         num_fg: number of foreground queries (None: all queries are foreground).
+        is_thing: [K] thing flags: when given, pairs with a stuff label are dropped *after* the top-k (the
+            reference on panoptic data), so fewer than ``top_k`` remain.
 
     Returns:
         dict with scores [N] (in top-k order, i.e. descending before the mask rescoring; not re-sorted after it),
         labels long [N] (contiguous), boxes [N, 4] xyxy, masks bool [N, H0, W0] or None.
-        N = min(top_k, considered queries x K).
+        N = min(top_k, considered queries x K), less the stuff pairs when ``is_thing`` is given.
     """
     cfg = cfg or InferenceConfig()
-    scores, query, labels = _topk_pairs(logits, num_fg, cfg)
+    scores, query, labels = _topk_pairs(logits, num_fg, cfg, is_thing)
     masks = None if mask_logits is None else mask_logits[query]
     return _finish_instances(scores, labels, boxes_xyxy[query], masks, cfg)
 
@@ -266,10 +330,18 @@ def instances_to_coco(result: dict[str, Any], image_id: int, category_ids: Seque
 
 
 # ---------------------------------------------------------------------------------------------------------- semantic
-def semantic_inference(logits: Tensor, mask_logits: Tensor) -> Tensor:
-    """[Q, K] logits and [Q, H0, W0] mask logits -> [K, H0, W0] scores: sum over queries of sigmoid(class logit) x
-    sigmoid(mask logit). Additive over queries, so it can be accumulated chunk by chunk."""
-    return torch.einsum("qk,qhw->khw", logits.float().sigmoid(), mask_logits.float().sigmoid())
+def semantic_inference(logits: Tensor, mask_logits: Tensor, class_probs: SemanticClassProbs = "softmax",
+                       temperature: float = 0.06) -> Tensor:
+    """[Q, K] logits and [Q, H0, W0] mask logits -> [K, H0, W0] scores: sum over queries of class probability x
+    sigmoid(mask logit). Class probability: ``softmax(sigmoid(logits) / temperature)`` over K ("softmax", the
+    reference) or ``sigmoid(logits)`` ("sigmoid"). Additive over queries, so it can be accumulated chunk by chunk."""
+    if class_probs == "softmax":
+        probs = panoptic_class_probs(logits, temperature)
+    elif class_probs == "sigmoid":
+        probs = logits.float().sigmoid()
+    else:
+        raise ValueError(f"class_probs must be 'softmax' or 'sigmoid', not {class_probs!r}")
+    return torch.einsum("qk,qhw->khw", probs, mask_logits.float().sigmoid())
 
 
 def semantic_labels(semantic_scores: Tensor, category_ids: Sequence[int] | None = None) -> Tensor:
@@ -300,7 +372,8 @@ def box_prompt_to_coco(masks: Tensor, boxes_xyxy: Tensor, names: Sequence[str], 
 # ---------------------------------------------------------------------------------------------------------- batches
 def postprocess_batch(outputs: Outputs, targets_or_sizes: Sequence[Any], vocabulary: Any,
                       padded_size: Size | None = None, task: PostprocessTask = "panoptic",
-                      cfg: InferenceConfig | None = None, return_semantic_scores: bool = False) -> list[dict]:
+                      cfg: InferenceConfig | None = None, return_semantic_scores: bool = False,
+                      things_only: bool = False) -> list[dict]:
     """Per-image results at the original image size.
 
     Args:
@@ -312,7 +385,10 @@ def postprocess_batch(outputs: Outputs, targets_or_sizes: Sequence[Any], vocabul
         task: "panoptic" -> {"panoptic_seg", "segments_info"}; "instance" -> ``instance_inference``'s dict;
             "semantic" -> {"sem_seg": long [H0, W0] contiguous labels} (+ "scores" [K, H0, W0] on request).
             Every dict also has "image_id" (None for explicit sizes).
-        cfg: thresholds.
+        cfg: thresholds and options.
+        return_semantic_scores: semantic: also return the [K, H0, W0] scores.
+        things_only: instance: drop the pairs with a stuff label (``vocabulary.is_thing``) *after* the top-k, as the
+            reference does on panoptic data (fewer than ``top_k`` results).
 
     Only what a task needs is resized: the queries kept by the panoptic threshold, the top-k queries for instances.
     """
@@ -337,15 +413,14 @@ def postprocess_batch(outputs: Outputs, targets_or_sizes: Sequence[Any], vocabul
             return resize_masks_to_original(m, padded_size, image_size, orig_size, cfg.chunk_size)
 
         if task == "panoptic":
-            scores = panoptic_class_probs(logits[i], cfg.temperature).max(dim=-1).values
-            keep = scores > cfg.object_mask_threshold  # the others cannot take part: resize only the kept queries
+            keep = panoptic_keep(logits[i], cfg.object_mask_threshold)  # only these take part: resize only them
             seg, info = panoptic_inference(logits[i][keep], resize(masks[i][keep]), vocabulary.is_thing,
                                            vocabulary.ids, cfg)
             result: dict[str, Any] = {"panoptic_seg": seg, "segments_info": info}
         elif task == "instance":
-            scores, query, labels = _topk_pairs(logits[i], outputs.num_fg, cfg)
-            boxes = boxes_to_original(model_boxes_to_pixels(final.boxes[i].float(), padded_size)[query], image_size,
-                                      orig_size)
+            scores, query, labels = _topk_pairs(logits[i], outputs.num_fg, cfg,
+                                                vocabulary.is_thing if things_only else None)
+            boxes = model_boxes_to_original(final.boxes[i][query], padded_size, image_size, orig_size, cfg.clip_boxes)
             selected = None
             if masks is not None:
                 unique, inverse = torch.unique(query, return_inverse=True)
@@ -355,7 +430,8 @@ def postprocess_batch(outputs: Outputs, targets_or_sizes: Sequence[Any], vocabul
             total = None
             for start in range(0, logits.shape[1], max(1, cfg.chunk_size)):
                 part = slice(start, start + cfg.chunk_size)
-                piece = semantic_inference(logits[i][part], resize(masks[i][part]))
+                piece = semantic_inference(logits[i][part], resize(masks[i][part]), cfg.semantic_class_probs,
+                                           cfg.temperature)
                 total = piece if total is None else total + piece
             result = {"sem_seg": semantic_labels(total)}
             if return_semantic_scores:
