@@ -1,9 +1,11 @@
 """Evaluation entry point: ``python -m openseed.evaluate ckpt_path=PATH [data=NAME] [overrides]`` (conf/evaluate.yaml).
 
 Loads a model from a Lightning checkpoint of ``openseed.train`` or a model file (``openseed.modeling.checkpoint``),
-evaluates it on every validation set of the data config (by default the same sets, batch sizes and resizing as the
-training's validation) with the evaluation runner's ``DatasetEvaluator`` (each data set on its own vocabulary,
-prompt-ensembled class names), prints a metrics table and writes ``<output_dir>/metrics.json``:
+evaluates it on every validation set of the data config (by default the same sets and batch sizes as the training's
+validation, resized as the model records when it does, e.g. 800 / 1333 for converted released checkpoints, else as
+the data config says; ``eval_resize=data`` forces the latter) with the evaluation runner's ``DatasetEvaluator`` (each
+data set on its own vocabulary, prompt-ensembled class names; the model's recorded instance top-k and box clipping
+unless ``inference`` overrides them), prints a metrics table and writes ``<output_dir>/metrics.json``:
 ``{"ckpt_path": ..., "metrics": {set name: {"PQ": ..., "box_AP": ...}}, "per_class": {set name: {...}}}``, metrics as
 fractions (the training's ``metrics.json`` has the same ``metrics``).
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -50,15 +53,22 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
     from hydra.utils import instantiate
 
     from openseed.evaluation.runner import DatasetEvaluator
-    from openseed.modeling.checkpoint import load_model
+    from openseed.modeling.checkpoint import load_model, read_model_config
     from openseed.modeling.postprocess import InferenceConfig
 
     path = checkpoint_file(cfg.get("ckpt_path"))
     if not cfg.data.get("val"):
         raise ValueError("the data config has no validation sets (data.val): nothing to evaluate")
-    datamodule = instantiate(cfg.data, seg=None, det=None)  # the validation sets only
+    if cfg.eval_resize not in ("auto", "data"):
+        raise ValueError(f"eval_resize must be 'auto' or 'data', not {cfg.eval_resize!r}")
+    recorded = asdict(read_model_config(path))  # the file's config only: its weights are not read yet
+    resize = {}
+    if cfg.eval_resize == "auto" and recorded["eval_short_edge"] is not None:
+        resize = {"eval_short_edge": recorded["eval_short_edge"], "eval_max_size": recorded["eval_max_size"]}
+        log.info("evaluation resize of the model: shortest edge %s, longest at most %s", *resize.values())
+    datamodule = instantiate(cfg.data, seg=None, det=None, **resize)  # the validation sets only
     datamodule.setup()  # missing data stops here, before the model is loaded
-    inference = InferenceConfig(**OmegaConf.to_container(cfg.inference, resolve=True))
+    inference = InferenceConfig.for_model(recorded, **OmegaConf.to_container(cfg.inference, resolve=True))
     overrides = OmegaConf.to_container(cfg.model_overrides, resolve=True)
     device = _device(cfg.device)
     model = load_model(path, **overrides).to(device).eval()

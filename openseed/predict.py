@@ -9,7 +9,10 @@ Command line (``key=value`` arguments, lists in brackets)::
 For every image it writes ``OUT/<stem>_<task>.png`` (an overlay: masks, boxes, class names) and
 ``OUT/<stem>_<task>.json`` (COCO style: panoptic ``segments_info`` with an id PNG ``<stem>_panoptic_ids.png``;
 instance result records with RLE masks; semantic class pixel counts with a label PNG; box-prompted records).
-With ``boxes`` it runs box-prompted segmentation: one class name per box in ``vocabulary``.
+With ``boxes`` it runs box-prompted segmentation: one class name per box in ``vocabulary``. Images are resized as
+the model records (800 / 1333 shortest-edge for converted released checkpoints, see ``Predictor``) unless
+``image_size=N`` (longer side, square padding) or ``short_edge=N max_size=M`` say otherwise; photos are read with
+their EXIF orientation.
 
 Python::
 
@@ -29,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from openseed.data.transforms import EvalResize
 from openseed.data.vocab import Vocabulary
@@ -47,8 +50,8 @@ def load_image(image) -> tuple[np.ndarray, str | None]:
         if not path.is_file():
             raise FileNotFoundError(f"image not found: {path}")
         try:
-            with Image.open(path) as opened:
-                return np.asarray(opened.convert("RGB")), str(path)
+            with Image.open(path) as opened:  # upright as the camera meant it (EXIF orientation), as the reference
+                return np.asarray(ImageOps.exif_transpose(opened).convert("RGB")), str(path)
         except (UnidentifiedImageError, OSError) as err:
             raise ValueError(f"cannot read image {path}: {err}") from err
     if isinstance(image, Image.Image):
@@ -80,18 +83,21 @@ class Predictor:
         device: where to run (default: CUDA if available).
         image_size: longer side the image is resized to (and the square it is padded to), as in evaluation; not
             used when ``short_edge`` is given.
-        inference: post-processing thresholds.
+        inference: post-processing thresholds (default: ``InferenceConfig.for_model``, the model's recorded top-k
+            and box clipping).
         short_edge, max_size: preprocess as the reference's evaluation instead (``short_edge=800, max_size=1333`` for
             the released checkpoints): shorter side to ``short_edge`` unless the longer would pass ``max_size``
             (``EvalResize``'s size rule, ``int(x * scale + 0.5)``), zero padding at the bottom and right to a
             multiple of ``SIZE_DIVISIBILITY`` (32). ``max_size`` needs ``short_edge``.
 
-    Either way the image is resampled as in evaluation (``EvalResize.resize_image``: PIL bilinear on uint8).
+    Without ``image_size`` and ``short_edge`` the model's recorded evaluation resize is used
+    (``OpenSeeDConfig.eval_short_edge`` / ``eval_max_size``: 800 / 1333 for converted released checkpoints), else a
+    1024 square. Either way the image is resampled as in evaluation (``EvalResize.resize_image``: PIL bilinear).
     """
 
     SIZE_DIVISIBILITY = 32
 
-    def __init__(self, model: OpenSeeD | str | Path, device: str | None = None, image_size: int = 1024,
+    def __init__(self, model: OpenSeeD | str | Path, device: str | None = None, image_size: int | None = None,
                  inference: InferenceConfig | None = None, short_edge: int | None = None,
                  max_size: int | None = None):
         if max_size is not None and short_edge is None:
@@ -100,9 +106,16 @@ class Predictor:
             from openseed.modeling.checkpoint import load_model
 
             model = load_model(model)
+        config = getattr(model, "config", {})
+        if image_size is None and short_edge is None:
+            short_edge = config.get("eval_short_edge")
+            if short_edge is not None:
+                max_size = config.get("eval_max_size")
+            else:
+                image_size = config.get("eval_max_size") or 1024
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
-        self.image_size, self.inference = image_size, inference or InferenceConfig()
+        self.image_size, self.inference = image_size, inference or InferenceConfig.for_model(config)
         self.short_edge, self.max_size = short_edge, max_size
         self.resize = EvalResize(None, image_size) if short_edge is None else EvalResize(short_edge, max_size)
 
@@ -124,14 +137,16 @@ class Predictor:
     @torch.no_grad()
     def __call__(self, image, vocabulary: Sequence[str] | Vocabulary, task: str = "panoptic",
                  stuff: Sequence[str] = ()) -> dict:
-        """Panoptic, instance or semantic segmentation of one image against ``vocabulary``."""
+        """Panoptic, instance or semantic segmentation of one image against ``vocabulary`` (instances: thing
+        classes only, stuff pairs dropped after the top-k, as the reference)."""
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, not {task!r}")
         array, path = load_image(image)
         vocab = make_vocabulary(vocabulary, stuff)
         images, padding, size, orig = self._prepare(array)
         outputs = self.model(images, padding, vocab)
-        (result,) = postprocess_batch(outputs, [(size, orig)], vocab, tuple(images.shape[-2:]), task, self.inference)
+        (result,) = postprocess_batch(outputs, [(size, orig)], vocab, tuple(images.shape[-2:]), task, self.inference,
+                                      things_only=task == "instance")
         return {"task": task, "image": path, "array": array, "vocabulary": vocab, **result}
 
     @torch.no_grad()
@@ -203,7 +218,8 @@ class Predictor:
 
 
 CLI_KEYS = {"ckpt": None, "images": None, "vocabulary": None, "task": "panoptic", "stuff": [], "boxes": None,
-            "out": "predictions", "device": None, "image_size": 1024, "score_threshold": 0.5}
+            "out": "predictions", "device": None, "image_size": None, "short_edge": None, "max_size": None,
+            "score_threshold": 0.5}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -217,7 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     images = args["images"] if isinstance(args["images"], list) else [args["images"]]
     vocabulary = args["vocabulary"] if isinstance(args["vocabulary"], list) else [args["vocabulary"]]
     try:
-        predictor = Predictor(args["ckpt"], device=args["device"], image_size=int(args["image_size"]))
+        sizes = {key: None if args[key] is None else int(args[key]) for key in ("image_size", "short_edge", "max_size")}
+        predictor = Predictor(args["ckpt"], device=args["device"], **sizes)
         for image in images:
             if args["boxes"] is not None:
                 result = predictor.segment_boxes(image, args["boxes"], vocabulary)

@@ -3,7 +3,9 @@
 For each of the three released architectures, the small model of the same module tree (``weights.pt``) is converted
 with ``python -m openseed.convert_checkpoint --config config.yaml`` and run on the fixture's photo and vocabulary: text
 embeddings, every stage, the proposals, each layer's logits and boxes, the final masks and the box-conditioned path
-must match the recorded outputs to atol = rtol = 1e-4 (README "Tolerances").
+must match the recorded outputs to atol = rtol = 1e-4 (README "Tolerances"); from the photo file, ``Predictor``'s
+default preprocessing (the converted model's recorded 800 / 1333 resize) gives the recorded input exactly and its
+panoptic, instance and semantic results equal the reference's.
 """
 
 from __future__ import annotations
@@ -16,7 +18,19 @@ from openseed.convert_checkpoint import convert
 from openseed.data.vocab import Vocabulary
 from openseed.modeling.checkpoint import load_model
 from openseed.modeling.outputs import model_boxes_to_pixels, targets_to_model_boxes
-from tests._reference import ARCHITECTURES, centre_crop, load_npz, meta, reference_path
+from openseed.modeling.postprocess import postprocess_batch, resize_masks_to_original
+from openseed.predict import Predictor, load_image
+from tests._reference import (
+    ARCHITECTURES,
+    IMAGE,
+    assert_instances_match,
+    assert_panoptic_matches,
+    assert_semantic_matches,
+    centre_crop,
+    load_npz,
+    meta,
+    reference_path,
+)
 
 TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}
 
@@ -160,3 +174,45 @@ def test_box_prompted_path_matches_the_conditioned_recording(swint_decouple):
     close("match_pred_logits", outputs.final.logits[0], conditioned["match_pred_logits"])
     close("match_pred_boxes", outputs.final.boxes[0], conditioned["match_pred_boxes"])
     close("match_pred_masks", outputs.final.masks[0], conditioned["match_pred_masks"])
+
+
+def _panoptic_near_ties(expected: dict, pixels: np.ndarray, tolerance: float = 1e-4) -> np.ndarray:
+    """Which pixels the panoptic rule decides on a near-tie, from the recorded outputs: the two best kept queries'
+    score x mask probability within ``tolerance`` (relative), or the winner's mask probability within it of 0.5."""
+    logits = torch.from_numpy(expected["pred_logits"])
+    keep = logits.sigmoid().max(-1).values > 0.25
+    scores = torch.softmax(logits.sigmoid() / 0.06, -1).max(-1).values[keep]
+    masks = torch.from_numpy(expected["pred_masks"])[keep]
+    info = meta(expected)
+    probs = resize_masks_to_original(masks, tuple(info["padded_hw"]), tuple(info["input_hw"]),
+                                     tuple(info["orig_hw"]))[:, pixels[:, 0], pixels[:, 1]].sigmoid()
+    ranked = (scores[:, None] * probs).sort(dim=0, descending=True)
+    best, second = ranked.values[0], ranked.values[1]
+    winner = probs.gather(0, ranked.indices[:1])[0]
+    return ((best - second <= tolerance * best) | ((winner - 0.5).abs() <= tolerance)).numpy()
+
+
+def test_predictor_on_the_photo_gives_the_reference_results(run):
+    """The whole chain from the JPEG: EXIF-aware reading, the model's recorded resize (PIL bilinear, 800 / 1333,
+    padding to 32), the forward pass, and the reference's post-processing with the model's recorded top-k and
+    unclipped boxes."""
+    expected = run.expected
+    predictor = Predictor(run.model, device="cpu")
+    assert (predictor.inference.top_k, predictor.inference.clip_boxes) == (100, False)
+    array, _ = load_image(IMAGE)
+    images, padding, size, orig = predictor._prepare(array)
+    assert tuple(images.shape[-2:]) == tuple(meta(expected)["padded_hw"]) and size == (800, 1199)
+    assert torch.equal(images[0, :, :800, :1199], torch.from_numpy(expected["input_image_uint8"]))
+    panoptic = predictor(IMAGE, run.vocabulary, task="panoptic")
+    assert_panoptic_matches(panoptic, expected, lambda pixels: _panoptic_near_ties(expected, pixels))
+    instances = predictor(IMAGE, run.vocabulary, task="instance")
+    info = meta(expected)
+    sizes = tuple(info["padded_hw"]), tuple(info["input_hw"]), tuple(info["orig_hw"])
+    assert_instances_match(instances, expected, 100, run.outputs.final.logits[0, : run.outputs.num_fg],
+                           mask_logits=lambda q: resize_masks_to_original(run.outputs.final.masks[0, q: q + 1],
+                                                                          *sizes)[0])
+    with torch.no_grad():
+        outputs = run.model(images, padding, run.vocabulary)
+    (semantic,) = postprocess_batch(outputs, [(size, orig)], run.vocabulary, tuple(images.shape[-2:]), "semantic",
+                                    predictor.inference, return_semantic_scores=True)
+    assert_semantic_matches(semantic["scores"], expected)

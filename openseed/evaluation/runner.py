@@ -11,7 +11,7 @@ original image size:
 The model runs in evaluation mode, so class names are embedded with the prompt ensemble. Metrics are fractions
 (1.0 = perfect). Command line::
 
-    python -m openseed.evaluation.runner ckpt=model.pt shards=[data/shards/ade20k_val] image_size=1024 [json=true]
+    python -m openseed.evaluation.runner ckpt=model.pt shards=[data/shards/ade20k_val] [image_size=1024] [json=true]
 """
 
 from __future__ import annotations
@@ -151,10 +151,15 @@ def _to_cpu(result: dict) -> dict:
 
 
 @torch.no_grad()
-def evaluate_shards(model, shards_dir, image_size: int = 1024, batch_size: int = 4, device: str = "cpu",
+def evaluate_shards(model, shards_dir, image_size: int | None = None, batch_size: int = 4, device: str = "cpu",
                     num_workers: int = 0, inference: InferenceConfig | None = None) -> dict:
     """Evaluate ``model`` on one converted data set (its own vocabulary, the prompt ensemble); on every rank of a
-    process group each rank scores its share and all get the same metrics."""
+    process group each rank scores its share and all get the same metrics.
+
+    Images: with ``image_size``, the longer side to it and square padding (LSJ-trained models); without, the model's
+    recorded evaluation resize (``OpenSeeDConfig.eval_short_edge`` / ``eval_max_size``; converted released
+    checkpoints: shortest edge 800, longest 1333, padding to a multiple of 32), else 1024. ``inference`` defaults to
+    the model's recorded top-k and box clipping (``InferenceConfig.for_model``)."""
     from torch.utils.data import DataLoader
 
     from openseed.data.datamodule import EvalDataset
@@ -163,10 +168,15 @@ def evaluate_shards(model, shards_dir, image_size: int = 1024, batch_size: int =
 
     shards = ShardSet.open(shards_dir)
     rank, world_size = world()
-    dataset = EvalDataset(shards, batch_size, EvalResize(None, image_size), rank, world_size,
-                          pad_to=(image_size, image_size))
+    config = getattr(model, "config", {})
+    if image_size is None and config.get("eval_short_edge") is not None:
+        resize, pad_to = EvalResize(config["eval_short_edge"], config.get("eval_max_size")), None
+    else:
+        image_size = image_size or config.get("eval_max_size") or 1024
+        resize, pad_to = EvalResize(None, image_size), (image_size, image_size)
+    dataset = EvalDataset(shards, batch_size, resize, rank, world_size, pad_to=pad_to)
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
-    evaluator = DatasetEvaluator.for_shards(shards, inference)
+    evaluator = DatasetEvaluator.for_shards(shards, inference or InferenceConfig.for_model(config))
     model = model.to(device).eval()
     text = model.embed_vocabulary(shards.vocabulary)
     for batch in loader:
@@ -180,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from openseed.cli import UsageError, parse_key_values
     from openseed.modeling.checkpoint import load_model
 
-    defaults = {"ckpt": None, "shards": None, "image_size": 1024, "batch_size": 4, "device": "cpu",
+    defaults = {"ckpt": None, "shards": None, "image_size": None, "batch_size": 4, "device": "cpu",
                 "num_workers": 0, "json": False}
     try:
         args = parse_key_values(sys.argv[1:] if argv is None else argv, defaults, ("ckpt", "shards"))
@@ -190,8 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     shard_dirs = args["shards"] if isinstance(args["shards"], list) else [args["shards"]]
     try:
         model = load_model(args["ckpt"])
-        results = {str(path): evaluate_shards(model, path, int(args["image_size"]), int(args["batch_size"]),
-                                              args["device"], int(args["num_workers"])) for path in shard_dirs}
+        image_size = None if args["image_size"] is None else int(args["image_size"])
+        results = {str(path): evaluate_shards(model, path, image_size, int(args["batch_size"]), args["device"],
+                                              int(args["num_workers"])) for path in shard_dirs}
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

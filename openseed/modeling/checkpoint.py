@@ -52,7 +52,12 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
+        try:  # memory-mapped: tensors are read when used (a config read touches no weights; a load copies once)
+            data = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            data = torch.load(path, map_location=map_location, weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as err:
         raise ValueError(f"{path}: holds Python objects other than tensors and plain containers; openseed does not "
                          f"load such files (unpickling them would run code stored in the file). "

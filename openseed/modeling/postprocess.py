@@ -76,8 +76,9 @@ class InferenceConfig:
             logit > 0 at the default 0.5).
         temperature: class probabilities = softmax(sigmoid(logits) / temperature) (panoptic scores and labels;
             semantic with ``semantic_class_probs="softmax"``).
-        top_k: instance: number of (query, class) pairs kept per image (capped at queries x classes); the full-size
-            reference models use 300 (their callers set it), the small ones 100.
+        top_k: instance: number of (query, class) pairs kept per image (capped at queries x classes); a model
+            records its own (``OpenSeeDConfig.test_top_k``: 300 for the decoupled released models) and
+            ``for_model`` reads it.
         instance_from_fg_only: instance: use only the foreground queries (the first ``num_fg``).
         semantic_class_probs: semantic: "softmax" = softmax(sigmoid(logits) / temperature) (the reference),
             "sigmoid" = sigmoid(logits).
@@ -98,6 +99,14 @@ class InferenceConfig:
     def __post_init__(self) -> None:
         if self.semantic_class_probs not in ("softmax", "sigmoid"):
             raise ValueError(f"semantic_class_probs must be 'softmax' or 'sigmoid', not {self.semantic_class_probs!r}")
+
+    @classmethod
+    def for_model(cls, model_config: dict | None, **overrides) -> InferenceConfig:
+        """The defaults a model records (``OpenSeeDConfig.test_top_k`` and ``clip_boxes``), then ``overrides``."""
+        config = model_config or {}
+        recorded = {key: config[name] for key, name in (("top_k", "test_top_k"), ("clip_boxes", "clip_boxes"))
+                    if name in config}
+        return cls(**{**recorded, **overrides})
 
 
 # ---------------------------------------------------------------------------------------------------------- resizing
@@ -258,7 +267,7 @@ def _topk_pairs(logits: Tensor, num_fg: int | None, cfg: InferenceConfig,
     return scores, query, labels
 
 
-def _finish_instances(scores: Tensor, labels: Tensor, boxes: Tensor, mask_logits: Tensor | None,
+def _finish_instances(scores: Tensor, labels: Tensor, query: Tensor, boxes: Tensor, mask_logits: Tensor | None,
                       cfg: InferenceConfig) -> dict[str, Tensor | None]:
     masks = None
     if mask_logits is not None:
@@ -267,7 +276,7 @@ def _finish_instances(scores: Tensor, labels: Tensor, boxes: Tensor, mask_logits
         area = masks.flatten(1).sum(dim=1)
         mean_prob = (probs * masks).flatten(1).sum(dim=1) / (area + 1e-6)  # as the reference; 0 for an empty mask
         scores = scores * mean_prob
-    return {"scores": scores, "labels": labels, "boxes": boxes.float(), "masks": masks}
+    return {"scores": scores, "labels": labels, "queries": query, "boxes": boxes.float(), "masks": masks}
 
 
 def instance_inference(logits: Tensor, mask_logits: Tensor | None, boxes_xyxy: Tensor,
@@ -286,13 +295,14 @@ def instance_inference(logits: Tensor, mask_logits: Tensor | None, boxes_xyxy: T
 
     Returns:
         dict with scores [N] (in top-k order, i.e. descending before the mask rescoring; not re-sorted after it),
-        labels long [N] (contiguous), boxes [N, 4] xyxy, masks bool [N, H0, W0] or None.
+        labels long [N] (contiguous), queries long [N] (the query each came from), boxes [N, 4] xyxy, masks bool
+        [N, H0, W0] or None.
         N = min(top_k, considered queries x K), less the stuff pairs when ``is_thing`` is given.
     """
     cfg = cfg or InferenceConfig()
     scores, query, labels = _topk_pairs(logits, num_fg, cfg, is_thing)
     masks = None if mask_logits is None else mask_logits[query]
-    return _finish_instances(scores, labels, boxes_xyxy[query], masks, cfg)
+    return _finish_instances(scores, labels, query, boxes_xyxy[query], masks, cfg)
 
 
 def encode_rle(masks: Tensor | np.ndarray) -> list[dict]:
@@ -425,7 +435,7 @@ def postprocess_batch(outputs: Outputs, targets_or_sizes: Sequence[Any], vocabul
             if masks is not None:
                 unique, inverse = torch.unique(query, return_inverse=True)
                 selected = resize(masks[i][unique])[inverse]
-            result = _finish_instances(scores, labels, boxes, selected, cfg)
+            result = _finish_instances(scores, labels, query, boxes, selected, cfg)
         elif task == "semantic":
             total = None
             for start in range(0, logits.shape[1], max(1, cfg.chunk_size)):
