@@ -297,6 +297,39 @@ def test_evaluate_a_training_checkpoint_on_the_validation_sets(requeued_run, syn
     assert "| synthshapes_det_val |" in capsys.readouterr().out
 
 
+def test_evaluate_a_converted_reference_model_with_its_own_preprocessing(panoptic_shards, tmp_path, monkeypatch):
+    """A converted checkpoint records the reference's evaluation resize (shortest edge 800, longest 1333, padding to
+    32) and instance settings: evaluate applies them over the data config's 1024 square (eval_resize=auto)."""
+    from openseed.convert_checkpoint import convert
+    from openseed.evaluate import evaluate
+    from openseed.evaluation.runner import DatasetEvaluator
+    from tests._reference import reference_path
+
+    converted = tmp_path / "converted.pt"
+    convert(reference_path("swint_nodecouple", "weights.pt"), converted,
+            config_file=reference_path("swint_nodecouple", "config.yaml"), log=lambda message: None)
+    seen = []
+    update = DatasetEvaluator.update
+
+    def recording(self, outputs, batch):
+        seen.append((tuple(batch.images.shape[-2:]), [t.image_size for t in batch.targets], self.inference.top_k,
+                     self.inference.clip_boxes))
+        return update(self, outputs, batch)
+
+    monkeypatch.setattr(DatasetEvaluator, "update", recording)
+    overrides = ["data=coco_panoptic", f"data.val.0.path={panoptic_shards}", "data.val.0.batch_size=2",
+                 "data.num_workers=0", "data.pin_memory=false", f"ckpt_path={converted}"]
+    results = evaluate(_compose(overrides, tmp_path / "eval", config_name="evaluate"))
+    assert len(seen) == 1 and seen[0][2:] == (100, False)
+    (padded, sizes, _, _) = seen[0]
+    assert all(min(size) == 800 or max(size) == 1333 for size in sizes) and padded[0] % 32 == padded[1] % 32 == 0
+    assert padded == tuple(-(-max(size[i] for size in sizes) // 32) * 32 for i in (0, 1)) != (1024, 1024)
+    assert {"PQ", "mIoU", "box_AP", "mask_AP"} <= set(results["coco_panoptic_sample"])
+    seen.clear()
+    evaluate(_compose(overrides + ["eval_resize=data"], tmp_path / "eval_data", config_name="evaluate"))
+    assert seen[0][0] == (1024, 1024)  # the data config's square
+
+
 def test_evaluate_needs_a_checkpoint_file(synth_shards, tmp_path):
     from openseed.evaluate import evaluate
 
