@@ -10,6 +10,8 @@ panoptic, instance and semantic results equal the reference's.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -61,11 +63,10 @@ def fixture_batch(expected: dict) -> tuple[torch.Tensor, torch.Tensor]:
 class Run:
     """One converted small model, its inputs and its raw outputs (computed once per architecture)."""
 
-    def __init__(self, arch: str, tmp_path_factory):
-        torch.set_num_threads(2)
+    def __init__(self, arch: str, work_dir: Path):
         self.arch = arch
         self.expected = load_npz(arch)
-        path = tmp_path_factory.mktemp(arch) / "converted.pt"
+        path = work_dir / "converted.pt"
         convert(reference_path(arch, "weights.pt"), path, config_file=reference_path(arch, "config.yaml"),
                 log=lambda message: None)
         self.model = load_model(path).eval()
@@ -83,7 +84,8 @@ _RUNS: dict[str, Run] = {}
 
 def _run(arch: str, tmp_path_factory) -> Run:
     if arch not in _RUNS:
-        _RUNS[arch] = Run(arch, tmp_path_factory)
+        torch.set_num_threads(2)
+        _RUNS[arch] = Run(arch, tmp_path_factory.mktemp(arch))
     return _RUNS[arch]
 
 

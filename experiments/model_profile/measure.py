@@ -3,9 +3,8 @@
     python experiments/model_profile/measure.py [--steps 5] [--size small] [--data data/synthshapes]
         [--seg-batch 8] [--det-batch 6] [--num-points 512]
 
-1. Parameter counts of the Swin-T and Swin-L configurations (whole model and each part). Their text tower is a
-   randomly initialised CLIP ViT-B/32-sized text transformer (12 layers, width 512, projection 512): the same
-   shapes as the pretrained one, which cannot be downloaded here.
+1. Parameter counts of the released architectures (swint_nodecouple, swint_decouple, swinl_decouple; their text
+   tower is the reference's CLIP-style transformer, 12 layers, width 512) and the CPU sizes, whole model and parts.
 2. Forward + backward time and peak memory of one joint training step (segmentation + detection batch; by default
    the batch sizes, image size and mask points of the default experiment, conf/experiment/synthshapes_joint.yaml)
    for the small configuration on this machine's CPU.
@@ -32,7 +31,6 @@ from data_prep.prepare_synthshapes import prepare_synthshapes  # noqa: E402
 from openseed.data.datamodule import OpenSeeDDataModule  # noqa: E402
 from openseed.losses.criterion import SetCriterion  # noqa: E402
 from openseed.modeling.openseed import build_openseed  # noqa: E402
-from openseed.modeling.text_encoder import CLIPTower, TextEncoder, build_text_tower  # noqa: E402
 
 PARTS = ("backbone", "pixel_decoder", "decoder", "text_encoder")
 
@@ -42,19 +40,9 @@ def count(module: torch.nn.Module) -> int:
 
 
 def parameter_table() -> None:
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
     print("| configuration | " + " | ".join(PARTS) + " | whole model |\n|---|" + "---|" * (len(PARTS) + 1))
-    for size in ("swint", "swinl", "small", "tiny"):
-        if size in ("swint", "swinl"):
-            model = build_openseed(size, text_tower="tiny")
-            clip = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=512, intermediate_size=2048,
-                                                              num_hidden_layers=12, num_attention_heads=8,
-                                                              projection_dim=512))
-            tokenizer = build_text_tower("tiny").tokenizer
-            model.text_encoder = TextEncoder(CLIPTower(clip, tokenizer), 512)
-        else:
-            model = build_openseed(size)
+    for size in ("swint_nodecouple", "swint_decouple", "swinl_decouple", "small", "tiny"):
+        model = build_openseed(size)
         cells = [f"{count(getattr(model, part)) / 1e6:.2f} M" for part in PARTS]
         print(f"| {size} | " + " | ".join(cells) + f" | {count(model) / 1e6:.2f} M |", flush=True)
         del model

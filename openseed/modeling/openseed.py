@@ -241,8 +241,11 @@ class OpenSeeD(nn.Module):
         Returns:
             per image, bool [N_i, h_i, w_i] masks at the image's unpadded size (from ``padding_mask``).
         """
-        if len(names) != images.shape[0]:
+        if len(names) != images.shape[0] or len(boxes) != images.shape[0]:
             raise ValueError(f"need boxes and names for each of the {images.shape[0]} images")
+        for image_boxes, image_names in zip(boxes, names):
+            if len(image_boxes) != len(image_names):
+                raise ValueError(f"{len(image_boxes)} boxes but {len(image_names)} names")
         vocabulary = Vocabulary.from_names(sorted({n for image_names in names for n in image_names}) or ["object"])
         index = {n: i for i, n in enumerate(vocabulary.names)}
         labels = [torch.tensor([index[n] for n in image_names], dtype=torch.long) for image_names in names]

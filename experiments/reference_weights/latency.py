@@ -1,0 +1,105 @@
+"""CPU latency of a converted full-size released architecture: forward at the reference's input size, stage by stage,
+and box prompts on an encoded image.
+
+    python experiments/reference_weights/latency.py [--arch swint_nodecouple] [--threads 2] [--repeats 3]
+
+The weights have the released layout (``layout_checkpoint.py``: random values, since the released files cannot be
+downloaded here) and go through the real converter; the input is the fixture photo resized as the reference
+(800 x 1199, padded to 800 x 1216); the vocabulary is the fixture's 10 classes. Reported, medians of ``--repeats``
+runs after a warm-up (fp32, ``--threads`` threads): the text prompt ensemble (once per vocabulary, then cached), the
+backbone, the pixel decoder, the decoder, the whole forward (text cached), and ``decode_boxes`` for 10 boxes with the
+image already encoded (what an annotation tool pays per request).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from layout_checkpoint import layout_state_dict  # noqa: E402
+
+from openseed.convert_checkpoint import convert  # noqa: E402
+from openseed.data.vocab import Vocabulary  # noqa: E402
+from openseed.modeling.checkpoint import load_model  # noqa: E402
+from openseed.predict import Predictor, load_image  # noqa: E402
+
+PHOTO = ROOT.parent / "shared" / "realdata" / "coco_panoptic_sample" / "input_images" / "000000142238.jpg"
+THINGS = ["person", "sports ball", "dog", "car", "bench"]
+STUFF = ["grass-merged", "tree-merged", "sky-other-merged", "dirt-merged", "fence-merged"]
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    """Median seconds of ``repeats`` calls after one warm-up call; the last result."""
+    result = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="swint_nodecouple",
+                        choices=["swint_nodecouple", "swint_decouple", "swinl_decouple"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        source, converted = Path(tmp) / "layout.pt", Path(tmp) / "converted.pt"
+        torch.save(layout_state_dict(args.arch), source)
+        convert(source, converted, arch=args.arch, log=lambda message: None)
+        model = load_model(converted).eval()
+    vocabulary = Vocabulary.from_names(THINGS + STUFF, [True] * 5 + [False] * 5)
+    predictor = Predictor(model, device="cpu")
+    images, padding, size, _ = predictor._prepare(load_image(PHOTO)[0])
+    figures: dict = {"arch": args.arch, "threads": args.threads, "input": list(images.shape[-2:]),
+                     "resized": list(size), "torch": torch.__version__}
+    with torch.no_grad():
+        start = time.perf_counter()
+        text = model.embed_vocabulary(vocabulary)
+        figures["text_ensemble_first_s"] = time.perf_counter() - start
+        figures["text_cached_s"], _ = timed(lambda: model.embed_vocabulary(vocabulary), args.repeats)
+        pixels = model.normalise(images, padding)
+        figures["backbone_s"], features = timed(lambda: model.backbone(pixels), args.repeats)
+        figures["pixel_decoder_s"], memory = timed(lambda: model.pixel_decoder(features, padding), args.repeats)
+        figures["decoder_s"], _ = timed(lambda: model.decoder(memory, text), args.repeats)
+        figures["forward_s"], _ = timed(lambda: model(images, padding, vocabulary), args.repeats)
+        generator = torch.Generator().manual_seed(0)
+        corner = torch.rand(10, 2, generator=generator) * torch.tensor([size[1] * 0.7, size[0] * 0.7])
+        extent = torch.rand(10, 2, generator=generator) * torch.tensor([size[1] * 0.3, size[0] * 0.3]) + 8
+        boxes = torch.cat([corner, corner + extent], 1)
+        labels = torch.randint(0, len(vocabulary), (10,), generator=generator)
+        figures["boxes_10_encoded_s"], outputs = timed(
+            lambda: model.decode_boxes(images, padding, vocabulary, [boxes], [labels], memory=memory, text=text),
+            args.repeats)
+        assert outputs.conditioned.predictions[-1].masks.shape[1] == 10
+    rows = [("text prompt ensemble (10 classes x 81 templates, first call)", "text_ensemble_first_s"),
+            ("text embeddings, cached", "text_cached_s"), ("backbone", "backbone_s"),
+            ("pixel decoder", "pixel_decoder_s"), ("decoder (matching queries)", "decoder_s"),
+            ("whole forward (text cached)", "forward_s"), ("10 box prompts, image encoded", "boxes_10_encoded_s")]
+    print(f"{args.arch}, input {images.shape[-2]} x {images.shape[-1]}, {args.threads} threads, fp32, "
+          f"median of {args.repeats}\n\n| part | seconds |\n|---|---|")
+    for label, key in rows:
+        print(f"| {label} | {figures[key]:.3f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
