@@ -43,6 +43,17 @@ def save_model(model: OpenSeeD, path: str | Path) -> None:
     write_model_file(model.config, model.state_dict(), path)
 
 
+def load_weights_only(path: str | Path, map_location: str | torch.device = "cpu"):
+    """``torch.load(weights_only=True)``, memory-mapped when the file allows it (tensors are read when used: reading a
+    config touches no weights, loading or converting copies each tensor once). Raises what ``torch.load`` raises."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise
+        return torch.load(path, map_location=map_location, weights_only=True)  # legacy (non-zip) format
+
+
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict[str, Tensor]]:
     """(config dict, model state dict) of a model file or a training checkpoint, read without running pickled code.
 
@@ -52,12 +63,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        try:  # memory-mapped: tensors are read when used (a config read touches no weights; a load copies once)
-            data = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            data = torch.load(path, map_location=map_location, weights_only=True)  # legacy (non-zip) format
+        data = load_weights_only(path, map_location)
     except pickle.UnpicklingError as err:
         raise ValueError(f"{path}: holds Python objects other than tensors and plain containers; openseed does not "
                          f"load such files (unpickling them would run code stored in the file). "

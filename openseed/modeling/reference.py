@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from openseed.modeling.checkpoint import load_weights_only
 from openseed.modeling.openseed import IMAGENET_MEAN, IMAGENET_STD, MODEL_SIZES, OpenSeeDConfig
 
 REFERENCE_ARCHITECTURES = ("swint_nodecouple", "swint_decouple", "swinl_decouple")
@@ -85,7 +86,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = load_weights_only(path)
     except pickle.UnpicklingError as err:
         raise ConversionError(
             f"{path}: the file holds Python objects other than tensors and plain containers, which only an unsafe "
