@@ -135,3 +135,21 @@ def test_options():
     tower = build_text_tower("clip_transformer", width=16, layers=1, heads=2)
     assert tower.context_length == 77 == tower.tokenize(["dog"])[0].shape[1]
     assert tower.token_embedding.weight.shape == (49408, 16)
+
+
+def test_tokens_after_the_last_end_of_text_are_skipped_without_changing_the_result():
+    """The tower is causal and pools at the first end-of-text token, so it runs only up to the batch's last one:
+    a text gives the same features alone (fewer columns) as in a batch with a longer text, and the same as with
+    arbitrary tokens written after its end-of-text token."""
+    torch.manual_seed(0)
+    tower = ClipTextTransformer(context_length=77, width=64, layers=2, heads=2).eval()
+    ids, _ = tower.tokenize(["a dog.", "a photo of the hard to see sports ball."])
+    with torch.no_grad():
+        together = tower(ids)
+        alone = torch.cat([tower(ids[:1]), tower(ids[1:])])
+        noisy = ids.clone()
+        end = int(ids[0].argmax()) + 1
+        noisy[0, end:] = torch.randint(0, START_OF_TEXT, (77 - end,))  # anything after the end-of-text token
+        untrimmed = tower(noisy)
+    torch.testing.assert_close(together, alone, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(untrimmed[0], together[0], atol=1e-6, rtol=1e-5)
