@@ -27,7 +27,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -m "slow"
 
 # The default experiment (conf/experiment/synthshapes_joint.yaml): generates synthshapes under data/ on first use,
-# trains the small model on 2 CPU cores (~14 min), validates, prints the metrics table, writes checkpoints and
+# trains the small model on 2 CPU cores (~15-17 min), validates, prints the metrics table, writes checkpoints and
 # prediction overlays under outputs/. Extra Hydra overrides: make train ARGS="trainer.max_epochs=6".
 train: $(STAMP)
 	$(PY) -m openseed.train $(ARGS)
