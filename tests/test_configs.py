@@ -57,3 +57,17 @@ def test_converted_model_config_requires_the_file():
         cfg = compose(overrides=["+model=converted"])
     with pytest.raises(Exception, match="init_from"):
         instantiate(cfg.model)
+
+
+def test_model_overrides_are_recorded_as_plain_values(tmp_path):
+    """Hydra hands lists and dicts over as OmegaConf containers unless converted: the recorded config must be plain
+    Python, or model files and checkpoints would not load with weights_only."""
+    from openseed.modeling.checkpoint import load_model, save_model
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(overrides=["+model=tiny", "+model.encoder_features=[res3,res4,res5]",
+                                 "+model.backbone_options={}"])
+    model = instantiate(cfg.model)
+    assert type(model.config["encoder_features"]) is tuple and type(model.config["backbone_options"]) is dict
+    save_model(model, tmp_path / "m.pt")
+    assert load_model(tmp_path / "m.pt").config["encoder_features"] == ("res3", "res4", "res5")
