@@ -14,11 +14,10 @@ import torch
 from PIL import Image
 
 from openseed.data.vocab import Category, Vocabulary
-from openseed.modeling.outputs import Outputs, Prediction, model_boxes_to_pixels, targets_to_model_boxes
+from openseed.modeling.outputs import Outputs, Prediction, targets_to_model_boxes
 from openseed.modeling.postprocess import (
     InferenceConfig,
     box_prompt_to_coco,
-    boxes_to_original,
     instance_inference,
     instances_to_coco,
     model_boxes_to_original,
@@ -344,18 +343,14 @@ def test_mask_resizing_is_bilinear_crop_then_antialiased_bicubic():
 def test_boxes_map_back_to_original():
     valid = torch.tensor([[0.0, 0.0, IMAGE[1], IMAGE[0]], [8.0, 4.0, 40.0, 60.0]])
     model_boxes = targets_to_model_boxes(valid, PADDED)
-    pixels = model_boxes_to_pixels(model_boxes, PADDED)
-    out = boxes_to_original(pixels, IMAGE, ORIG)
+    # straight from the box head: xyxy x (padded / image x orig), one multiplication
+    out = model_boxes_to_original(model_boxes, PADDED, IMAGE, ORIG)
     assert torch.allclose(out[0], torch.tensor([0.0, 0.0, ORIG[1], ORIG[0]]), atol=1e-4)
     # x scaled by 40 / 64, y by 24 / 48, and the part in the padding (y up to 60 > 48) clipped
     assert torch.allclose(out[1], torch.tensor([5.0, 2.0, 25.0, 24.0]), atol=1e-4)
-    assert torch.allclose(boxes_to_original(pixels, IMAGE, ORIG, clip=False)[1], torch.tensor([5.0, 2.0, 25.0, 30.0]),
-                          atol=1e-4)
-    # straight from the box head: xyxy x (padded / image x orig), one multiplication; clipped or not
-    for clip in (True, False):
-        direct = model_boxes_to_original(model_boxes, PADDED, IMAGE, ORIG, clip=clip)
-        assert torch.allclose(direct, boxes_to_original(pixels, IMAGE, ORIG, clip=clip), atol=1e-4)
-    assert model_boxes_to_original(model_boxes, PADDED, IMAGE, ORIG, clip=False)[1, 3].item() == pytest.approx(30.0)
+    unclipped = model_boxes_to_original(model_boxes, PADDED, IMAGE, ORIG, clip=False)
+    assert torch.allclose(unclipped[1], torch.tensor([5.0, 2.0, 25.0, 30.0]), atol=1e-4)
+    assert unclipped[1, 3].item() == pytest.approx(30.0)
 
 
 # ---------------------------------------------------------------------------------------------------------- batches
@@ -410,7 +405,7 @@ def test_postprocess_batch_all_tasks():
     assert first["masks"][0][:12].all() and not first["masks"][0][12:].any()
     direct = instance_inference(outputs.final.logits[0],
                                 resize_masks_to_original(outputs.final.masks[0], PADDED, IMAGE, ORIG),
-                                boxes_to_original(model_boxes_to_pixels(outputs.final.boxes[0], PADDED), IMAGE, ORIG),
+                                model_boxes_to_original(outputs.final.boxes[0], PADDED, IMAGE, ORIG),
                                 InferenceConfig(top_k=3), outputs.num_fg)
     for key in ("scores", "labels", "boxes", "masks"):
         assert torch.allclose(first[key].float(), direct[key].float())

@@ -24,7 +24,7 @@ recorded reference outputs (``tests/test_reference_postprocess.py``, ``../shared
   ``softmax(sigmoid(logits) / temperature)`` (the reference's PANO_TRANSFORM_EVAL) or, as an option, ``sigmoid``.
 
 Sizes: masks come at 1/4 of the *padded* batch size; ``image_size`` is the valid (unpadded) content in the padded frame,
-``orig_size`` the stored image before resizing. ``resize_masks_to_original`` and ``boxes_to_original`` map back.
+``orig_size`` the stored image before resizing. ``resize_masks_to_original`` and ``model_boxes_to_original`` map back.
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ SemanticClassProbs = Literal["softmax", "sigmoid"]
 __all__ = [
     "InferenceConfig",
     "box_prompt_to_coco",
-    "boxes_to_original",
     "encode_rle",
     "instance_inference",
     "instances_to_coco",
@@ -135,15 +134,6 @@ def resize_masks_to_original(mask_logits: Tensor, padded_size: Size, image_size:
             chunk = F.interpolate(chunk, size=orig_size, mode="bicubic", align_corners=False, antialias=True)
         out[start:start + chunk_size] = chunk[0]
     return out
-
-
-def boxes_to_original(boxes_xyxy: Tensor, image_size: Size, orig_size: Size, clip: bool = True) -> Tensor:
-    """Pixel xyxy boxes in the padded frame (valid content = top-left ``image_size``) -> pixel xyxy boxes of the
-    original image: scaled by orig / image size and, with ``clip``, clipped to ``[0, W0] x [0, H0]``."""
-    (h, w), (h0, w0) = _size(image_size), _size(orig_size)
-    scale = boxes_xyxy.new_tensor([w0 / w, h0 / h, w0 / w, h0 / h], dtype=torch.float32)
-    boxes = boxes_xyxy.float() * scale
-    return _clip(boxes, (h0, w0)) if clip else boxes
 
 
 def model_boxes_to_original(boxes_cxcywh: Tensor, padded_size: Size, image_size: Size, orig_size: Size,
