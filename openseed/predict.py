@@ -34,7 +34,7 @@ import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from openseed.data.transforms import EvalResize
+from openseed.data.transforms import EvalResize, eval_resize_for
 from openseed.data.vocab import Vocabulary
 from openseed.modeling.openseed import OpenSeeD
 from openseed.modeling.postprocess import InferenceConfig, box_prompt_to_coco, instances_to_coco, postprocess_batch
@@ -107,24 +107,20 @@ class Predictor:
 
             model = load_model(model)
         config = getattr(model, "config", {})
-        if image_size is None and short_edge is None:
-            short_edge = config.get("eval_short_edge")
-            if short_edge is not None:
-                max_size = config.get("eval_max_size")
-            else:
-                image_size = config.get("eval_max_size") or 1024
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
-        self.image_size, self.inference = image_size, inference or InferenceConfig.for_model(config)
-        self.short_edge, self.max_size = short_edge, max_size
-        self.resize = EvalResize(None, image_size) if short_edge is None else EvalResize(short_edge, max_size)
+        self.inference = inference or InferenceConfig.for_model(config)
+        if short_edge is not None:
+            self.resize, self.pad_to = EvalResize(short_edge, max_size), None
+        else:
+            self.resize, self.pad_to = eval_resize_for(config, image_size)
 
     def _prepare(self, array: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], tuple[int, int]]:
         orig = array.shape[:2]
         size = self.resize.output_size(*orig)
         image = self.resize.resize_image(torch.from_numpy(array.copy()).permute(2, 0, 1), size)
-        if self.short_edge is None:
-            height = width = self.image_size
+        if self.pad_to is not None:
+            height, width = self.pad_to
         else:
             step = self.SIZE_DIVISIBILITY
             height, width = -(-size[0] // step) * step, -(-size[1] // step) * step

@@ -175,6 +175,19 @@ class EvalResize:
         return _finish(sample, items)
 
 
+def eval_resize_for(model_config: dict | None, image_size: int | None = None
+                    ) -> tuple[EvalResize, tuple[int, int] | None]:
+    """(resize, pad_to) for evaluating a model: with ``image_size``, the longer side to it and a square of that size
+    (LSJ-trained models); else the resize the model records (``OpenSeeDConfig.eval_short_edge`` / ``eval_max_size``:
+    shortest edge, padding to a multiple of 32, i.e. ``pad_to=None`` for ``collate``), else its ``eval_max_size``
+    (or 1024) as a square."""
+    config = model_config or {}
+    if image_size is None and config.get("eval_short_edge") is not None:
+        return EvalResize(config["eval_short_edge"], config.get("eval_max_size")), None
+    image_size = image_size or config.get("eval_max_size") or 1024
+    return EvalResize(None, image_size), (image_size, image_size)
+
+
 def collate(samples: list[Sample], vocabulary: Vocabulary, task: str, size_divisibility: int = 32,
             pad_to: tuple[int, int] | None = None, keep_annotations: bool = False) -> Batch:
     """Pad images (and masks) at the bottom/right to a common size and gather the targets.

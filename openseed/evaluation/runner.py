@@ -163,17 +163,13 @@ def evaluate_shards(model, shards_dir, image_size: int | None = None, batch_size
     from torch.utils.data import DataLoader
 
     from openseed.data.datamodule import EvalDataset
-    from openseed.data.transforms import EvalResize
+    from openseed.data.transforms import eval_resize_for
     from openseed.evaluation.common import world
 
     shards = ShardSet.open(shards_dir)
     rank, world_size = world()
     config = getattr(model, "config", {})
-    if image_size is None and config.get("eval_short_edge") is not None:
-        resize, pad_to = EvalResize(config["eval_short_edge"], config.get("eval_max_size")), None
-    else:
-        image_size = image_size or config.get("eval_max_size") or 1024
-        resize, pad_to = EvalResize(None, image_size), (image_size, image_size)
+    resize, pad_to = eval_resize_for(config, image_size)
     dataset = EvalDataset(shards, batch_size, resize, rank, world_size, pad_to=pad_to)
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
     evaluator = DatasetEvaluator.for_shards(shards, inference or InferenceConfig.for_model(config))
