@@ -45,13 +45,30 @@ def save_model(model: OpenSeeD, path: str | Path) -> None:
 
 def load_weights_only(path: str | Path, map_location: str | torch.device = "cpu"):
     """``torch.load(weights_only=True)``, memory-mapped when the file allows it (tensors are read when used: reading a
-    config touches no weights, loading or converting copies each tensor once). Raises what ``torch.load`` raises."""
+    config touches no weights, loading or converting copies each tensor once).
+
+    Raises FileNotFoundError, or ValueError naming the file when it is empty, truncated, of another format, or holds
+    Python objects that only an unsafe load (running code stored in the file) could read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
-    except RuntimeError as err:
-        if "mmap" not in str(err):
-            raise
-        return torch.load(path, map_location=map_location, weights_only=True)  # legacy (non-zip) format
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            return torch.load(path, map_location=map_location, weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path}: the file holds Python objects other than tensors and plain containers, which only an unsafe "
+            f"load (executing code stored in the file) could read; openseed refuses. Re-save its state dict with "
+            f"torch.save(model.state_dict(), ...) where you trust the file. ({str(err).splitlines()[0]})") from err
+    except (EOFError, zipfile.BadZipFile, RuntimeError, OSError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint (empty, truncated or another format): "
+                         f"{reason}") from err
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict[str, Tensor]]:
@@ -59,18 +76,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
     Raises FileNotFoundError, or ValueError naming the file when it is empty, truncated, unsafe or of another kind.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        data = load_weights_only(path, map_location)
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"{path}: holds Python objects other than tensors and plain containers; openseed does not "
-                         f"load such files (unpickling them would run code stored in the file). "
-                         f"({str(err).splitlines()[0]})") from err
-    except (EOFError, zipfile.BadZipFile, RuntimeError, OSError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"{path}: not a readable checkpoint (empty, truncated or another format): {reason}") from err
+    data = load_weights_only(path, map_location)
     if isinstance(data, dict) and data.get("format") == FORMAT:
         return dict(data["config"]), data["state_dict"]
     if isinstance(data, dict) and "state_dict" in data and "model_config" in data.get("hyper_parameters", {}):

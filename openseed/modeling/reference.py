@@ -19,9 +19,7 @@ architectures. ``describe_state_dict`` tells which architecture a state dict hol
 from __future__ import annotations
 
 import math
-import pickle
 import re
-import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -82,19 +80,10 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     Accepts a flat state dict, one nested under "model" / "state_dict", and keys with a "model." or "module."
     prefix. Raises ``FileNotFoundError`` or ``ConversionError`` (naming the file) otherwise.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         data = load_weights_only(path)
-    except pickle.UnpicklingError as err:
-        raise ConversionError(
-            f"{path}: the file holds Python objects other than tensors and plain containers, which only an unsafe "
-            f"load (executing code stored in the file) could read; openseed refuses. Re-save its state dict with "
-            f"torch.save(model.state_dict(), ...) where you trust the file. ({str(err).splitlines()[0]})") from err
-    except (EOFError, zipfile.BadZipFile, RuntimeError, OSError) as err:
-        raise ConversionError(f"{path}: not a readable PyTorch checkpoint (empty, truncated or another format): "
-                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+    except ValueError as err:  # unreadable or unsafe: the message names the file and why
+        raise ConversionError(str(err)) from err
     for key in ("model", "state_dict"):
         while isinstance(data, Mapping) and isinstance(data.get(key), Mapping) and not _all_tensors(data):
             data = data[key]
