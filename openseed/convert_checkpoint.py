@@ -1,14 +1,19 @@
-"""Convert an authors' OpenSeeD checkpoint into an openseed model file.
+"""Convert an authors' OpenSeeD checkpoint (or a training checkpoint, or an old model file) into an openseed model
+file (safetensors weights with the model's config as JSON metadata: no code can be stored in it).
 
-    python -m openseed.convert_checkpoint model_state_dict_swint_51.2ap.pt --arch swint_nodecouple --out swint.pt
-    python -m openseed.convert_checkpoint openseed_swinl_pano_sota.pt --arch swinl_decouple --out swinl.pt
-    python -m openseed.convert_checkpoint weights.pt --config config.yaml --out small.pt  # sizes from a config
+    python -m openseed.convert_checkpoint model_state_dict_swint_51.2ap.pt --arch swint_nodecouple \
+        --out swint.safetensors
+    python -m openseed.convert_checkpoint openseed_swinl_pano_sota.pt --arch swinl_decouple --out swinl.safetensors
+    python -m openseed.convert_checkpoint weights.pt --config config.yaml --out small.safetensors  # sizes from a config
+    python -m openseed.convert_checkpoint outputs/run/checkpoints/last.ckpt --out run.safetensors  # a training run
+    python -m openseed.convert_checkpoint old_model.pt --out model.safetensors  # a version-1 (pickled) model file
 
 ``--arch`` names one of the three released architectures at full size (``openseed.modeling.reference``); ``--config``
 reads the sizes from a reference config file instead (``configs/openseed/*.yaml`` of the authors' repository, or a
 merged config such as the test fixtures'). The source is read with ``torch.load(weights_only=True)``; every key is
 mapped explicitly (see ``openseed.modeling.reference.map_reference_state_dict``) and anything that does not fit is an
-error listing the keys. The result loads with ``openseed.modeling.checkpoint.load_model``, ``Predictor``,
+error listing the keys. Without ``--arch`` / ``--config`` the source is an openseed training checkpoint or model file,
+whose recorded config and weights are written as they are. The result loads with ``openseed.modeling.checkpoint.load_model``, ``Predictor``,
 ``python -m openseed.predict``, ``python -m openseed.evaluate`` and, as initial weights, ``model.init_from`` in
 training. Exit status: 0 written, 2 bad input (message on stderr).
 """
@@ -24,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from openseed.modeling.checkpoint import write_model_file
+from openseed.modeling.checkpoint import read_checkpoint, write_model_file
 from openseed.modeling.openseed import MODEL_SIZES, OpenSeeDConfig, build_openseed
 from openseed.modeling.reference import (
     REFERENCE_ARCHITECTURES,
@@ -53,11 +58,14 @@ def convert(source: str | Path, out: str | Path, arch: str | None = None, config
             log=print) -> dict:
     """Convert ``source`` into the model file ``out``; returns a summary (architecture, counts, seconds).
 
-    Exactly one of ``arch`` (a released architecture) and ``config_file`` (a reference config) must be given.
+    At most one of ``arch`` (a released architecture) and ``config_file`` (a reference config) is given; with neither,
+    ``source`` is an openseed training checkpoint or model file, re-written as a model file (``export``).
     Raises ``ConversionError`` (a ValueError) or FileNotFoundError naming what does not fit.
     """
-    if (arch is None) == (config_file is None):
-        raise ConversionError("give exactly one of --arch and --config")
+    if arch is not None and config_file is not None:
+        raise ConversionError("give at most one of --arch and --config")
+    if arch is None and config_file is None:
+        return export(source, out, log=log)
     if arch is not None and arch not in REFERENCE_ARCHITECTURES:
         raise ConversionError(f"unknown --arch {arch!r}; choose from {', '.join(REFERENCE_ARCHITECTURES)}")
     start = time.perf_counter()
@@ -87,14 +95,32 @@ def convert(source: str | Path, out: str | Path, arch: str | None = None, config
             "dropped": report.dropped, "aliases": report.aliases, "seconds": seconds}
 
 
+def export(source: str | Path, out: str | Path, log=print) -> dict:
+    """Re-write an openseed training checkpoint or (version-1) model file as a model file; returns a summary."""
+    start = time.perf_counter()
+    try:
+        config, state = read_checkpoint(source)
+        OpenSeeDConfig.from_dict(config)  # a config this openseed can build
+    except ValueError as err:
+        raise ConversionError(f"{err} (a released OpenSeeD checkpoint needs --arch or --config)") from None
+    write_model_file(config, state, out)
+    values = sum(value.numel() for value in state.values())
+    log(f"wrote {out} from {source}: {len(state)} tensors, {values / 1e6:.2f} M values, "
+        f"{Path(out).stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - start:.1f} s")
+    return {"architecture": "recorded", "tensors": len(state), "values": values, "dropped": [], "aliases": [],
+            "seconds": time.perf_counter() - start}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m openseed.convert_checkpoint",
-                                     description="Convert an authors' OpenSeeD checkpoint into an openseed model file.")
-    parser.add_argument("source", help="the released .pt file (a state dict, flat or nested under 'model')")
-    which = parser.add_mutually_exclusive_group(required=True)
+                                     description="Convert an authors' OpenSeeD checkpoint, a training checkpoint or an "
+                                                 "old model file into an openseed model file.")
+    parser.add_argument("source", help="the released .pt file (a state dict, flat or nested under 'model'); or, "
+                                       "without --arch/--config, an openseed training checkpoint or model file")
+    which = parser.add_mutually_exclusive_group()
     which.add_argument("--arch", choices=REFERENCE_ARCHITECTURES, help="the released architecture the file holds")
     which.add_argument("--config", help="a reference config file (YAML) giving the sizes instead of --arch")
-    parser.add_argument("--out", required=True, help="the openseed model file to write")
+    parser.add_argument("--out", required=True, help="the openseed model file to write (e.g. model.safetensors)")
     args = parser.parse_args(argv)
     try:
         convert(args.source, args.out, arch=args.arch, config_file=args.config)

@@ -1,39 +1,88 @@
-"""Saving and loading a model: its config and weights in one file, loaded strictly and without running pickled code.
+"""Saving and loading a model: its config and weights in one file, loaded strictly and without running stored code.
 
-A model file holds ``{"format": "openseed-model", "version": 1, "config": OpenSeeDConfig fields, "state_dict": ...}``
-(``python -m openseed.convert_checkpoint`` writes one from the authors' released checkpoints). ``load_model`` also
-reads Lightning checkpoints of the training module: their weights live under ``state_dict`` with a ``model.`` prefix
-and the config under ``hyper_parameters["model_config"]``. Files are read with ``torch.load(weights_only=True)``: a
-file that holds other Python objects is refused with a clear error (an unsafe load would execute code stored in it).
+A model file (version 2) is a safetensors file: the weights as tensors, and in its metadata ``format`` =
+``openseed-model``, ``version`` = ``2`` and ``config`` = the OpenSeeDConfig fields as JSON. The format holds no code
+at all (no pickle). ``python -m openseed.convert_checkpoint`` writes one from the authors' released checkpoints, from
+a training checkpoint, or from a version-1 model file.
+
+Also read, through ``torch.load(weights_only=True)`` (which builds only tensors and plain containers, and refuses
+anything else with a clear error: an unsafe load would execute code stored in the file): version-1 model files (a
+pickled ``{"format", "version": 1, "config", "state_dict"}``) and Lightning checkpoints of the training module (weights
+under ``state_dict`` with a ``model.`` prefix, the config under ``hyper_parameters["model_config"]``).
 Keys are mapped explicitly; any missing or unexpected key is an error that lists them (never a silent partial load).
 """
 
 from __future__ import annotations
 
-import os
+import json
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 from torch import Tensor, nn
 
+from openseed.fileio import atomic_write
 from openseed.modeling.openseed import OpenSeeD, OpenSeeDConfig, build_openseed
 
-FORMAT, VERSION = "openseed-model", 1
+FORMAT, VERSION = "openseed-model", 2
 LIGHTNING_PREFIX = "model."
 
 
-def write_model_file(config: dict, state_dict: dict[str, Tensor], path: str | Path) -> None:
-    """Write a model file (see the module docstring) atomically: a reader never sees a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
+def _json_config(config: dict) -> str:
     try:
-        torch.save({"format": FORMAT, "version": VERSION, "config": dict(config), "state_dict": state_dict}, partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+        return json.dumps(dict(config), sort_keys=True)
+    except TypeError as err:
+        raise ValueError(f"the model config holds a value JSON cannot store: {err}") from err
+
+
+def write_model_file(config: dict, state_dict: dict[str, Tensor], path: str | Path) -> None:
+    """Write a model file (see the module docstring) atomically: the file is written beside the target, flushed to
+    disk, then renamed over it, so a reader (or a kill during the write) never leaves a partial file at ``path``."""
+    metadata = {"format": FORMAT, "version": str(VERSION), "config": _json_config(config)}
+    tensors, seen = {}, set()
+    for key, value in state_dict.items():
+        value = value.detach().to("cpu")
+        storage = value.untyped_storage().data_ptr() if value.numel() else None
+        if storage in seen:
+            value = value.clone()  # safetensors refuses shared storage: tied or viewed weights are written apart
+        seen.add(storage)
+        tensors[key] = value.contiguous()
+    atomic_write(save(tensors, metadata=metadata), path)
+
+
+def is_safetensors(path: str | Path) -> bool:
+    """Whether the file starts like a safetensors file (an 8-byte header length, then a JSON header)."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 2 <= struct.unpack("<Q", head[:8])[0] <= Path(path).stat().st_size - 8
+
+
+def _read_safetensors_model(path: Path) -> tuple[dict, dict[str, Tensor]]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != FORMAT:
+                raise ValueError(f"{path}: a safetensors file without openseed's model metadata (a bare state dict? "
+                                 f"write model files with openseed.modeling.checkpoint.save_model)")
+            if metadata.get("version") != str(VERSION):
+                raise ValueError(f"{path}: model file version {metadata.get('version')!r}; this openseed reads "
+                                 f"{VERSION}")
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or damaged): {err}") from err
+    try:
+        config = json.loads(metadata["config"])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: the model file's config metadata is missing or not JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: the model file's config is not a JSON object")
+    return config, state
 
 
 def save_model(model: OpenSeeD, path: str | Path) -> None:
@@ -76,8 +125,14 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
     Raises FileNotFoundError, or ValueError naming the file when it is empty, truncated, unsafe or of another kind.
     """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if is_safetensors(path):
+        config, state = _read_safetensors_model(path)
+        return config, state if str(map_location) == "cpu" else {k: v.to(map_location) for k, v in state.items()}
     data = load_weights_only(path, map_location)
-    if isinstance(data, dict) and data.get("format") == FORMAT:
+    if isinstance(data, dict) and data.get("format") == FORMAT and data.get("version") == 1:  # pickled, version 1
         return dict(data["config"]), data["state_dict"]
     if isinstance(data, dict) and "state_dict" in data and "model_config" in data.get("hyper_parameters", {}):
         state = {k[len(LIGHTNING_PREFIX):]: v for k, v in data["state_dict"].items() if k.startswith(LIGHTNING_PREFIX)}
@@ -85,7 +140,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             raise ValueError(f"{path}: a Lightning checkpoint without '{LIGHTNING_PREFIX}*' weights")
         return dict(data["hyper_parameters"]["model_config"]), state
     raise ValueError(f"{path}: not an openseed model file or training checkpoint (a released OpenSeeD checkpoint "
-                     f"is converted first: python -m openseed.convert_checkpoint)")
+                     f"is converted first: python -m openseed.convert_checkpoint SRC --arch ARCH --out OUT)")
 
 
 def read_model_config(path: str | Path) -> OpenSeeDConfig:
