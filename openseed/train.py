@@ -21,6 +21,11 @@ log = logging.getLogger("openseed.train")
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
+# train.yaml's own keys and their types (the groups are checked against what they instantiate)
+TOP_LEVEL_KEYS = {"name": str, "seed": int, "ckpt_path": str | None, "prediction_overlays": bool,
+                  "prepare_synthshapes": bool}
+
+
 def metrics_table(results: dict[str, dict]) -> str:
     """A markdown table of validation metrics (x100), one row per validation set."""
     keys = sorted({k for metrics in results.values() for k in metrics if k != "per_class"})
@@ -54,6 +59,11 @@ def train(cfg: DictConfig) -> dict:
     import lightning as L
     from hydra.utils import instantiate
 
+    from openseed.checkpoint_io import SafeCheckpointIO, resolve_resume
+    from openseed.config_check import check_config, check_values
+
+    check_values(cfg, TOP_LEVEL_KEYS)  # wrong-typed values stop here, naming the key, before anything is built
+    check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.prepare_synthshapes:
         from data_prep.prepare_synthshapes import prepare_synthshapes
@@ -65,13 +75,15 @@ def train(cfg: DictConfig) -> dict:
     module = instantiate(cfg.module, model=model, criterion=instantiate(cfg.criterion))
     loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
-    trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)
+    plugins = {} if cfg.trainer.get("plugins") else {"plugins": [SafeCheckpointIO()]}  # atomic checkpoint writes
+    trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, **plugins)
+    ckpt_path = resolve_resume(cfg.ckpt_path, _checkpoint_dir(cfg))
     resolved = {key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
                 for key, value in cfg.items() if key != "hydra"}
     for logger in loggers or []:
         logger.log_hyperparams(resolved)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         results = getattr(module, "val_results", {})
         if trainer.is_global_zero:
             _report(cfg, results, datamodule, module, trainer, loggers or [])
@@ -80,6 +92,12 @@ def train(cfg: DictConfig) -> dict:
         raise
     _finish_wandb(loggers, exit_code=0)
     return results
+
+
+def _checkpoint_dir(cfg: DictConfig) -> str | None:
+    """Where the run's ModelCheckpoint writes (what ``ckpt_path=last`` resumes from)."""
+    node = (cfg.get("callbacks") or {}).get("model_checkpoint")
+    return node.get("dirpath") if node is not None else None
 
 
 def _report(cfg: DictConfig, results: dict, datamodule, module, trainer, loggers: list) -> None:
