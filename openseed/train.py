@@ -18,7 +18,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("openseed.train")
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+# the configs: conf/ of a source checkout, or openseed/conf inside an installed wheel (pyproject.toml ships them there)
+_PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
+_SOURCE_CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = str(_PACKAGED_CONF if (_PACKAGED_CONF / "train.yaml").is_file() else _SOURCE_CONF)
 
 
 # train.yaml's own keys and their types (the groups are checked against what they instantiate)
@@ -61,7 +64,9 @@ def train(cfg: DictConfig) -> dict:
 
     from openseed.checkpoint_io import SafeCheckpointIO, resolve_resume
     from openseed.config_check import check_config, check_values
+    from openseed.console import quiet_known_noise
 
+    quiet_known_noise()
     check_values(cfg, TOP_LEVEL_KEYS)  # wrong-typed values stop here, naming the key, before anything is built
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -75,6 +80,10 @@ def train(cfg: DictConfig) -> dict:
     module = instantiate(cfg.module, model=model, criterion=instantiate(cfg.criterion))
     loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
+    if cfg.trainer.get("enable_progress_bar") is False:  # trainer.enable_progress_bar=false: no progress display
+        from lightning.pytorch.callbacks import ProgressBar
+
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     plugins = {} if cfg.trainer.get("plugins") else {"plugins": [SafeCheckpointIO()]}  # atomic checkpoint writes
     trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, **plugins)
     ckpt_path = resolve_resume(cfg.ckpt_path, _checkpoint_dir(cfg))
@@ -156,7 +165,15 @@ def _finish_wandb(loggers, exit_code: int) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="train")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    from openseed.checkpoint_io import DamagedCheckpointError
+    from openseed.config_check import ConfigError
+    from openseed.data.coco import DataError
+
+    try:
+        train(cfg)
+    except (ConfigError, DataError, DamagedCheckpointError, FileNotFoundError) as err:
+        log.error("%s", err)  # a bad value, file or data set: the message says what to change, no traceback
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -243,7 +243,8 @@ def build_text_tower(kind: str, path: str | None = None, **options) -> TextTower
             return CLIPTower(CLIPTextModelWithProjection.from_pretrained(source, local_files_only=local_only),
                              tokenizer)
         if kind == "minilm":
-            model = AutoModel.from_pretrained(source, add_pooling_layer=False, local_files_only=local_only)
+            with _quiet_transformers():  # the checkpoint's pooler weights are unused by design: no load report
+                model = AutoModel.from_pretrained(source, add_pooling_layer=False, local_files_only=local_only)
             return MeanPooledTower(model, tokenizer, min(_MINILM_MAX_LENGTH, model.config.max_position_embeddings))
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id)
@@ -251,6 +252,22 @@ def build_text_tower(kind: str, path: str | None = None, **options) -> TextTower
         torch.manual_seed(0)
         model = BertModel(config, add_pooling_layer=False)
     return MeanPooledTower(model, tokenizer, config.max_position_embeddings)
+
+
+@contextmanager
+def _quiet_transformers():
+    """transformers' load report and weight-loading progress bar off (errors still shown), restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 # ---------------------------------------------------------------------------------------------------- encoder
