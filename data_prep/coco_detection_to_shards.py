@@ -28,7 +28,8 @@ def convert(json_path, image_dir, out, name, maxcount=1000, workers=0, skip_miss
     encode = partial(encode_detection, vocab=vocab, dataset=name, mask_format=mask_format)
     return write_shards(records, encode, out, name, "det", mask_format, vocab,
                         maxcount=maxcount, workers=workers, progress=progress,
-                        reader_skips=(report.skipped_images, report.skipped_objects), source=source)
+                        reader_skips=(report.skipped_images, report.skipped_objects),
+                        reader_adjusted=report.adjusted_objects, source=source)
 
 
 def main(argv=None) -> int:

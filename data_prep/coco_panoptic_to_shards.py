@@ -24,7 +24,7 @@ def convert(json_path, png_dir, image_dir, out, name, maxcount=1000, workers=0, 
     encode = partial(encode_panoptic, vocab=vocab, dataset=name)
     return write_shards(records, encode, out, name, "seg", "panoptic", vocab, maxcount=maxcount, workers=workers,
                         progress=progress, reader_skips=(report.skipped_images, report.skipped_objects),
-                        source=source)
+                        reader_adjusted=report.adjusted_objects, source=source)
 
 
 def main(argv=None) -> int:

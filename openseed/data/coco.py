@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ class ReadReport:
 
     skipped_images: Counter = field(default_factory=Counter)
     skipped_objects: Counter = field(default_factory=Counter)
+    adjusted_objects: Counter = field(default_factory=Counter)  # kept, but changed (e.g. "box clipped to image")
 
     def skip_image(self, reason: str, detail: str) -> None:
         self.skipped_images[reason] += 1
@@ -57,6 +59,10 @@ class ReadReport:
     def skip_object(self, reason: str, detail: str) -> None:
         self.skipped_objects[reason] += 1
         log.debug("skipping annotation: %s (%s)", detail, reason)
+
+    def adjust_object(self, reason: str, detail: str) -> None:
+        self.adjusted_objects[reason] += 1
+        log.debug("adjusting annotation: %s (%s)", detail, reason)
 
 
 def load_json(path: str | Path) -> dict:
@@ -113,14 +119,20 @@ def _load_coco(json_path: Path) -> tuple[dict, Vocabulary, dict[int, dict]]:
 
 
 def _index_images(data: dict, path: Path) -> dict[int, dict]:
+    """Images by id; a repeated id is an error (a dict would keep one entry and pin both images' data on it)."""
     images = {}
     for image in data["images"]:
         try:
-            images[int(image["id"])] = image
-            _image_file_name(image)
+            image_id = int(image["id"])
+            name = _image_file_name(image)
             int(image["height"]), int(image["width"])
         except (KeyError, TypeError, ValueError) as err:
             raise DataError(f"{path}: image entry {image!r:.200} lacks a valid {err}") from err
+        if image_id in images:
+            first = _image_file_name(images[image_id])
+            raise DataError(f"{path}: duplicate image id {image_id} in 'images' ({first!r} and {name!r}); "
+                            "image ids must be unique")
+        images[image_id] = image
     return images
 
 
@@ -139,7 +151,9 @@ def load_coco_detection(json_path: str | Path, image_dir: str | Path, skip_missi
                         drop_empty: bool = False) -> tuple[Vocabulary, list[ImageRecord], ReadReport]:
     """Read a COCO detection/instances JSON (COCO, LVIS, Objects365 v1/v2, labelme exports).
 
-    Crowd annotations are kept (flagged); degenerate boxes (w or h <= 0) are dropped and counted. Images without
+    Crowd annotations are kept (flagged). Boxes with NaN/inf coordinates, degenerate boxes (w or h <= 0) and boxes
+    entirely outside the image (the JSON's width x height) are dropped and counted (skipped objects); boxes partly
+    outside are clipped to the image and counted (adjusted objects, "box clipped to image"). Images without
     annotations are kept unless ``drop_empty`` (evaluation needs them: they hold false positives).
     """
     json_path, image_dir = Path(json_path), Path(image_dir)
@@ -149,16 +163,28 @@ def load_coco_detection(json_path: str | Path, image_dir: str | Path, skip_missi
     for ann in data["annotations"]:
         try:
             image_id, category_id = int(ann["image_id"]), int(ann["category_id"])
-            _, _, w, h = (float(v) for v in ann["bbox"])
+            x, y, w, h = (float(v) for v in ann["bbox"])
         except (KeyError, TypeError, ValueError) as err:
             raise DataError(f"{json_path}: annotation {ann.get('id')!r} lacks a valid {err}") from err
         if category_id not in vocab:
             raise DataError(f"{json_path}: annotation {ann.get('id')!r} has unknown category id {category_id}")
         if image_id not in per_image:
             raise DataError(f"{json_path}: annotation {ann.get('id')!r} refers to unknown image id {image_id}")
-        if w <= 0 or h <= 0:
-            report.skip_object("degenerate box", f"{json_path}: annotation {ann.get('id')!r} bbox {ann['bbox']}")
+        where = f"{json_path}: annotation {ann.get('id')!r} bbox {ann['bbox']}"
+        if not all(math.isfinite(v) for v in (x, y, w, h)):
+            report.skip_object("non-finite box", where)
             continue
+        if w <= 0 or h <= 0:
+            report.skip_object("degenerate box", where)
+            continue
+        width, height = int(images[image_id]["width"]), int(images[image_id]["height"])
+        x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, float(width)), min(y + h, float(height))
+        if x1 <= x0 or y1 <= y0:
+            report.skip_object("box outside the image", f"{where} vs image {width}x{height}")
+            continue
+        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+            report.adjust_object("box clipped to image", f"{where} vs image {width}x{height}")
+            ann = {**ann, "bbox": [x0, y0, x1 - x0, y1 - y0]}
         per_image[image_id].append(ann)
     records = []
     for image_id, image in images.items():
@@ -176,13 +202,17 @@ def load_coco_detection(json_path: str | Path, image_dir: str | Path, skip_missi
 
 def load_coco_panoptic(json_path: str | Path, png_dir: str | Path, image_dir: str | Path,
                        skip_missing: bool = False) -> tuple[Vocabulary, list[ImageRecord], ReadReport]:
-    """Read a COCO panoptic JSON with its PNG folder and image folder."""
+    """Read a COCO panoptic JSON with its PNG folder and image folder.
+
+    Two ``annotations`` entries for one image id are an error; an image listed in ``images`` without an entry in
+    ``annotations`` is counted and skipped ("no panoptic annotation").
+    """
     json_path, png_dir, image_dir = Path(json_path), Path(png_dir), Path(image_dir)
     data, vocab, images = _load_coco(json_path)
     if not all("isthing" in c for c in data["categories"]):
         raise DataError(f"{json_path}: panoptic categories need an 'isthing' flag")
     report = ReadReport()
-    records = []
+    records, png_of = [], {}
     for ann in data["annotations"]:
         try:
             image_id, png_name, segments = int(ann["image_id"]), str(ann["file_name"]), list(ann["segments_info"])
@@ -190,6 +220,10 @@ def load_coco_panoptic(json_path: str | Path, png_dir: str | Path, image_dir: st
             raise DataError(f"{json_path}: panoptic annotation {ann!r:.120} lacks a valid {err}") from err
         if image_id not in images:
             raise DataError(f"{json_path}: annotation {png_name!r} refers to unknown image id {image_id}")
+        if image_id in png_of:
+            raise DataError(f"{json_path}: two panoptic annotations for image id {image_id} ({png_of[image_id]!r} and "
+                            f"{png_name!r}); each image needs exactly one")
+        png_of[image_id] = png_name
         for segment in segments:
             if int(segment.get("category_id", -1)) not in vocab:
                 raise DataError(f"{json_path}: segment {segment.get('id')!r} of {png_name!r} has unknown category id "
@@ -209,4 +243,8 @@ def load_coco_panoptic(json_path: str | Path, png_dir: str | Path, image_dir: st
             continue
         records.append(ImageRecord(image_id, path, int(image["height"]), int(image["width"]), segments,
                                    panoptic_path=png_path))
+    for image_id, image in images.items():
+        if image_id not in png_of:  # listed, but nothing says what is in it: cannot be a panoptic sample
+            report.skip_image("no panoptic annotation", f"{json_path}: image {_image_file_name(image)!r} "
+                                                        f"(id {image_id}) has no entry in 'annotations'")
     return vocab, records, report

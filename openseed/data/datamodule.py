@@ -24,7 +24,8 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from openseed.data.shards import Sample, ShardSet, decode_sample, iter_raw_samples
+from openseed.data.coco import DataError
+from openseed.data.shards import STREAM_SKIPS, Sample, ShardSet, decode_sample, iter_raw_samples
 from openseed.data.transforms import EvalResize, LargeScaleJitter, collate
 from openseed.structures import Batch
 
@@ -70,31 +71,72 @@ def _shuffled(samples: Iterator, buffer_size: int, rng: random.Random) -> Iterat
 
 
 class TrainStream:
-    """An endless, shuffled, augmented stream of batches from one shard set, for one (rank, worker) slot."""
+    """An endless, shuffled, augmented stream of batches from one shard set, for one (rank, worker) slot.
+
+    Unreadable samples and shards are skipped (counted and logged by ``STREAM_SKIPS``), but a stream with nothing
+    readable does not spin forever: it stops with a ``DataError`` naming the shard files when every shard of the set
+    has been read since the last readable sample without giving one (all samples corrupt, zero-byte or broken tars),
+    or after ``max_consecutive_skips`` unreadable samples in a row. Its default, 1000 or three times the largest
+    shard's sample count, whichever is more, lets one wholly unreadable shard among good ones be skipped.
+    """
 
     def __init__(self, shards: ShardSet, batch_size: int, transform: Callable, pad_to: tuple[int, int] | None,
-                 shuffle_buffer: int, keep_masks: bool = True):
+                 shuffle_buffer: int, keep_masks: bool = True, max_consecutive_skips: int | None = None):
+        if max_consecutive_skips is None:
+            max_consecutive_skips = max([1000] + [3 * count for count in shards.counts])
+        if max_consecutive_skips < 1:
+            raise ValueError(f"max_consecutive_skips must be >= 1, got {max_consecutive_skips}")
         self.shards, self.batch_size, self.transform = shards, batch_size, transform
         self.pad_to, self.shuffle_buffer, self.keep_masks = pad_to, shuffle_buffer, keep_masks
+        self.max_consecutive_skips = max_consecutive_skips
+
+    def _readable_samples(self, rng: random.Random) -> Iterator[Sample]:
+        """Decoded samples of shards drawn with replacement, without end, until the data proves unreadable."""
+        all_urls = set(self.shards.urls)
+        barren: set[str] = set()  # shards read whole since the last readable sample, none of them giving one
+        run, run_urls = 0, {}  # unreadable samples in a row, and the shards they came from (in order)
+        while True:
+            url = rng.choice(self.shards.urls)
+            readable = False
+            for raw in iter_raw_samples([url]):
+                sample = decode_sample(raw, self.shards.vocabulary, dense_masks=False)
+                if sample is None:
+                    run += 1
+                    run_urls[url] = None
+                    if run >= self.max_consecutive_skips:
+                        raise DataError(f"{self.shards.root}: {run} training samples in a row could not be read "
+                                        f"(max_consecutive_skips={self.max_consecutive_skips}), from shard(s) "
+                                        f"{_names(run_urls)}; last: {STREAM_SKIPS.last}")
+                    continue
+                readable, run, run_urls = True, 0, {}
+                barren.clear()
+                yield sample
+            if not readable:
+                barren.add(url)
+                if barren >= all_urls:
+                    raise DataError(f"{self.shards.root}: no readable training sample in a whole pass over the "
+                                    f"{len(all_urls)} shard(s) {_names(sorted(all_urls))}: each was read and gave "
+                                    f"none (skips in this process: {dict(STREAM_SKIPS.counts)}; last: "
+                                    f"{STREAM_SKIPS.last}); check the files or convert the data set again")
 
     def batches(self, seed: tuple) -> Iterator[Batch]:
         rng = random.Random(repr(seed))
         generator = torch.Generator().manual_seed(rng.getrandbits(63))
-
-        def endless_urls() -> Iterator[str]:
-            while True:
-                yield rng.choice(self.shards.urls)
-
-        samples = (decode_sample(raw, self.shards.vocabulary, dense_masks=False)
-                   for raw in iter_raw_samples(endless_urls()))
         pending: list[Sample] = []
-        for sample in _shuffled((s for s in samples if s is not None), self.shuffle_buffer, rng):
+        for sample in _shuffled(self._readable_samples(rng), self.shuffle_buffer, rng):
             if not self.keep_masks:
                 sample = _without_masks(sample)
             pending.append(self.transform(sample, generator))
             if len(pending) == self.batch_size:
                 yield collate(pending, self.shards.vocabulary, self.shards.task, pad_to=self.pad_to)
                 pending = []
+
+
+def _names(urls, at_most: int = 10) -> str:
+    """Shard file names for a message: the first ``at_most``, then how many more."""
+    names = [Path(url).name for url in urls]
+    more = f" and {len(names) - at_most} more" if len(names) > at_most else ""
+    return ", ".join(names[:at_most]) + more
 
 
 def _without_masks(sample: Sample) -> Sample:

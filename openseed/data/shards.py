@@ -9,7 +9,8 @@ Layout of a converted data set (a folder)::
 
 One sample per image; its key is the zero-padded image id (no dots: webdataset splits names at the first dot):
 
-    KEY.jpg           JPEG bytes, as in the source when it is a JPEG (re-encoded at quality 95 otherwise)
+    KEY.jpg           JPEG bytes, as in the source when it is a JPEG (re-encoded at quality 95 otherwise, or when
+                      its EXIF orientation is applied: stored pixels are upright, see _read_image_bytes)
     KEY.panoptic.png  panoptic data: the raw COCO panoptic PNG (id = R + 256 G + 256^2 B), never decoded as an image
     KEY.json          {"image_id", "dataset", "file_name", "height", "width", "mask_format": "panoptic"|"rle"|"none",
                        "objects": [{"category_id", "label", "is_thing", "iscrowd", "bbox": [x0, y0, x1, y1],
@@ -39,6 +40,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from openseed.data.coco import DataError, ImageRecord
+from openseed.data.images import exif_orientation, rgb_array, upright_size
 from openseed.data.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,9 @@ class Encoded:
     skip_reason: str | None = None  # short, used to count skips ("unreadable image")
     skip_detail: str | None = None  # the file and what exactly is wrong, logged
     skipped_objects: Counter = field(default_factory=Counter)
-    reencoded: bool = False
+    reencoded: bool = False  # not a JPEG at the source: re-encoded
+    exif: str | None = None  # "applied" (stored upright, re-encoded) or "ignored" (see _read_image_bytes)
+    notes: list[str] = field(default_factory=list)  # warnings to log, each naming the file
     num_objects: int = 0
 
 
@@ -76,27 +80,47 @@ def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
 
 
-def _read_image_bytes(record: ImageRecord) -> tuple[bytes | None, Encoded | None, bool]:
-    """JPEG bytes of the record's image: (bytes, a skip result if unusable, re-encoded?).
+def _read_image_bytes(record: ImageRecord) -> tuple[bytes | None, Encoded]:
+    """JPEG bytes of the record's image, and an ``Encoded`` carrying either the skip (when the bytes are None) or
+    what was done to the image (re-encoded, EXIF orientation applied or ignored).
 
     The image is decoded once in full, so a truncated or corrupt file is reported here, with its path, rather
-    than while training."""
+    than while training. A JPEG is stored untouched unless its EXIF orientation must be applied; other formats are
+    re-encoded (quality 95) from ``openseed.data.images.rgb_array`` (16-bit data scaled, not clipped).
+
+    EXIF orientation (2-8): when the upright picture has the JSON's size, the upright pixels are stored (re-encoded
+    at quality 95, without EXIF), as the reference reader applies it; when only the stored pixels have the JSON's
+    size (annotations made on the stored pixels), the stored pixels are kept and a warning names the file. Both
+    are counted in the conversion summary. 180-degree turns and flips fit both sizes: they are applied.
+    """
     data = record.image_path.read_bytes()
-    jpeg = data
+    jpeg, result = data, Encoded(None)
+    json_size = (record.width, record.height)
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            size = image.size
-            if data[:3] != JPEG_MAGIC:
+            stored_size = tuple(image.size)
+            orientation = exif_orientation(image)
+            upright = upright_size(stored_size, orientation)
+            apply = orientation != 1 and upright == json_size
+            if orientation != 1 and not apply and stored_size == json_size:
+                result.exif = "ignored"
+                result.notes.append(f"{record.image_path}: EXIF orientation {orientation} ignored: the JSON size "
+                                    f"{json_size[0]}x{json_size[1]} matches the stored pixels, not the upright picture")
+            size = upright if apply else stored_size
+            if apply or data[:3] != JPEG_MAGIC:
                 buffer = io.BytesIO()
-                image.convert("RGB").save(buffer, format="JPEG", quality=95)
+                Image.fromarray(rgb_array(image, orient=apply)).save(buffer, format="JPEG", quality=95)
                 jpeg = buffer.getvalue()
+                result.exif = "applied" if apply else result.exif
+                result.reencoded = data[:3] != JPEG_MAGIC
     except Exception as err:  # PIL raises many types for broken files
-        return None, _skip("unreadable image", record.image_path, f"{type(err).__name__}: {err}"), False
-    if size != (record.width, record.height):
+        return None, _skip("unreadable image", record.image_path, f"{type(err).__name__}: {err}")
+    if size != json_size:
+        turned = f" (EXIF orientation {orientation}: upright {upright[0]}x{upright[1]})" if orientation != 1 else ""
         return None, _skip("image size differs from the JSON", record.image_path,
-                           f"{size[0]}x{size[1]} vs {record.width}x{record.height}"), False
-    return jpeg, None, jpeg is not data
+                           f"{stored_size[0]}x{stored_size[1]}{turned} vs {record.width}x{record.height}")
+    return jpeg, result
 
 
 def _skip(reason: str, path: Path, detail: str) -> Encoded:
@@ -110,9 +134,9 @@ def _header(record: ImageRecord, dataset: str, mask_format: str) -> dict:
 
 def encode_panoptic(record: ImageRecord, vocab: Vocabulary, dataset: str) -> Encoded:
     """One COCO panoptic image -> one sample. Boxes and areas come from the PNG; segments absent from it are dropped."""
-    image, skipped, reencoded = _read_image_bytes(record)
+    image, result = _read_image_bytes(record)
     if image is None:
-        return skipped
+        return result
     png = record.panoptic_path.read_bytes()
     try:
         ids = rgb_to_id(_decode_image(png, "RGB"))
@@ -123,7 +147,6 @@ def encode_panoptic(record: ImageRecord, vocab: Vocabulary, dataset: str) -> Enc
                      f"{ids.shape[1]}x{ids.shape[0]} vs {record.width}x{record.height}")
     present, counts = np.unique(ids, return_counts=True)
     area_of = dict(zip(present.tolist(), counts.tolist()))
-    result = Encoded(None, reencoded=reencoded)
     objects, listed = [], set()
     for segment in record.objects:
         segment_id, category_id = int(segment["id"]), int(segment["category_id"])
@@ -166,9 +189,9 @@ def encode_detection(record: ImageRecord, vocab: Vocabulary, dataset: str, mask_
     compressed RLE (objects without one get ``has_mask`` False when read); with "none" only boxes are kept."""
     if mask_format not in ("rle", "none"):
         raise ValueError(f"mask_format must be 'rle' or 'none', not {mask_format!r}")
-    image, skipped, reencoded = _read_image_bytes(record)
+    image, result = _read_image_bytes(record)
     if image is None:
-        return skipped
+        return result
     objects = []
     for ann in record.objects:
         x, y, w, h = (float(v) for v in ann["bbox"])
@@ -186,9 +209,10 @@ def encode_detection(record: ImageRecord, vocab: Vocabulary, dataset: str, mask_
                 entry["rle"] = rle
         objects.append(entry)
     header = _header(record, dataset, mask_format)
-    return Encoded({"__key__": sample_key(record.image_id), "jpg": image,
-                    "json": json.dumps({**header, "objects": objects}).encode()}, reencoded=reencoded,
-                   num_objects=len(objects))
+    result.sample = {"__key__": sample_key(record.image_id), "jpg": image,
+                     "json": json.dumps({**header, "objects": objects}).encode()}
+    result.num_objects = len(objects)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------- writing
@@ -201,36 +225,47 @@ class ConversionSummary:
     shards: list[dict] = field(default_factory=list)
     skipped_images: Counter = field(default_factory=Counter)
     skipped_objects: Counter = field(default_factory=Counter)
+    adjusted_objects: Counter = field(default_factory=Counter)  # kept, but changed (e.g. "box clipped to image")
     reencoded_images: int = 0
+    exif_applied: int = 0  # stored upright (EXIF orientation applied, re-encoded)
+    exif_ignored: int = 0  # EXIF orientation ignored: the JSON size matches the stored pixels
     objects: int = 0
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
         return {"name": self.name, "written": self.written, "shards": len(self.shards), "objects": self.objects,
                 "skipped_images": dict(self.skipped_images), "skipped_objects": dict(self.skipped_objects),
-                "reencoded_images": self.reencoded_images, "seconds": round(self.seconds, 3),
+                "adjusted_objects": dict(self.adjusted_objects), "reencoded_images": self.reencoded_images,
+                "exif_applied": self.exif_applied, "exif_ignored": self.exif_ignored,
+                "seconds": round(self.seconds, 3),
                 "images_per_second": round(self.written / max(self.seconds, 1e-9), 1)}
 
     def report(self) -> str:
         d = self.as_dict()
         lines = [(f"{self.name}: wrote {d['written']} images ({d['objects']} objects) in {d['shards']} shards, "
                   f"{d['seconds']} s, {d['images_per_second']} images/s")]
-        for kind in ("skipped_images", "skipped_objects"):
+        for kind in ("skipped_images", "skipped_objects", "adjusted_objects"):
             for reason, count in sorted(d[kind].items()):
                 lines.append(f"  {kind.replace('_', ' ')}: {count} ({reason})")
         if self.reencoded_images:
             lines.append(f"  re-encoded to JPEG: {self.reencoded_images}")
+        if self.exif_applied:
+            lines.append(f"  EXIF orientation applied (stored upright, re-encoded): {self.exif_applied}")
+        if self.exif_ignored:
+            lines.append(f"  EXIF orientation ignored (the JSON size matches the stored pixels): {self.exif_ignored}")
         return "\n".join(lines)
 
 
 def write_shards(records: list[ImageRecord], encode: Callable[[ImageRecord], Encoded], out_dir: str | Path,
                  name: str, task: str, mask_format: str, vocab: Vocabulary, maxcount: int = 1000, workers: int = 0,
                  progress: bool = True, reader_skips: tuple[Counter, Counter] | None = None,
-                 source: dict | None = None) -> ConversionSummary:
+                 source: dict | None = None, reader_adjusted: Counter | None = None) -> ConversionSummary:
     """Encode ``records`` (in ``workers`` processes; 0 = in this process) and write them in order to shards.
 
     ``encode`` must be picklable when ``workers > 0`` (a module-level function or a ``functools.partial`` of one).
     ``source`` is stored in the manifest (what was converted), so that callers can tell a stale conversion.
+    ``reader_skips`` (images, objects) and ``reader_adjusted`` (objects) are what the JSON reader counted
+    (``ReadReport``); they are added to the summary.
     """
     from tqdm import tqdm
     from webdataset import TarWriter
@@ -247,6 +282,8 @@ def write_shards(records: list[ImageRecord], encode: Callable[[ImageRecord], Enc
     if reader_skips:
         summary.skipped_images.update(reader_skips[0])
         summary.skipped_objects.update(reader_skips[1])
+    if reader_adjusted:
+        summary.adjusted_objects.update(reader_adjusted)
     start = time.perf_counter()
     writer, shard_index, keys = None, 0, set()
 
@@ -261,6 +298,8 @@ def write_shards(records: list[ImageRecord], encode: Callable[[ImageRecord], Enc
         for result in tqdm(results(), total=len(records), desc=f"{name} -> shards", disable=not progress,
                            unit="img"):
             summary.skipped_objects.update(result.skipped_objects)
+            for note in result.notes:
+                log.warning("%s", note)
             if result.sample is None:
                 summary.skipped_images[result.skip_reason] += 1
                 log.warning("skipping image: %s", result.skip_detail)
@@ -280,6 +319,8 @@ def write_shards(records: list[ImageRecord], encode: Callable[[ImageRecord], Enc
             summary.shards[-1]["count"] += 1
             summary.written += 1
             summary.reencoded_images += int(result.reencoded)
+            summary.exif_applied += int(result.exif == "applied")
+            summary.exif_ignored += int(result.exif == "ignored")
             summary.objects += result.num_objects
     finally:
         if writer is not None:
@@ -376,14 +417,36 @@ class Sample:
 
 
 class SkipCounter:
-    """Counts (per process) and logs samples passed over while streaming."""
+    """Counts (per process) and logs samples passed over while streaming.
 
-    def __init__(self) -> None:
+    The log is rate-limited, so that a broken data set cannot fill the disk however long a stream re-reads it: the
+    first ``first`` occurrences of a reason in each ``source`` (shard file) are logged, then only the 10th, 100th,
+    1000th, ... occurrence of the reason, with the running count. ``counts`` holds every occurrence by reason;
+    ``last`` the latest one in full (for error messages)."""
+
+    def __init__(self, first: int = 3) -> None:
         self.counts: Counter = Counter()
+        self.first = first
+        self.last: str | None = None
+        self._per_source: Counter = Counter()  # (reason, source) -> occurrences, up to first + 1
 
-    def __call__(self, reason: str, where: str) -> None:
+    def __call__(self, reason: str, where: str, detail: str = "", source: str | None = None) -> None:
         self.counts[reason] += 1
-        log.warning("skipping %s: %s (%d so far in this process)", where, reason, self.counts[reason])
+        count = self.counts[reason]
+        described = f"{reason} ({detail})" if detail else reason
+        self.last = f"{where}: {described}"
+        in_source = self._per_source[reason, source]
+        if in_source <= self.first:
+            self._per_source[reason, source] = in_source + 1
+        if in_source < self.first or _is_power_of_ten(count):
+            later = "; more of these only at every power of ten" if in_source + 1 == self.first else ""
+            log.warning("skipping %s: %s (%d so far in this process%s)", where, described, count, later)
+
+
+def _is_power_of_ten(n: int) -> bool:
+    while n >= 10 and n % 10 == 0:
+        n //= 10
+    return n == 1
 
 
 STREAM_SKIPS = SkipCounter()
@@ -400,21 +463,23 @@ def decode_sample(raw: dict, vocabulary: Vocabulary | None = None, dense_masks: 
     Only the ``jpg`` member is decoded as an image (and must be a JPEG); the panoptic PNG is read as an id map.
     With ``dense_masks=False`` a panoptic sample keeps a compact ``segment_map`` for the transforms to move.
     """
-    where = f"sample {raw.get('__key__')!r} in {raw.get('__url__')}"
+    url = raw.get("__url__")
+    where = f"sample {raw.get('__key__')!r} in {url}"
     try:
         meta = json.loads(raw["json"])
         if bytes(raw["jpg"][:3]) != JPEG_MAGIC:
             raise ValueError("the jpg member is not a JPEG")
         image = torch.from_numpy(_decode_image(raw["jpg"], "RGB").copy()).permute(2, 0, 1)
     except KeyError as err:
-        STREAM_SKIPS(f"missing member {err}", where)
+        STREAM_SKIPS("missing member", where, str(err), url)
         return None
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for broken data
-        STREAM_SKIPS(f"corrupt data ({type(err).__name__}: {str(err)[:80]})", where)
+        STREAM_SKIPS("corrupt data", where, f"{type(err).__name__}: {str(err)[:80]}", url)
         return None
     height, width = int(meta["height"]), int(meta["width"])
     if tuple(image.shape[1:]) != (height, width):
-        STREAM_SKIPS(f"decoded image {tuple(image.shape[1:])} != JSON size {(height, width)}", where)
+        STREAM_SKIPS("decoded image size differs from the JSON", where,
+                     f"{tuple(image.shape[1:])} vs {(height, width)}", url)
         return None
     objects = meta["objects"]
     if vocabulary is not None:
@@ -429,7 +494,7 @@ def decode_sample(raw: dict, vocabulary: Vocabulary | None = None, dense_masks: 
         try:
             ids = torch.from_numpy(rgb_to_id(_decode_image(raw[PANOPTIC_KEY], "RGB")).astype(np.int32))
         except Exception as err:
-            STREAM_SKIPS(f"bad panoptic PNG ({type(err).__name__}: {str(err)[:80]})", where)
+            STREAM_SKIPS("bad panoptic PNG", where, f"{type(err).__name__}: {str(err)[:80]}", url)
             return None
         if len(kept) < CROWD_INDEX:
             segment_map = _segment_map(ids, [o["segment_id"] for o in kept], [o["segment_id"] for o in crowd])
@@ -478,8 +543,12 @@ def iter_raw_samples(urls: Iterable[str], on_error: Callable[[Exception], bool] 
     """Raw samples (dicts of bytes) from tar shards, in order. A broken shard is logged and counted, then skipped."""
     from webdataset.tariterators import tarfile_samples
 
-    def handler(err: Exception) -> bool:
-        STREAM_SKIPS(f"unreadable shard data ({type(err).__name__}: {str(err)[:120]})", "shard")
+    def handler(err: Exception) -> bool:  # webdataset appends the shard's url to the exception's args
+        args = getattr(err, "args", ())
+        url = args[-1] if len(args) > 1 and isinstance(args[-1], str) else None
+        detail = str(args[0] if url is not None else err)[:160]
+        STREAM_SKIPS("unreadable shard data", f"shard {url}" if url else "shard", f"{type(err).__name__}: {detail}",
+                     url)
         return True
 
     return tarfile_samples(({"url": url} for url in urls), handler=on_error or handler)
