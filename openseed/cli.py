@@ -22,4 +22,42 @@ def parse_key_values(argv: Sequence[str], defaults: dict, required: Sequence[str
     if unknown or missing:
         problems = [f"unknown keys {unknown}"] * bool(unknown) + [f"missing {missing}"] * bool(missing)
         raise UsageError(f"{'; '.join(problems)}; keys: {sorted(defaults)}")
+    empty = [key for key in required if given.get(key) in ([], "")]
+    if empty:
+        raise UsageError(f"{', '.join(f'{key}=[]' for key in empty)}: empty; give at least one value, "
+                         f"e.g. {empty[0]}=[a,b]")
     return {**defaults, **given}
+
+
+def string_list(value, key: str, allow_empty: bool = False) -> list[str]:
+    """A ``key=[a,b]`` (or ``key=a``) value as a list of non-empty strings, stripped.
+
+    OmegaConf reads ``null``, ``true`` and ``7`` as None, True and 7: such entries are a ``UsageError`` naming the key,
+    the index and the value, not silently renamed "None", "True", "7" (quote them, ``'7'``, to mean the text)."""
+    items = value if isinstance(value, list) else [value]
+    if not items and not allow_empty:
+        raise UsageError(f"{key}=[]: empty; give at least one value, e.g. {key}=[a,b]")
+    for index, item in enumerate(items):
+        if not isinstance(item, str) or not item.strip():
+            hint = f" (quote it, {key}=['{item}'], to mean the text)" if isinstance(item, (bool, int, float)) else ""
+            raise UsageError(f"{key}[{index}] must be a non-empty string, got {item!r}{hint}")
+    return [item.strip() for item in items]
+
+
+def optional_int(value, key: str, minimum: int = 1) -> int | None:
+    """An integer argument (None stays None); a ``UsageError`` naming the key when it is not one or below
+    ``minimum``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def number(value, key: str) -> float:
+    """A finite real number argument; a ``UsageError`` naming the key otherwise."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UsageError(f"{key} must be a number, got {value!r}")
+    return float(value)

@@ -52,10 +52,13 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
     ``<cfg.output_dir>/metrics.json``."""
     from hydra.utils import instantiate
 
+    from openseed.config_check import check_config, check_values
     from openseed.evaluation.runner import DatasetEvaluator
     from openseed.modeling.checkpoint import load_model, read_model_config
     from openseed.modeling.postprocess import InferenceConfig
 
+    check_values(cfg, {"device": str, "eval_resize": str, "model_overrides": dict, "inference": dict})
+    check_config(cfg, keys=("data",))  # wrong-typed data values named before anything is read
     path = checkpoint_file(cfg.get("ckpt_path"))
     if not cfg.data.get("val"):
         raise ValueError("the data config has no validation sets (data.val): nothing to evaluate")

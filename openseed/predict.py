@@ -25,14 +25,16 @@ Python::
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from openseed.data.transforms import EvalResize, eval_resize_for
 from openseed.data.vocab import Vocabulary
@@ -44,35 +46,108 @@ TASKS = ("panoptic", "instance", "semantic")
 
 
 def load_image(image) -> tuple[np.ndarray, str | None]:
-    """uint8 [H, W, 3] RGB from a path, a PIL image or an array; a missing or unreadable file is a clear error."""
+    """uint8 [H, W, 3] RGB from a path, a PIL image or an array; a missing or unreadable file is a clear error.
+
+    Pictures are read by ``openseed.data.images.rgb_array``, as the shard converters read them: a file comes out
+    upright per its EXIF orientation (as the reference reads it), 16-bit data is scaled to 8 bits (not clipped),
+    alpha is dropped. A PIL image is taken as it is (no EXIF orientation applied), in any mode."""
+    from openseed.data.images import rgb_array
+
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
             raise FileNotFoundError(f"image not found: {path}")
         try:
-            with Image.open(path) as opened:  # upright as the camera meant it (EXIF orientation), as the reference
-                return np.asarray(ImageOps.exif_transpose(opened).convert("RGB")), str(path)
-        except (UnidentifiedImageError, OSError) as err:
+            with Image.open(path) as opened:
+                return rgb_array(opened), str(path)
+        except (UnidentifiedImageError, OSError, ValueError) as err:
             raise ValueError(f"cannot read image {path}: {err}") from err
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB")), None
+        return rgb_array(image, orient=False), None
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
         raise ValueError(f"expected a uint8 [H, W, 3] RGB array, got {array.dtype} {array.shape}")
     return array, None
 
 
+def class_names(names, what: str = "vocabulary") -> list[str]:
+    """Class names as a list of non-empty strings (stripped); ValueError naming ``what``, the index and the value
+    otherwise (None, True or 7 are refused, not turned into "None", "True", "7")."""
+    if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
+        raise ValueError(f"{what} must be a list of class names, got {names!r}")
+    out = []
+    for index, name in enumerate(names):
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"{what}[{index}] must be a non-empty string, got {name!r}")
+        out.append(name.strip())
+    return out
+
+
 def make_vocabulary(words: Sequence[str] | Vocabulary, stuff: Sequence[str] = ()) -> Vocabulary:
-    """A vocabulary from plain words (things unless listed in ``stuff``); "a/b" gives synonyms."""
+    """A vocabulary from plain words (things unless listed in ``stuff``); "a/b" gives synonyms.
+
+    Every word must be a non-empty string, and no two may name the same class: neither the same word twice nor two
+    words the text encoder reads alike ("Dog" and "dog", "wall-brick" and "brick wall"), which would split one class
+    in two identical ones. Each is a ValueError naming the words."""
     if isinstance(words, Vocabulary):
         return words
-    words = [str(w).strip() for w in words]
-    if not words or not all(words):
+    words = class_names(words)
+    if not words:
         raise ValueError("the vocabulary is empty: give at least one class name")
+    stuff = class_names(stuff, "stuff")
     unknown = set(stuff) - set(words)
     if unknown:
         raise ValueError(f"stuff names {sorted(unknown)} are not in the vocabulary")
-    return Vocabulary.from_names(words, [w not in set(stuff) for w in words])
+    try:
+        vocabulary = Vocabulary.from_names(words, [w not in set(stuff) for w in words])
+    except ValueError as err:
+        raise ValueError(f"vocabulary: {err}") from None
+    first: dict[str, str] = {}
+    for word, prompt in zip(words, vocabulary.prompt_names()):
+        if prompt in first:
+            raise ValueError(f"vocabulary: {first[prompt]!r} and {word!r} are the same class to the text encoder "
+                             f"({prompt!r}); give each class once")
+        first[prompt] = word
+    return vocabulary
+
+
+def box_prompts(boxes, image_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Box prompts -> float32 [N, 4] xyxy pixel boxes, checked (and with ``image_size`` = (height, width) clipped).
+
+    ``boxes``: a list of ``[x0, y0, x1, y1]`` (or one such box), a tensor or an array [N, 4]. A box that is not 4
+    numbers, has a non-finite coordinate, is empty or inverted (``x1 <= x0`` or ``y1 <= y0``) or, given the image
+    size, lies entirely outside the image is a ValueError naming the box's index and values (and the image size).
+    A box partly outside the image is clipped to it: the clipped box is the prompt (and the record's ``bbox``)."""
+    rows = boxes.tolist() if isinstance(boxes, (torch.Tensor, np.ndarray)) else boxes
+    if not isinstance(rows, (list, tuple)):
+        raise ValueError(f"boxes must be a list of [x0, y0, x1, y1] boxes, got {boxes!r}")
+    if len(rows) == 4 and all(_is_number(v) for v in rows):
+        rows = [rows]  # one box
+    if not rows:
+        raise ValueError("boxes is empty: give at least one [x0, y0, x1, y1] box")
+    size = "" if image_size is None else f" (image {int(image_size[1])} x {int(image_size[0])}, width x height)"
+    checked = []
+    for index, box in enumerate(rows):
+        if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(_is_number(v) for v in box):
+            raise ValueError(f"box {index} must be 4 numbers [x0, y0, x1, y1], got {box!r}")
+        x0, y0, x1, y1 = (float(v) for v in box)
+        shown = f"[{x0:g}, {y0:g}, {x1:g}, {y1:g}]"
+        if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+            raise ValueError(f"box {index} {shown} has a non-finite coordinate{size}")
+        if x1 <= x0 or y1 <= y0:
+            raise ValueError(f"box {index} {shown} is empty or inverted: need x0 < x1 and y0 < y1 (xyxy pixels){size}")
+        if image_size is not None:
+            height, width = (float(v) for v in image_size)
+            if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+                raise ValueError(f"box {index} {shown} lies entirely outside the image{size}")
+            x0, x1 = max(x0, 0.0), min(x1, width)
+            y0, y1 = max(y0, 0.0), min(y1, height)
+        checked.append([x0, y0, x1, y1])
+    return torch.tensor(checked, dtype=torch.float32)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 class Predictor:
@@ -147,10 +222,14 @@ class Predictor:
 
     @torch.no_grad()
     def segment_boxes(self, image, boxes: Sequence[Sequence[float]], names: Sequence[str]) -> dict:
-        """One mask per box (xyxy pixels of the original image) for the given class names."""
+        """One mask per box (xyxy pixels of the original image) for the given class names (one per box; a name may
+        repeat). Boxes are checked by ``box_prompts``: a non-finite, empty, inverted or entirely outside box is a
+        ValueError naming it; a box partly outside is clipped to the image, and ``boxes`` in the result are the
+        clipped ones."""
         array, path = load_image(image)
-        boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-        if len(boxes) == 0 or len(boxes) != len(names):
+        boxes = box_prompts(boxes, array.shape[:2])
+        names = class_names(names, "names")
+        if len(boxes) != len(names):
             raise ValueError(f"give one class name per box: {len(boxes)} boxes, {len(names)} names")
         images, padding, size, orig = self._prepare(array)
         scale = torch.tensor([size[1] / orig[1], size[0] / orig[0]] * 2)
@@ -219,24 +298,39 @@ CLI_KEYS = {"ckpt": None, "images": None, "vocabulary": None, "task": "panoptic"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from openseed.cli import UsageError, parse_key_values
+    from openseed.cli import UsageError, number, optional_int, parse_key_values, string_list
 
-    try:
+    try:  # every argument is checked before the model is loaded
         args = parse_key_values(sys.argv[1:] if argv is None else argv, CLI_KEYS, ("ckpt", "images", "vocabulary"))
-    except UsageError as err:
+        images = string_list(args["images"], "images")
+        vocabulary = string_list(args["vocabulary"], "vocabulary")
+        stuff = string_list(args["stuff"] or [], "stuff", allow_empty=True)
+        sizes = {key: optional_int(args[key], key) for key in ("image_size", "short_edge", "max_size")}
+        score_threshold = number(args["score_threshold"], "score_threshold")
+        boxes = None
+        if args["boxes"] is not None:
+            try:
+                boxes = box_prompts(args["boxes"])
+            except ValueError as err:
+                raise UsageError(f"boxes: {err}; write boxes=[[x0,y0,x1,y1],...] in pixels") from None
+            if len(boxes) != len(vocabulary):
+                raise UsageError(f"give one class name per box: {len(boxes)} boxes, {len(vocabulary)} names in "
+                                 f"vocabulary")
+        else:
+            if args["task"] not in TASKS:
+                raise UsageError(f"task must be one of {list(TASKS)}, not {args['task']!r}")
+            make_vocabulary(vocabulary, stuff)  # duplicates, unknown stuff names
+    except (UsageError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    images = args["images"] if isinstance(args["images"], list) else [args["images"]]
-    vocabulary = args["vocabulary"] if isinstance(args["vocabulary"], list) else [args["vocabulary"]]
     try:
-        sizes = {key: None if args[key] is None else int(args[key]) for key in ("image_size", "short_edge", "max_size")}
         predictor = Predictor(args["ckpt"], device=args["device"], **sizes)
         for image in images:
-            if args["boxes"] is not None:
-                result = predictor.segment_boxes(image, args["boxes"], vocabulary)
+            if boxes is not None:
+                result = predictor.segment_boxes(image, boxes, vocabulary)
             else:
-                result = predictor(image, vocabulary, task=args["task"], stuff=args["stuff"])
-            for path in Predictor.save(result, args["out"], score_threshold=float(args["score_threshold"])):
+                result = predictor(image, vocabulary, task=args["task"], stuff=stuff)
+            for path in Predictor.save(result, args["out"], score_threshold=score_threshold):
                 print(path)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)

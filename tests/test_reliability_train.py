@@ -20,6 +20,7 @@ from openseed.checkpoint_io import (
 )
 from openseed.config_check import ConfigError
 from openseed.train import train
+from tests.test_platform_configs import _compose as _compose_named
 from tests.test_train import _compose, _short_run_overrides
 
 
@@ -130,3 +131,12 @@ def test_training_resumes_past_a_damaged_last_checkpoint(synth_shards, tmp_path,
     assert "resuming from" in caplog.text and "epoch=1-step=2.ckpt" in caplog.text
     assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 3  # one more epoch, not three
     assert not list(folder.glob(".*partial"))
+
+
+def test_evaluate_names_a_wrong_typed_data_value_before_reading_the_checkpoint(tmp_path):
+    from openseed.evaluate import evaluate
+
+    cfg = _compose_named([f"paths.data_dir={tmp_path / 'none'}", "data.val.0.batch_size=abc",
+                    f"ckpt_path={tmp_path / 'missing.ckpt'}"], tmp_path, config_name="evaluate")  # not read
+    with pytest.raises(ConfigError, match=r"data.val\[0\].batch_size: expected int, got 'abc'"):
+        evaluate(cfg)

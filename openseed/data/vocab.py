@@ -97,8 +97,25 @@ class Vocabulary:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_names(cls, names: Iterable[str], is_thing: bool | Sequence[bool] = True) -> Vocabulary:
-        """A vocabulary from plain names (ids 0..K-1), e.g. a user's list of words for the predictor."""
+        """A vocabulary from plain names (ids 0..K-1), e.g. a user's list of words for the predictor.
+
+        Every name must be a non-empty string and appear once: a ValueError names the bad entry or the duplicates
+        (a data set's categories, which may share a name under different ids, come in through
+        ``from_coco_categories``, which does not ask this)."""
         names = list(names)
+        for index, name in enumerate(names):
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(f"class name {index} must be a non-empty string, got {name!r}")
+        seen: dict[str, int] = {}
+        duplicates = []
+        for index, name in enumerate(names):
+            key = name.strip()
+            if key in seen:
+                duplicates.append(f"{name!r} (entries {seen[key]} and {index})")
+            else:
+                seen[key] = index
+        if duplicates:
+            raise ValueError(f"duplicate class names: {', '.join(duplicates)}; give each class once")
         flags = [is_thing] * len(names) if isinstance(is_thing, bool) else list(is_thing)
         if len(flags) != len(names):
             raise ValueError(f"{len(names)} names but {len(flags)} thing flags")

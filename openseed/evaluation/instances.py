@@ -36,7 +36,10 @@ Detections
 COCO result dicts: ``image_id``, ``category_id``, ``score`` and, for bbox, ``bbox`` ``[x, y, w, h]``; for segm,
 ``segmentation`` as compressed RLE (``counts`` str or bytes; polygons and uncompressed RLE are converted).
 As in detectron2, a bbox evaluation ignores ``segmentation`` and a segm evaluation ignores ``bbox`` (so detection
-areas come from the mask). Detections for unknown image or category ids raise :class:`EvaluationInputError`.
+areas come from the mask). Detections for unknown image or category ids, a ``score`` that is not a finite number
+(a string, ``NaN``, ``Infinity``) and, for bbox, a ``bbox`` that is not 4 finite numbers with ``w, h >= 0`` raise
+:class:`EvaluationInputError` naming the detection's index and the field (and the file, when read from one), before
+anything is scored.
 
 CLI: ``python -m openseed.evaluation.instances --gt G --dt D --iou-type bbox|segm [--engine E] [--json]``.
 """
@@ -48,6 +51,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import math
 import os
 import sys
 import warnings
@@ -140,7 +144,10 @@ class _Remap:
         if "info" in gt:
             self.gt["info"] = gt["info"]
 
-    def detections(self, detections: Iterable[dict], iou_type: str) -> list[dict]:
+    def detections(self, detections: Iterable[dict], iou_type: str, source: str | None = None) -> list[dict]:
+        """Renumbered, checked copies of ``detections``; a bad score or bbox is an error naming ``source`` (the file
+        they were read from, if any), the detection's index and the field."""
+        where = f"{source}: " if source else ""
         out = []
         for k, det in enumerate(detections):
             if not isinstance(det, dict):
@@ -158,27 +165,42 @@ class _Remap:
                 raise EvaluationInputError(f"detection {k} refers to unknown image_id {image_id!r}")
             if cat is None:
                 raise EvaluationInputError(f"detection {k} refers to unknown category_id {category_id!r}")
-            try:
-                score = float(score)
-            except (TypeError, ValueError):
-                raise EvaluationInputError(f"detection {k} has a non-numeric score {score!r}") from None
+            score = _score(score, k, where)
             new = {"image_id": img, "category_id": cat, "score": score}
             if iou_type == "bbox":
-                new["bbox"] = _bbox(det, k)
+                new["bbox"] = _bbox(det, k, where)
             else:
                 new["segmentation"] = _rle(det, k, self.images_by_new[img])
             out.append(new)
         return out
 
 
-def _bbox(det: dict, k: int) -> list[float]:
-    bbox = det.get("bbox")
+def _real(value: Any) -> float | None:
+    """``value`` as a float when it is a number (not a string, a bool or None), else None."""
+    if value is None or isinstance(value, (str, bytes, bool)):
+        return None
     try:
-        values = [float(v) for v in bbox]
+        return float(value)
     except (TypeError, ValueError):
-        values = []
-    if len(values) != 4:
-        raise EvaluationInputError(f"detection {k} has no valid bbox [x, y, w, h]: {bbox!r}")
+        return None
+
+
+def _score(score: Any, k: int, where: str = "") -> float:
+    value = _real(score)
+    if value is None or not math.isfinite(value):
+        raise EvaluationInputError(f"{where}detection {k}: field 'score' must be a finite number, got {score!r}")
+    return value
+
+
+def _bbox(det: dict, k: int, where: str = "") -> list[float]:
+    bbox = det.get("bbox")
+    values = [_real(v) for v in bbox] if isinstance(bbox, (list, tuple, np.ndarray)) else []
+    if len(values) != 4 or any(v is None for v in values):
+        raise EvaluationInputError(f"{where}detection {k}: field 'bbox' must be 4 numbers [x, y, w, h], "
+                                   f"got {bbox!r}")
+    if not all(math.isfinite(v) for v in values) or values[2] < 0 or values[3] < 0:
+        raise EvaluationInputError(f"{where}detection {k}: field 'bbox' {bbox!r} must be finite with w >= 0 and "
+                                   f"h >= 0")
     return values
 
 
@@ -286,11 +308,13 @@ def evaluate_coco(gt: str | Path | dict, detections: str | Path | list, iou_type
     dets = _load_json(detections, "detections")
     if not isinstance(dets, list):
         raise EvaluationInputError(f"detections must be a list of COCO result objects, got {type(dets).__name__}")
-    return _evaluate_remapped(remap, dets, iou_type, engine)
+    source = f"detections file {detections}" if isinstance(detections, (str, Path)) else None
+    return _evaluate_remapped(remap, dets, iou_type, engine, source)
 
 
-def _evaluate_remapped(remap: _Remap, detections: list[dict], iou_type: str, engine: str) -> dict:
-    dets = remap.detections(detections, iou_type)
+def _evaluate_remapped(remap: _Remap, detections: list[dict], iou_type: str, engine: str,
+                       source: str | None = None) -> dict:
+    dets = remap.detections(detections, iou_type, source)
     # fresh annotation dicts for every run: both engines add fields (ignore, rle, segmentation masks) in place
     gt = dict(remap.gt, annotations=[dict(a) for a in remap.gt["annotations"]])
     evaluator = _run_cocoeval(gt, dets, iou_type, engine)

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import sys
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -63,6 +65,7 @@ class DatasetEvaluator:
         self.gt_images: list[dict] = []
         self.gt_annotations: list[dict] = []
         self.detections: list[dict] = []
+        self.non_finite = 0  # detections with a NaN / infinite score or box, left out (see update)
 
     @classmethod
     def for_shards(cls, shards: ShardSet, inference: InferenceConfig | None = None) -> DatasetEvaluator:
@@ -95,7 +98,11 @@ class DatasetEvaluator:
                 self.semantic.update(semantic[i]["sem_seg"].cpu().numpy(), self._semantic_truth(gt_ids, meta))
             self._add_instance_truth(meta, gt_ids)
             records = instances_to_coco(_to_cpu(instances[i]), image_id, self.vocabulary.ids)
-            self.detections.extend(r for r in records if r["score"] > 0)
+            # a diverged model's NaN / infinite scores or boxes cannot be scored (the COCO evaluator refuses them):
+            # they are left out, counted, and reported with a warning by compute()
+            finite = [r for r in records if math.isfinite(r["score"]) and all(math.isfinite(v) for v in r["bbox"])]
+            self.non_finite += len(records) - len(finite)
+            self.detections.extend(r for r in finite if r["score"] > 0)
 
     def _semantic_truth(self, gt_ids: np.ndarray, meta: dict) -> np.ndarray:
         labels = np.full(gt_ids.shape, IGNORE, dtype=np.int64)
@@ -130,6 +137,10 @@ class DatasetEvaluator:
         if self.semantic is not None:
             semantic = self.semantic.compute()
             metrics["mIoU"] = semantic["miou"]
+        non_finite = sum(gather_to_all([self.non_finite]))
+        if non_finite:
+            warnings.warn(f"{non_finite} detections with a NaN or infinite score or box were left out of box / mask "
+                          f"AP (is the model diverged?)", stacklevel=2)
         images = {image["id"]: image for image in gather_to_all(self.gt_images)}
         annotations = gather_to_all(self.gt_annotations)
         detections = gather_to_all(self.detections)
@@ -183,17 +194,17 @@ def evaluate_shards(model, shards_dir, image_size: int | None = None, batch_size
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from openseed.cli import UsageError, parse_key_values
+    from openseed.cli import UsageError, parse_key_values, string_list
     from openseed.modeling.checkpoint import load_model
 
     defaults = {"ckpt": None, "shards": None, "image_size": None, "batch_size": 4, "device": "cpu",
                 "num_workers": 0, "json": False}
     try:
         args = parse_key_values(sys.argv[1:] if argv is None else argv, defaults, ("ckpt", "shards"))
+        shard_dirs = string_list(args["shards"], "shards")  # shards=[] is an error, not an empty report
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    shard_dirs = args["shards"] if isinstance(args["shards"], list) else [args["shards"]]
     try:
         model = load_model(args["ckpt"])
         image_size = None if args["image_size"] is None else int(args["image_size"])

@@ -29,7 +29,7 @@ Sizes: masks come at 1/4 of the *padded* batch size; ``image_size`` is the valid
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -45,8 +45,12 @@ from openseed.modeling.outputs import Outputs
 Size = tuple[int, int]
 PostprocessTask = Literal["panoptic", "instance", "semantic"]
 SemanticClassProbs = Literal["softmax", "sigmoid"]
+#: Default bound (bytes) on the float32 mask intermediates at the original image size: masks are resized,
+#: thresholded and reduced a chunk of queries at a time so that one chunk's float32 tensors stay under it.
+MASK_MEMORY_BYTES = 256 * 2**20
 
 __all__ = [
+    "MASK_MEMORY_BYTES",
     "InferenceConfig",
     "box_prompt_to_coco",
     "encode_rle",
@@ -57,6 +61,7 @@ __all__ = [
     "panoptic_inference",
     "panoptic_keep",
     "postprocess_batch",
+    "queries_per_chunk",
     "resize_masks_to_original",
     "semantic_inference",
     "semantic_labels",
@@ -82,7 +87,13 @@ class InferenceConfig:
         semantic_class_probs: semantic: "softmax" = softmax(sigmoid(logits) / temperature) (the reference),
             "sigmoid" = sigmoid(logits).
         clip_boxes: instance: clip boxes to the original image (the reference does not: False reproduces it).
-        chunk_size: queries resized at a time in ``postprocess_batch`` / ``resize_masks_to_original`` (memory bound).
+        chunk_size: at most this many queries are resized at a time in ``postprocess_batch`` /
+            ``resize_masks_to_original``.
+        mask_memory_bytes: bound on the float32 intermediates of one chunk of queries at the output size
+            (``MASK_MEMORY_BYTES``, 256 MiB): large photos get smaller chunks (down to one query), so a 6000 x 4000
+            photo never needs a queries x H x W float tensor. Panoptic and instance results do not depend on the
+            chunking; semantic scores are sums over the chunks (equal to float rounding when the bound, not
+            ``chunk_size``, sets the chunk).
     """
 
     object_mask_threshold: float = 0.25
@@ -94,8 +105,12 @@ class InferenceConfig:
     semantic_class_probs: SemanticClassProbs = "softmax"
     clip_boxes: bool = True
     chunk_size: int = 32
+    mask_memory_bytes: int = MASK_MEMORY_BYTES
 
     def __post_init__(self) -> None:
+        if int(self.chunk_size) < 1 or int(self.mask_memory_bytes) < 1:
+            raise ValueError(f"chunk_size and mask_memory_bytes must be positive, got {self.chunk_size} and "
+                             f"{self.mask_memory_bytes}")
         if self.semantic_class_probs not in ("softmax", "sigmoid"):
             raise ValueError(f"semantic_class_probs must be 'softmax' or 'sigmoid', not {self.semantic_class_probs!r}")
 
@@ -125,15 +140,42 @@ def resize_masks_to_original(mask_logits: Tensor, padded_size: Size, image_size:
         raise ValueError(f"mask_logits must be [Q, h, w], got shape {tuple(mask_logits.shape)}")
     num_queries = mask_logits.shape[0]
     out = mask_logits.new_empty((num_queries, *orig_size), dtype=torch.float32)
-    for start in range(0, num_queries, max(1, chunk_size)):
-        chunk = mask_logits[start:start + chunk_size].float()[None]  # [1, q, h, w]
-        if tuple(chunk.shape[-2:]) != padded_size:
-            chunk = F.interpolate(chunk, size=padded_size, mode="bilinear", align_corners=False)
-        chunk = chunk[..., : image_size[0], : image_size[1]]
-        if image_size != orig_size:
-            chunk = F.interpolate(chunk, size=orig_size, mode="bicubic", align_corners=False, antialias=True)
-        out[start:start + chunk_size] = chunk[0]
+    step = max(1, chunk_size)
+    for start in range(0, num_queries, step):
+        out[start:start + step] = _resize_chunk(mask_logits[start:start + step], padded_size, image_size, orig_size)
     return out
+
+
+def _resize_chunk(mask_logits: Tensor, padded_size: Size, image_size: Size, orig_size: Size) -> Tensor:
+    """``resize_masks_to_original`` of a few queries, returned as a new float32 [q, H0, W0] tensor (never a view of
+    ``mask_logits``: callers work on it in place)."""
+    chunk = mask_logits.float()[None]  # [1, q, h, w]
+    fresh = chunk.data_ptr() != mask_logits.data_ptr()
+    if tuple(chunk.shape[-2:]) != padded_size:
+        chunk, fresh = F.interpolate(chunk, size=padded_size, mode="bilinear", align_corners=False), True
+    chunk = chunk[..., : image_size[0], : image_size[1]]
+    if image_size != orig_size:
+        return F.interpolate(chunk, size=orig_size, mode="bicubic", align_corners=False, antialias=True)[0]
+    return chunk[0].contiguous() if fresh else chunk[0].clone(memory_format=torch.contiguous_format)
+
+
+def queries_per_chunk(sizes: Sequence[Size], budget_bytes: int, floats_per_query: int = 1,
+                      cap: int | None = None) -> int:
+    """How many queries one chunk may hold so that ``floats_per_query`` float32 maps per query, at the largest of
+    ``sizes`` (per axis), stay within ``budget_bytes``; at least 1, at most ``cap``."""
+    height = max(int(size[0]) for size in sizes)
+    width = max(int(size[1]) for size in sizes)
+    count = max(1, int(budget_bytes) // max(1, 4 * height * width * floats_per_query))
+    return count if cap is None else max(1, min(count, int(cap)))
+
+
+def _prob_chunks(mask_logits: Tensor, index: Tensor, step: int,
+                 to_original: Callable[[Tensor], Tensor] | None = None) -> Iterator[tuple[int, Tensor]]:
+    """(start, mask probabilities [q, H0, W0], a new float32 tensor) for ``index[start:start + q]``, ``step``
+    queries at a time; ``to_original`` resizes a chunk of logits first (None: the logits are at the output size)."""
+    for start in range(0, index.numel(), step):
+        logits = mask_logits[index[start:start + step]]
+        yield start, (to_original(logits).sigmoid_() if to_original is not None else logits.float().sigmoid())
 
 
 def model_boxes_to_original(boxes_cxcywh: Tensor, padded_size: Size, image_size: Size, orig_size: Size,
@@ -193,42 +235,75 @@ def panoptic_inference(logits: Tensor, mask_logits: Tensor, is_thing: Sequence[b
     if logits.dim() != 2 or mask_logits.dim() != 3 or logits.shape[0] != mask_logits.shape[0]:
         raise ValueError(f"expected logits [Q, K] and mask_logits [Q, H, W] with the same Q, got "
                          f"{tuple(logits.shape)} and {tuple(mask_logits.shape)}")
+    size = _size(mask_logits.shape[-2:])
+    step = queries_per_chunk([size], cfg.mask_memory_bytes, 2, cfg.chunk_size)
+    return _panoptic(logits, mask_logits, size, is_thing, category_ids, cfg, step, None)
+
+
+def _panoptic(logits: Tensor, mask_logits: Tensor, size: Size, is_thing: Sequence[bool] | Tensor,
+              category_ids: Sequence[int] | None, cfg: InferenceConfig, step: int,
+              to_original: Callable[[Tensor], Tensor] | None) -> tuple[Tensor, list[dict]]:
+    """``panoptic_inference`` with the kept queries' masks taken ``step`` at a time (resized by ``to_original`` when
+    given): a first pass finds each pixel's winner (first maximum, as one argmax over all queries), a second applies
+    the overlap rule query by query (the masks are resized again only when they took more than one chunk)."""
     num_classes = logits.shape[1]
     thing = _as_bool_list(is_thing, num_classes, "is_thing")
     ids = list(range(num_classes)) if category_ids is None else [int(c) for c in category_ids]
     if len(ids) != num_classes:
         raise ValueError(f"{len(ids)} category ids for {num_classes} classes")
-    height, width = mask_logits.shape[-2:]
-    panoptic_seg = torch.zeros((height, width), dtype=torch.int32, device=mask_logits.device)
+    panoptic_seg = torch.zeros(size, dtype=torch.int32, device=mask_logits.device)
 
     keep = panoptic_keep(logits, cfg.object_mask_threshold)
     if not bool(keep.any()):
         return panoptic_seg, []
+    kept = torch.nonzero(keep).flatten()
     scores, labels = panoptic_class_probs(logits[keep], cfg.temperature).max(dim=-1)
-    mask_probs = mask_logits[keep].float().sigmoid()  # [N, H0, W0]
-    # First maximum wins ties (torch.argmax returns the first occurrence): deterministic.
-    winner = (scores[:, None, None] * mask_probs).argmax(dim=0)
 
+    def chunks() -> Iterator[tuple[int, Tensor]]:
+        return _prob_chunks(mask_logits, kept, step, to_original)
+
+    # Pass 1: the winner of every pixel, the highest score x mask probability; the first maximum wins ties (as
+    # torch.argmax over all queries at once: a later chunk takes a pixel only with a strictly higher value).
+    winner = best = None
+    single = None
+    for start, probs in chunks():
+        weighted = scores[start:start + probs.shape[0], None, None] * probs
+        index = weighted.argmax(dim=0)
+        value = weighted.gather(0, index[None])[0]
+        del weighted
+        index += start
+        if winner is None:
+            winner, best = index, value
+        else:
+            better = (value > best) | (value.isnan() & ~best.isnan())
+            winner, best = torch.where(better, index, winner), torch.where(better, value, best)
+        single = probs if start == 0 and probs.shape[0] == kept.numel() else None
+    del best
+
+    # Pass 2: the overlap rule, query by query in order.
     segments: list[dict] = []
     stuff_segment: dict[int, dict] = {}
-    for k in range(scores.shape[0]):
-        label = int(labels[k])
-        own = mask_probs[k] >= cfg.mask_threshold
-        won = winner == k
-        own_area, won_area = int(own.sum()), int(won.sum())
-        kept = won & own
-        if own_area == 0 or not bool(kept.any()) or won_area / own_area < cfg.overlap_threshold:
-            continue
-        score = float(scores[k])
-        if not thing[label] and label in stuff_segment:
-            segment = stuff_segment[label]
-            segment["score"] = max(segment["score"], score)
-        else:
-            segment = {"id": len(segments) + 1, "category_id": ids[label], "isthing": thing[label], "score": score}
-            segments.append(segment)
-            if not thing[label]:
-                stuff_segment[label] = segment
-        panoptic_seg[kept] = segment["id"]
+    for start, probs in ([(0, single)] if single is not None else chunks()):
+        for offset in range(probs.shape[0]):
+            k = start + offset
+            label = int(labels[k])
+            own = probs[offset] >= cfg.mask_threshold
+            won = winner == k
+            own_area, won_area = int(own.sum()), int(won.sum())
+            kept_pixels = won & own
+            if own_area == 0 or not bool(kept_pixels.any()) or won_area / own_area < cfg.overlap_threshold:
+                continue
+            score = float(scores[k])
+            if not thing[label] and label in stuff_segment:
+                segment = stuff_segment[label]
+                segment["score"] = max(segment["score"], score)
+            else:
+                segment = {"id": len(segments) + 1, "category_id": ids[label], "isthing": thing[label],
+                           "score": score}
+                segments.append(segment)
+                if not thing[label]:
+                    stuff_segment[label] = segment
+            panoptic_seg[kept_pixels] = segment["id"]
 
     for segment in segments:
         region = panoptic_seg == segment["id"]
@@ -257,16 +332,30 @@ def _topk_pairs(logits: Tensor, num_fg: int | None, cfg: InferenceConfig,
     return scores, query, labels
 
 
-def _finish_instances(scores: Tensor, labels: Tensor, query: Tensor, boxes: Tensor, mask_logits: Tensor | None,
-                      cfg: InferenceConfig) -> dict[str, Tensor | None]:
-    masks = None
-    if mask_logits is not None:
-        probs = mask_logits.float().sigmoid()
-        masks = probs > cfg.mask_threshold
-        area = masks.flatten(1).sum(dim=1)
-        mean_prob = (probs * masks).flatten(1).sum(dim=1) / (area + 1e-6)  # as the reference; 0 for an empty mask
-        scores = scores * mean_prob
-    return {"scores": scores, "labels": labels, "queries": query, "boxes": boxes.float(), "masks": masks}
+def _instance_masks(scores: Tensor, query: Tensor, mask_logits: Tensor, size: Size, step: int, threshold: float,
+                    to_original: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """bool masks [N, H0, W0] (probability > ``threshold``) of the selected queries and the scores times the mean
+    probability inside each mask (as the reference; 0 for an empty mask). Each query's mask is computed once,
+    ``step`` queries at a time, so only one chunk of float32 maps exists at a time."""
+    unique, inverse = torch.unique(query, return_inverse=True)
+    masks = torch.empty((unique.numel(), *size), dtype=torch.bool, device=mask_logits.device)
+    mean_prob = torch.empty(unique.numel(), dtype=torch.float32, device=mask_logits.device)
+    for start, probs in _prob_chunks(mask_logits, unique, step, to_original):
+        stop = start + probs.shape[0]
+        mask = probs > threshold
+        area = mask.flatten(1).sum(dim=1)
+        mean_prob[start:stop] = _row_sums(probs.mul_(mask).flatten(1)) / (area + 1e-6)
+        masks[start:stop] = mask
+        del probs, mask
+    return masks[inverse], scores * mean_prob[inverse]
+
+
+def _row_sums(values: Tensor) -> Tensor:
+    """Row sums of [q, n] values, the same whatever q: torch splits the sum of a lone row across threads (another
+    rounding), so a single row is summed as one of two (a stride-0 view, no copy)."""
+    if values.shape[0] == 1:
+        return values.expand(2, -1).sum(dim=1)[:1]
+    return values.sum(dim=1)
 
 
 def instance_inference(logits: Tensor, mask_logits: Tensor | None, boxes_xyxy: Tensor,
@@ -291,8 +380,12 @@ def instance_inference(logits: Tensor, mask_logits: Tensor | None, boxes_xyxy: T
     """
     cfg = cfg or InferenceConfig()
     scores, query, labels = _topk_pairs(logits, num_fg, cfg, is_thing)
-    masks = None if mask_logits is None else mask_logits[query]
-    return _finish_instances(scores, labels, query, boxes_xyxy[query], masks, cfg)
+    masks = None
+    if mask_logits is not None:
+        size = _size(mask_logits.shape[-2:])
+        step = queries_per_chunk([size], cfg.mask_memory_bytes, 1, cfg.chunk_size)
+        masks, scores = _instance_masks(scores, query, mask_logits, size, step, cfg.mask_threshold)
+    return {"scores": scores, "labels": labels, "queries": query, "boxes": boxes_xyxy[query].float(), "masks": masks}
 
 
 def encode_rle(masks: Tensor | np.ndarray) -> list[dict]:
@@ -335,13 +428,17 @@ def semantic_inference(logits: Tensor, mask_logits: Tensor, class_probs: Semanti
     """[Q, K] logits and [Q, H0, W0] mask logits -> [K, H0, W0] scores: sum over queries of class probability x
     sigmoid(mask logit). Class probability: ``softmax(sigmoid(logits) / temperature)`` over K ("softmax", the
     reference) or ``sigmoid(logits)`` ("sigmoid"). Additive over queries, so it can be accumulated chunk by chunk."""
+    return _semantic_sum(logits, mask_logits.float().sigmoid(), class_probs, temperature)
+
+
+def _semantic_sum(logits: Tensor, mask_probs: Tensor, class_probs: SemanticClassProbs, temperature: float) -> Tensor:
     if class_probs == "softmax":
         probs = panoptic_class_probs(logits, temperature)
     elif class_probs == "sigmoid":
         probs = logits.float().sigmoid()
     else:
         raise ValueError(f"class_probs must be 'softmax' or 'sigmoid', not {class_probs!r}")
-    return torch.einsum("qk,qhw->khw", probs, mask_logits.float().sigmoid())
+    return torch.einsum("qk,qhw->khw", probs, mask_probs)
 
 
 def semantic_labels(semantic_scores: Tensor, category_ids: Sequence[int] | None = None) -> Tensor:
@@ -391,6 +488,10 @@ def postprocess_batch(outputs: Outputs, targets_or_sizes: Sequence[Any], vocabul
             reference does on panoptic data (fewer than ``top_k`` results).
 
     Only what a task needs is resized: the queries kept by the panoptic threshold, the top-k queries for instances.
+    Masks are resized ``queries_per_chunk`` at a time (``cfg.chunk_size``, fewer for large photos so that one chunk's
+    float32 maps stay within ``cfg.mask_memory_bytes``); instance masks come back as bool. What remains at the full
+    original size: the results themselves (bool instance masks, the panoptic id map and its per-pixel winner, and
+    for semantic the [K, H0, W0] float32 class scores that the argmax needs).
     """
     cfg = cfg or InferenceConfig()
     final = outputs.final
@@ -410,29 +511,34 @@ def postprocess_batch(outputs: Outputs, targets_or_sizes: Sequence[Any], vocabul
         image_size, orig_size, image_id = _sizes_of(item)
 
         def resize(m: Tensor, image_size=image_size, orig_size=orig_size) -> Tensor:
-            return resize_masks_to_original(m, padded_size, image_size, orig_size, cfg.chunk_size)
+            return _resize_chunk(m, padded_size, image_size, orig_size)
 
-        if task == "panoptic":
-            keep = panoptic_keep(logits[i], cfg.object_mask_threshold)  # only these take part: resize only them
-            seg, info = panoptic_inference(logits[i][keep], resize(masks[i][keep]), vocabulary.is_thing,
-                                           vocabulary.ids, cfg)
+        def step(floats_per_query: int, orig_size=orig_size) -> int:
+            return queries_per_chunk([padded_size, orig_size], cfg.mask_memory_bytes, floats_per_query, cfg.chunk_size)
+
+        if task == "panoptic":  # only the kept queries take part: only they are resized
+            seg, info = _panoptic(logits[i], masks[i], orig_size, vocabulary.is_thing, vocabulary.ids, cfg, step(2),
+                                  resize)
             result: dict[str, Any] = {"panoptic_seg": seg, "segments_info": info}
         elif task == "instance":
             scores, query, labels = _topk_pairs(logits[i], outputs.num_fg, cfg,
                                                 vocabulary.is_thing if things_only else None)
             boxes = model_boxes_to_original(final.boxes[i][query], padded_size, image_size, orig_size, cfg.clip_boxes)
-            selected = None
+            instance_masks = None
             if masks is not None:
-                unique, inverse = torch.unique(query, return_inverse=True)
-                selected = resize(masks[i][unique])[inverse]
-            result = _finish_instances(scores, labels, query, boxes, selected, cfg)
+                instance_masks, scores = _instance_masks(scores, query, masks[i], orig_size, step(1),
+                                                         cfg.mask_threshold, resize)
+            result = {"scores": scores, "labels": labels, "queries": query, "boxes": boxes.float(),
+                      "masks": instance_masks}
         elif task == "semantic":
             total = None
-            for start in range(0, logits.shape[1], max(1, cfg.chunk_size)):
-                part = slice(start, start + cfg.chunk_size)
-                piece = semantic_inference(logits[i][part], resize(masks[i][part]), cfg.semantic_class_probs,
-                                           cfg.temperature)
-                total = piece if total is None else total + piece
+            chunk = step(1)
+            for start in range(0, logits.shape[1], chunk):
+                part = slice(start, start + chunk)
+                piece = _semantic_sum(logits[i][part], resize(masks[i][part]).sigmoid_(), cfg.semantic_class_probs,
+                                      cfg.temperature)
+                total = piece if total is None else total.add_(piece)
+                del piece
             result = {"sem_seg": semantic_labels(total)}
             if return_semantic_scores:
                 result["scores"] = total
