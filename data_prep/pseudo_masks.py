@@ -1,6 +1,6 @@
 """Offline mask assistance: decode a mask for every box of a detection data set with a trained model.
 
-    python -m data_prep.pseudo_masks --ckpt model.pt --shards data/shards/objects365v1_train \
+    python -m data_prep.pseudo_masks --ckpt model.safetensors --shards data/shards/objects365v1_train \
         --out data/shards/objects365v1_train_pseudo [--image-size 1024 --batch-size 8]
 
 Each box's class name and box become a conditioned query (box-prompted decoding, no noise); its mask is written as

@@ -2,9 +2,9 @@
 
 Command line (``key=value`` arguments, lists in brackets)::
 
-    python -m openseed.predict ckpt=model.pt images=[photo.jpg] vocabulary=[dog,frisbee,grass] stuff=[grass] \
+    python -m openseed.predict ckpt=model.safetensors images=[photo.jpg] vocabulary=[dog,frisbee,grass] stuff=[grass] \
         task=panoptic out=predictions
-    python -m openseed.predict ckpt=model.pt images=[photo.jpg] boxes=[[10,20,200,240]] vocabulary=[dog]
+    python -m openseed.predict ckpt=model.safetensors images=[photo.jpg] boxes=[[10,20,200,240]] vocabulary=[dog]
 
 For every image it writes ``OUT/<stem>_<task>.png`` (an overlay: masks, boxes, class names) and
 ``OUT/<stem>_<task>.json`` (COCO style: panoptic ``segments_info`` with an id PNG ``<stem>_panoptic_ids.png``;
@@ -17,7 +17,7 @@ their EXIF orientation.
 Python::
 
     from openseed import Predictor
-    predictor = Predictor("model.pt")
+    predictor = Predictor("model.safetensors")
     result = predictor("photo.jpg", ["dog", "frisbee", "grass"], task="panoptic", stuff=["grass"])
     predictor.save(result, "predictions")
 """

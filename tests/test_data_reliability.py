@@ -103,6 +103,10 @@ def test_too_many_unreadable_samples_in_a_row_is_an_error(tmp_path):
         _stream(root, max_consecutive_skips=0)
     assert _stream(root).max_consecutive_skips == 1000  # the default: 1000, or 3 x the largest shard when more
     assert TrainStream(replace(ShardSet.open(root), counts=(5, 800)), 1, None, None, 1).max_consecutive_skips == 2400
+    module = OpenSeeDDataModule(det={"path": str(root), "batch_size": 1}, image_size=64, num_workers=0,
+                                shuffle_buffer=1, max_consecutive_skips=3)  # the data config's key reaches the stream
+    with pytest.raises(DataError, match=r"max_consecutive_skips=3"):
+        next(iter(module.train_dataloader()))
 
 
 @pytest.mark.timeout(30)

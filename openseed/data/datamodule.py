@@ -282,6 +282,8 @@ class OpenSeeDDataModule(LightningDataModule):
         seed: base seed; the data order depends on (seed, epoch, rank, worker).
         det_masks: train with the masks a detection data set carries (annotated, or pseudo masks from
             ``data_prep.pseudo_masks``: offline mask assistance); by default detection data gives boxes only.
+        max_consecutive_skips: unreadable training samples in a row after which the run stops with an error naming
+            the shards (None: 1000 or three times the largest shard, whichever is more; see ``TrainStream``).
         rank, world_size: override the distributed position (tests, tools); by default taken from the trainer.
     """
 
@@ -289,8 +291,8 @@ class OpenSeeDDataModule(LightningDataModule):
                  val: Sequence[DataSource | Mapping] = (), image_size: int = 1024,
                  scale_range: tuple[float, float] = (0.1, 2.0), eval_short_edge: int | None = None,
                  eval_max_size: int | None = 1024, num_workers: int = 2, shuffle_buffer: int = 256, seed: int = 0,
-                 pin_memory: bool = False, det_masks: bool = False, rank: int | None = None,
-                 world_size: int | None = None):
+                 pin_memory: bool = False, det_masks: bool = False, max_consecutive_skips: int | None = None,
+                 rank: int | None = None, world_size: int | None = None):
         super().__init__()
         self.seg = DataSource.of(seg) if seg is not None else None
         self.det = DataSource.of(det) if det is not None else None
@@ -300,6 +302,7 @@ class OpenSeeDDataModule(LightningDataModule):
         self.eval_pad_to = (eval_max_size, eval_max_size) if eval_short_edge is None else None
         self.image_size, self.num_workers, self.shuffle_buffer = image_size, num_workers, shuffle_buffer
         self.seed, self.pin_memory, self.det_masks = seed, pin_memory, det_masks
+        self.max_consecutive_skips = max_consecutive_skips
         self._rank, self._world_size = rank, world_size
         self.train_sets: dict[str, ShardSet] = {}
         self.val_sets: list[ShardSet] = []
@@ -353,7 +356,8 @@ class OpenSeeDDataModule(LightningDataModule):
         sources = {"seg": self.seg, "det": self.det}
         pad = (self.image_size, self.image_size)
         streams = {name: TrainStream(shards, sources[name].batch_size, self.train_transform, pad, self.shuffle_buffer,
-                                     keep_masks=name == "seg" or self.det_masks)
+                                     keep_masks=name == "seg" or self.det_masks,
+                                     max_consecutive_skips=self.max_consecutive_skips)
                    for name, shards in self.train_sets.items()}
         dataset = JointTrainDataset(streams, self.rank, self.seed)
         return TrainLoader(self._loader(dataset, persistent=True), self.steps_per_epoch, self._train_position)

@@ -11,7 +11,8 @@ original image size:
 The model runs in evaluation mode, so class names are embedded with the prompt ensemble. Metrics are fractions
 (1.0 = perfect). Command line::
 
-    python -m openseed.evaluation.runner ckpt=model.pt shards=[data/shards/ade20k_val] [image_size=1024] [json=true]
+    python -m openseed.evaluation.runner ckpt=model.safetensors shards=[data/shards/ade20k_val] \
+        [image_size=1024] [json=true]
 """
 
 from __future__ import annotations
