@@ -140,3 +140,13 @@ def test_evaluate_names_a_wrong_typed_data_value_before_reading_the_checkpoint(t
                     f"ckpt_path={tmp_path / 'missing.ckpt'}"], tmp_path, config_name="evaluate")  # not read
     with pytest.raises(ConfigError, match=r"data.val\[0\].batch_size: expected int, got 'abc'"):
         evaluate(cfg)
+
+
+def test_command_line_ends_with_one_message_and_exit_status_2(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "openseed.train", "model=tiny", "prepare_synthshapes=false",
+                             f"paths.data_dir={tmp_path / 'none'}", "data.seg.batch_size=abc",
+                             f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "WANDB_MODE": "offline"})
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "data.seg.batch_size: expected int, got 'abc' (str)" in output and "Traceback" not in output
