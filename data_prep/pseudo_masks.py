@@ -5,8 +5,12 @@
 
 Each box's class name and box become a conditioned query (box-prompted decoding, no noise); its mask is written as
 compressed RLE with ``pseudo_mask: true`` (paper Tables 7-8). Images and everything else are copied untouched; boxes
-that already have an annotated mask keep it unless ``--overwrite``; crowd boxes get no mask. Train with the result
-by pointing ``data.det.path`` at it and setting ``data.det_masks=true``.
+that already have an annotated mask keep it unless ``--overwrite``; crowd boxes get no mask. A box that the
+decoding resize drops (under ``MIN_BOX_SIDE`` px wide or high at ``--image-size``, or outside the image) gets no mask
+either: it is written without ``rle`` (``has_mask`` False) and counted, by reason, in the summary's
+``boxes_without_mask``. Masks are matched to their objects by the object's position in the JSON, carried through the
+resize, so a dropped box never shifts the others' masks. Train with the result by pointing ``data.det.path`` at it
+and setting ``data.det_masks=true``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,8 +27,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from openseed.data.shards import MANIFEST, VOCAB, ShardSet, decode_sample, iter_raw_samples
-from openseed.data.transforms import EvalResize, collate
+from openseed.data.transforms import MIN_BOX_SIDE, EvalResize, collate
 from openseed.modeling.postprocess import encode_rle
+
+DROPPED_BY_RESIZE = (f"box dropped by the resize (under {MIN_BOX_SIDE:g} px wide or high at the decoding size, "
+                     "or outside the image)")
 
 
 def pseudo_mask_shards(model, shards_dir: str | Path, out_dir: str | Path, image_size: int = 1024,
@@ -39,7 +47,8 @@ def pseudo_mask_shards(model, shards_dir: str | Path, out_dir: str | Path, image
     names = source.vocabulary.prompt_names()
     resize = EvalResize(None, image_size)
     model.eval()
-    counts = {"images": 0, "pseudo_masks": 0, "kept_annotated": 0, "crowd_without_mask": 0, "skipped": 0}
+    counts = {"images": 0, "pseudo_masks": 0, "kept_annotated": 0, "crowd_without_mask": 0, "skipped": 0,
+              "boxes_without_mask": {}}  # reason -> number of non-crowd boxes that got no mask
     start = time.perf_counter()
     bar = tqdm(total=source.num_samples, desc="pseudo masks", unit="img", disable=not progress)
     shard_records = []
@@ -70,23 +79,38 @@ def _write_chunk(model, raws, source, names, resize, writer, overwrite, counts) 
     counts["skipped"] += len(decoded) - len(usable)
     if not usable:
         return
-    batch = collate([resize(s) for _, s in usable], source.vocabulary, "det")
+    resized, positions = [], []
+    for _, sample in usable:
+        # the resize drops thin / clipped boxes: carry each box's position (among the non-crowd objects) through it
+        # in ``labels``, so that every mask goes back to its own object
+        moved = resize(replace(sample, labels=torch.arange(len(sample.labels))))
+        positions.append(moved.labels.tolist())
+        resized.append(replace(moved, labels=sample.labels[moved.labels]))
+    batch = collate(resized, source.vocabulary, "det")
     device = next(model.parameters()).device
     images, padding = batch.images.to(device), batch.padding_mask.to(device)
     masks = model.segment_boxes(images, padding, [t.boxes.to(device) for t in batch.targets],
                                 [[names[int(label)] for label in t.labels] for t in batch.targets])
-    for (raw, sample), image_masks in zip(usable, masks):
+    for (raw, sample), image_masks, kept in zip(usable, masks, positions):
         meta = json.loads(raw["json"])
         height, width = sample.orig_size
-        full = F.interpolate(image_masks[None].float(), size=(height, width), mode="nearest")[0].bool().cpu()
-        rles = iter(encode_rle(full))  # one RLE per non-crowd box, in order
-        for obj in meta["objects"]:
+        full = F.interpolate(image_masks[None].float(), size=(height, width), mode="nearest")[0].bool().cpu() \
+            if len(image_masks) else torch.zeros((0, height, width), dtype=torch.bool)
+        targets = [i for i, obj in enumerate(meta["objects"]) if not obj["iscrowd"]]  # decode_sample's order
+        rles = dict(zip((targets[k] for k in kept), encode_rle(full)))  # object index -> its mask
+        for index, obj in enumerate(meta["objects"]):
             if obj["iscrowd"]:
                 counts["crowd_without_mask"] += int("rle" not in obj)
                 continue
-            rle = next(rles)
-            if "rle" in obj and not obj.get("pseudo_mask") and not overwrite:
+            rle = rles.get(index)
+            if "rle" in obj and not obj.get("pseudo_mask") and (not overwrite or rle is None):
                 counts["kept_annotated"] += 1
+                continue
+            if rle is None:  # no mask for this box: none is written (an older pseudo mask goes too)
+                obj.pop("rle", None)
+                obj["pseudo_mask"] = False
+                reasons = counts["boxes_without_mask"]
+                reasons[DROPPED_BY_RESIZE] = reasons.get(DROPPED_BY_RESIZE, 0) + 1
                 continue
             obj["rle"], obj["pseudo_mask"] = rle, True
             counts["pseudo_masks"] += 1
@@ -116,6 +140,8 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"pseudo masks: {summary}")
+    for reason, number in summary["boxes_without_mask"].items():
+        print(f"warning: {number} box(es) got no mask: {reason}", file=sys.stderr)
     return 0
 
 

@@ -2,7 +2,13 @@ import random
 
 import pytest
 
-from openseed.data.vocab import Vocabulary, clean_class_name, reference_class_name, reference_synonyms
+from openseed.data.vocab import (
+    COCO_PANOPTIC_NAMES,
+    Vocabulary,
+    clean_class_name,
+    reference_class_name,
+    reference_synonyms,
+)
 from tests.conftest import PANOPTIC
 
 
@@ -16,6 +22,25 @@ def test_clean_class_name(raw, clean):
     assert clean_class_name(raw) == clean
 
 
+@pytest.mark.parametrize("raw, clean", [
+    ("x-ray", "x ray"), ("t-shirt", "t shirt"), ("hot-dog", "hot dog"), ("Hot-air balloon", "hot air balloon"),
+    ("wall-mounted", "wall mounted"), ("sky-other", "sky other"), ("wall-brick ", "brick wall"),
+])
+def test_coco_rewriting_only_for_coco_names(raw, clean):
+    # the COCO panoptic rule ("wall-brick" -> "brick wall", -merged / -other / -stuff dropped) is for COCO's own
+    # names: any other hyphenated name keeps its words in order
+    assert clean_class_name(raw) == clean
+
+
+def test_hyphenated_names_of_other_data_sets_keep_their_order_in_both_styles():
+    vocab = Vocabulary.from_coco_categories([{"id": 1, "name": "x-ray"}, {"id": 2, "name": "T-Shirt/tee-shirt"},
+                                             {"id": 3, "name": "wall-brick", "isthing": 0},
+                                             {"id": 4, "name": "hot-dog"}, {"id": 5, "name": "sky-other-merged"}])
+    assert vocab.prompt_names() == ["x ray", "t shirt", "brick wall", "hot dog", "sky"]
+    assert vocab.categories[1].synonyms == ("t shirt", "tee shirt")
+    assert vocab.prompt_names(style="reference") == ["x-ray", "T-Shirt", "wall-brick", "hot-dog", "sky"]
+
+
 def test_all_coco_panoptic_names_clean_to_words():
     import json
 
@@ -23,6 +48,7 @@ def test_all_coco_panoptic_names_clean_to_words():
     vocab = Vocabulary.from_coco_categories(categories)
     names = vocab.prompt_names()
     assert len(names) == 133 and vocab.num_things == 80
+    assert vocab.names == list(COCO_PANOPTIC_NAMES)  # the constant the COCO rewriting keys on is COCO's own list
     assert all("-" not in n and "merged" not in n and n == n.strip() for n in names)
     assert len(set(names)) == 133  # cleaning never merges two COCO classes into one name
 

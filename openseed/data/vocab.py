@@ -14,12 +14,32 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+#: The 133 COCO panoptic category names (80 things, then 53 stuff), as COCO writes them. ``clean_class_name``
+#: rewrites these names only (other data sets' hyphenated names, "x-ray", "t-shirt", keep their word order).
+COCO_PANOPTIC_NAMES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant",
+    "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard",
+    "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli",
+    "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet",
+    "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
+    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+    "banner", "blanket", "bridge", "cardboard", "counter", "curtain", "door-stuff", "floor-wood", "flower", "fruit",
+    "gravel", "house", "light", "mirror-stuff", "net", "pillow", "platform", "playingfield", "railroad", "river",
+    "road", "roof", "sand", "sea", "shelf", "snow", "stairs", "tent", "towel", "wall-brick", "wall-stone",
+    "wall-tile", "wall-wood", "water-other", "window-blind", "window-other", "tree-merged", "fence-merged",
+    "ceiling-merged", "sky-other-merged", "cabinet-merged", "table-merged", "floor-other-merged", "pavement-merged",
+    "mountain-merged", "grass-merged", "dirt-merged", "paper-merged", "food-other-merged", "building-other-merged",
+    "rock-merged", "wall-other-merged", "rug-merged",
+)
+_COCO_NAMES = frozenset(COCO_PANOPTIC_NAMES)
 # COCO panoptic suffixes that say how the class was built, not what it is.
 _DROPPED_SUFFIXES = ("-merged", "-other", "-stuff")
 #: How ``Vocabulary.prompt_names`` turns categories into words: openseed's cleaned synonyms, or the reference
 #: OpenSeeD code's rule on the raw names (``reference_class_name``).
 NAME_STYLES = ("openseed", "reference")
-# Hyphenated names whose parts already read in English order (everything else "head-modifier" is swapped).
+# Hyphenated COCO names whose parts already read in English order (COCO's other "head-modifier" names are swapped).
 _KEEP_ORDER = {"window-blind": "window blind"}
 
 
@@ -27,10 +47,21 @@ def clean_class_name(name: str) -> str:
     """Turn a data set's raw class name into plain words for the text encoder.
 
     The same function serves training and evaluation, so a class is always embedded from the same words:
-    ``"wall-brick" -> "brick wall"``, ``"sky-other-merged" -> "sky"``, ``"door-stuff" -> "door"``,
-    ``"aerosol_can" -> "aerosol can"``, ``"Traffic Sign" -> "traffic sign"``.
+    ``"aerosol_can" -> "aerosol can"``, ``"Traffic Sign" -> "traffic sign"``, ``"x-ray" -> "x ray"``. COCO panoptic
+    names (``COCO_PANOPTIC_NAMES``, exactly as COCO writes them) also lose their ``-merged`` / ``-other`` / ``-stuff``
+    suffixes and read in English order: ``"wall-brick" -> "brick wall"``, ``"sky-other-merged" -> "sky"``,
+    ``"door-stuff" -> "door"``. That rewriting is COCO's only: elsewhere ``"t-shirt"`` stays "t shirt" and
+    ``"sky-other"`` "sky other".
     """
     text = name.strip()
+    if text in _COCO_NAMES:
+        text = _coco_words(text)
+    text = text.replace("_", " ").replace("-", " ")
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def _coco_words(text: str) -> str:
+    """A COCO panoptic name in English order: suffixes dropped, "head-modifier" swapped."""
     changed = True
     while changed:  # suffixes can stack ("floor-other-merged")
         changed = False
@@ -43,8 +74,7 @@ def clean_class_name(name: str) -> str:
     elif re.fullmatch(r"[A-Za-z]+-[A-Za-z]+", text):
         head, modifier = text.split("-")
         text = f"{modifier} {head}"  # COCO writes "wall-brick" for a brick wall
-    text = text.replace("_", " ").replace("-", " ")
-    return re.sub(r"\s+", " ", text).strip().lower()
+    return text
 
 
 def reference_class_name(name: str, training: bool = False) -> str:

@@ -13,9 +13,9 @@ Pieces:
   ensembling (with a cache) for evaluation.
 
 Class names are not cleaned here: both modes read them through ``Vocabulary.prompt_names`` in the encoder's
-``name_style`` (``"openseed"``: the vocabulary's cleaned synonyms, ``openseed.data.vocab.clean_class_name``;
-``"reference"``: the raw names with the reference code's suffix removal), so training and evaluation embed the same
-words.
+``name_style`` (``"openseed"``: the vocabulary's cleaned synonyms, ``openseed.data.vocab.clean_class_name``, whose
+COCO rewriting touches COCO panoptic names only; ``"reference"``: the raw names with the reference code's suffix
+removal), so training and evaluation embed the same words.
 """
 
 from __future__ import annotations
@@ -306,9 +306,10 @@ class TextEncoder(nn.Module):
         cache_eval: cache evaluation tower features (see above).
         chunk_size: prompts per tower forward pass (bounds memory: 1203 LVIS classes x 81 templates run in chunks).
         name_style: which words stand for a class (``Vocabulary.prompt_names``): ``"openseed"`` (the vocabulary's
-            cleaned synonyms, e.g. "brick wall") or ``"reference"`` (the reference code's rule on the raw name:
-            only ``-other``, ``-merged``, ``-stuff`` removed, e.g. "wall-brick"; synonyms split on ``/``; in
-            training also ``,`` removed and ``+`` read as a space): use it with the reference checkpoints.
+            cleaned synonyms: COCO's "wall-brick" -> "brick wall", other names keep their word order, "x-ray" ->
+            "x ray") or ``"reference"`` (the reference code's rule on the raw name: only ``-other``, ``-merged``,
+            ``-stuff`` removed, e.g. "wall-brick"; synonyms split on ``/``; in training also ``,`` removed and
+            ``+`` read as a space): use it with the reference checkpoints.
     """
 
     def __init__(self, tower: TextTower, embed_dim: int, trainable: bool = True, lr_multiplier: float = 0.1,
