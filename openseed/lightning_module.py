@@ -84,7 +84,8 @@ class OpenSeeDModule(LightningModule):
     def training_step(self, batch: dict[str, Batch], batch_idx: int) -> torch.Tensor:
         total = 0.0
         for task, part in batch.items():
-            outputs = self.model(part.images, part.padding_mask, part.vocabulary, part.targets)
+            outputs = self.model(part.images, part.padding_mask, part.vocabulary, part.targets,
+                                 clean_group=self.criterion.wants_clean_group(task))
             losses = self.criterion(outputs, part.targets, task, tuple(part.images.shape[-2:]))
             loss = self.criterion.total_loss(losses)
             size = len(part)

@@ -254,6 +254,7 @@ def test_online_mask_assistance_feeds_only_the_matcher():
     torch.manual_seed(0)
     targets = det_targets()
     outputs = make_outputs(targets, "det", perfect=False, conditioned=True)
+    outputs.conditioned.clean_group = True  # group 0 built from the clean boxes (the model adds it for assistance)
     seen = []
 
     class Recording(HungarianMatcher):
@@ -276,14 +277,86 @@ def test_online_mask_assistance_feeds_only_the_matcher():
         SetCriterion(mask_assistance="offline")
 
 
-def test_not_decoupled_matches_all_targets():
-    torch.manual_seed(0)
+def _recorded_matches(crit: SetCriterion) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Every matcher call's result (per image (queries, targets)), in call order: final, aux..., proposals."""
+    calls, match = [], crit.matcher.forward
+
+    def recording(*args, **kwargs):
+        calls.append(match(*args, **kwargs))
+        return calls[-1]
+
+    crit.matcher.forward = recording
+    return calls
+
+
+def test_decoupling_follows_the_outputs():
+    """The criterion has no decoupled switch of its own: outputs without bg queries (num_bg == 0) match every
+    target, things and stuff, to the fg queries; decoupled outputs match things to fg and stuff to bg queries."""
     targets = seg_targets()
-    outputs = make_outputs(targets, "seg", perfect=False)
-    outputs = Outputs(outputs.final, outputs.aux, outputs.proposals, None, num_fg=NUM_FG + NUM_BG, num_bg=0)
-    outputs.proposals = _random_prediction(2, NUM_FG + NUM_BG, torch.Generator().manual_seed(5))
-    losses = criterion(decoupled=False)(outputs, targets, "seg", PADDED)
+    with pytest.raises(TypeError):
+        SetCriterion(decoupled=True)  # no second owner of the model's switch
+    decoupled = make_outputs(targets, "seg", perfect=False)
+    coupled = Outputs(decoupled.final, decoupled.aux, _random_prediction(2, NUM_FG + NUM_BG,
+                      torch.Generator().manual_seed(5)), None, num_fg=NUM_FG + NUM_BG, num_bg=0)
+
+    crit = SetCriterion(num_points=256)  # defaults, as conf/criterion/default.yaml builds it
+    calls = _recorded_matches(crit)
+    torch.manual_seed(0)
+    losses = crit(coupled, targets, "seg", PADDED)
     assert all(bool(torch.isfinite(v)) for v in losses.values())
+    assert len(calls) == 1 + NUM_AUX + 1
+    for call in calls:  # final, aux layers and proposals alike: all 3 + 3 targets, stuff included
+        for (queries, matched), t in zip(call, targets, strict=True):
+            assert sorted(matched.tolist()) == list(range(len(t)))
+            assert bool((queries < NUM_FG + NUM_BG).all())
+    stuff_matched = sum(int((~t.is_thing[m]).sum()) for (_, m), t in zip(calls[0], targets, strict=True))
+    assert stuff_matched == 3
+
+    calls.clear()
+    torch.manual_seed(0)
+    crit(decoupled, targets, "seg", PADDED)
+    for call in calls[:-1]:  # final and aux: things -> fg queries, stuff -> bg queries, every target matched
+        for (queries, matched), t in zip(call, targets, strict=True):
+            assert sorted(matched.tolist()) == list(range(len(t)))
+            thing = t.is_thing[matched]
+            assert bool((queries[thing] < NUM_FG).all()) and bool((queries[~thing] >= NUM_FG).all())
+    for (_, matched), t in zip(calls[-1], targets, strict=True):  # proposals (fg only): things only
+        assert sorted(matched.tolist()) == torch.nonzero(t.is_thing).flatten().tolist()
+
+
+def test_weights_are_the_matching_costs():
+    """One source: conf/criterion/default.yaml spells out SPEC section 3's weights; changing one there changes the
+    loss weight and the matching cost alike; a matcher whose costs contradict the weights is refused."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from openseed.train import CONF
+
+    spec = {"class_weight": 4.0, "bbox_weight": 5.0, "giou_weight": 2.0, "mask_weight": 5.0, "dice_weight": 5.0}
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=["criterion.num_points=256"])
+        changed = compose("train", overrides=["criterion.num_points=256", "criterion.class_weight=2.5",
+                                              "criterion.dice_weight=1.0"])
+    assert {key: cfg.criterion[key] for key in spec} == spec
+    assert "decoupled" not in cfg.criterion  # the model's switch has one owner
+    crit = instantiate(cfg.criterion)
+    costs = (crit.matcher.cost_class, crit.matcher.cost_box, crit.matcher.cost_giou, crit.matcher.cost_mask,
+             crit.matcher.cost_dice)
+    assert costs == (4.0, 5.0, 2.0, 5.0, 5.0) and crit.weight_for("loss_class_aux2") == 4.0
+    crit = instantiate(changed.criterion)
+    assert crit.weight_for("loss_class") == crit.weight_for("loss_class_proposals") == 2.5
+    assert crit.weight_for("loss_dice") == 1.0
+    assert (crit.matcher.cost_class, crit.matcher.cost_dice, crit.matcher.cost_box) == (2.5, 1.0, 5.0)
+    assert crit.matcher.num_points == 256
+
+    with pytest.raises(ValueError, match="cost_class"):
+        SetCriterion(HungarianMatcher(cost_class=1.0, num_points=256), num_points=256)
+    with pytest.raises(ValueError, match="cost_giou"):
+        SetCriterion(HungarianMatcher(num_points=256), num_points=256, giou_weight=3.0)
+    with pytest.raises(ValueError, match="class_weight"):  # the base weights have one way in
+        SetCriterion(num_points=256, weight_dict={"loss_class": 2.0})
+    agreeing = SetCriterion(HungarianMatcher(cost_giou=3.0, num_points=256), num_points=256, giou_weight=3.0)
+    assert agreeing.matcher.cost_giou == agreeing.weight_for("loss_giou") == 3.0
 
 
 def test_conditioned_normalisation():

@@ -140,6 +140,21 @@ def test_decoupled_groups_respect_thing_stuff(seed):
         assert t.numel() == min(num_fg + num_bg, target["labels"].numel())
 
 
+def test_groups_follow_the_query_split_unless_told():
+    """Without bg queries (a model that is not decoupled) the default groups match every target, stuff included,
+    to the queries; with bg queries, things to fg and stuff to bg. Proposals (fg only, num_bg=0) of a decoupled
+    model say ``decoupled=True`` and match things only."""
+    is_thing = [torch.tensor([True, False, True, False]), torch.tensor([False]), torch.zeros(0, dtype=torch.bool)]
+    coupled = build_match_groups(is_thing, "seg", 6, 0)
+    assert all(len(g) == 1 and g[0][0] == slice(0, 6) and g[0][1] is None for g in coupled)
+    decoupled = build_match_groups(is_thing, "seg", 4, 2)
+    assert [g[0][1].tolist() for g in decoupled] == [[0, 2], [], []]
+    assert [g[1][1].tolist() for g in decoupled] == [[1, 3], [0], []]
+    assert all(g[0][0] == slice(0, 4) and g[1][0] == slice(4, 6) for g in decoupled)
+    proposals = build_match_groups(is_thing, "seg", 4, 0, decoupled=True)
+    assert [[sel.tolist() for _, sel in g] for g in proposals] == [[[0, 2]], [[]], [[]]]
+
+
 def test_detection_never_touches_mask_costs_without_assistance():
     gen = torch.Generator().manual_seed(3)
     num_fg, num_bg = 5, 2

@@ -145,7 +145,7 @@ def test_box_prompted_decoding(seg_batch):
 
 def test_ablation_switches(seg_batch, det_batch):
     torch.manual_seed(0)
-    criterion = SetCriterion(num_points=256, decoupled=False)
+    criterion = SetCriterion(num_points=256)  # not decoupled: read from the outputs (num_bg == 0)
     coupled = build_openseed("tiny", decoupled=False)
     outputs, losses = _losses(coupled, criterion, seg_batch)
     assert outputs.num_fg == 15 and outputs.num_bg == 0 and all(torch.isfinite(v) for v in losses.values())

@@ -32,7 +32,7 @@ def _compose(overrides, tmp_path):
 def test_every_trainer_and_logger_composes(trainer, logger, tmp_path):
     cfg = _compose([f"trainer={trainer}", f"logger={logger}", "experiment=synthshapes_joint"], tmp_path)
     assert cfg.trainer._target_ == "lightning.Trainer" and cfg.model.size == "small"
-    assert cfg.criterion.decoupled is True
+    assert "decoupled" not in cfg.criterion and cfg.criterion.class_weight == 4.0
 
 
 def test_unknown_key_stops_before_work(tmp_path):

@@ -16,7 +16,10 @@ data too: they are non-zero only when the detection targets carry masks (offline
 Rules (SPEC section 3):
 - matching: seg + decoupled: fg queries x thing targets and bg queries x stuff targets; seg, not decoupled: all
   matching queries x all targets; det: fg queries x all targets. Proposals are fg queries only and follow the same
-  rule (things on decoupled seg data, all targets otherwise).
+  rule (things on decoupled seg data, all targets otherwise). Whether the model is decoupled is read from its
+  outputs (``Outputs.num_bg > 0``): the criterion has no switch of its own.
+- the matching costs are the loss weights: the criterion builds its matcher from ``class_weight`` ... ``dice_weight``
+  (and ``num_points``, ``focal_alpha``, ``focal_gamma``), and refuses a given matcher whose settings differ.
 - class loss: sigmoid focal loss over every supervised query and class (seg: all queries; det: fg queries only, bg
   queries get no loss at all), one-hot at the matched label, 0 elsewhere.
 - box losses: L1 + GIoU on matched pairs (cxcywh normalised by the padded size).
@@ -35,6 +38,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Literal
 
 import torch
@@ -43,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
-from openseed.losses.matcher import HungarianMatcher, MatchTarget, build_match_groups
+from openseed.losses.matcher import SPEC_WEIGHTS, HungarianMatcher, MatchTarget, build_match_groups
 from openseed.losses.point_sampling import (
     point_sample,
     sample_masks,
@@ -57,6 +61,11 @@ BASE_KEYS = ("loss_class", "loss_bbox", "loss_giou", "loss_mask", "loss_dice")
 _KEY_RE = re.compile(r"^(loss_[a-z]+)(?:_aux\d+|_proposals|_cond\d+)?$")
 
 MaskAssistance = Literal["none", "online"]
+#: base loss key -> the HungarianMatcher cost (``cost_<name>``) and the constructor argument that sets both
+_COST_NAMES = {"loss_class": "class", "loss_bbox": "box", "loss_giou": "giou", "loss_mask": "mask",
+               "loss_dice": "dice"}
+_WEIGHT_ARGS = {"loss_class": "class_weight", "loss_bbox": "bbox_weight", "loss_giou": "giou_weight",
+                "loss_mask": "mask_weight", "loss_dice": "dice_weight"}
 
 
 @dataclass
@@ -107,45 +116,71 @@ class SetCriterion(nn.Module):
     """OpenSeeD losses. ``forward`` returns unweighted terms; ``total_loss`` applies ``weight_dict``."""
 
     def __init__(self, matcher: HungarianMatcher | None = None, weight_dict: Mapping[str, float] | None = None, *,
-                 class_weight: float = 4.0, bbox_weight: float = 5.0, giou_weight: float = 2.0,
-                 mask_weight: float = 5.0, dice_weight: float = 5.0,
+                 class_weight: float = SPEC_WEIGHTS["class"], bbox_weight: float = SPEC_WEIGHTS["bbox"],
+                 giou_weight: float = SPEC_WEIGHTS["giou"], mask_weight: float = SPEC_WEIGHTS["mask"],
+                 dice_weight: float = SPEC_WEIGHTS["dice"],
                  focal_alpha: float = 0.25, focal_gamma: float = 2.0,
                  num_points: int = 12544, oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75,
-                 decoupled: bool = True, mask_assistance: MaskAssistance = "none") -> None:
+                 mask_assistance: MaskAssistance = "none") -> None:
         """
         Args:
-            matcher: the Hungarian matcher (default: ``HungarianMatcher`` with the SPEC costs and ``num_points``).
-            weight_dict: optional weights overriding the defaults, by base key ("loss_class", ...) or by full key
-                ("loss_class_aux3", ...).
-            class_weight, bbox_weight, giou_weight, mask_weight, dice_weight: base weights of the five terms.
-            focal_alpha, focal_gamma: sigmoid focal loss parameters.
-            num_points, oversample_ratio, importance_sample_ratio: PointRend point selection for the mask losses.
-            decoupled: fg queries match things and bg queries stuff on segmentation data.
+            matcher: None (the default): a ``HungarianMatcher`` built from this criterion's settings. A given matcher
+                (e.g. a subclass that records its calls) must have exactly these settings: costs = the five weights,
+                and the same ``num_points``, ``focal_alpha`` and ``focal_gamma``; else ``ValueError``.
+            weight_dict: optional per-layer weights by full key ("loss_class_aux3", "loss_dice_proposals", ...); the
+                base weights are the five ``*_weight`` arguments only (a base key here is a ``ValueError``).
+            class_weight, bbox_weight, giou_weight, mask_weight, dice_weight: weights of the five terms, in the
+                losses and in the matching cost alike (SPEC section 3: 4, 5, 2, 5, 5).
+            focal_alpha, focal_gamma: sigmoid focal loss (and focal matching cost) parameters.
+            num_points, oversample_ratio, importance_sample_ratio: PointRend point selection for the mask losses
+                (``num_points`` uniform points for the matching's mask costs too).
             mask_assistance: "none" or "online" (conditioned masks enter the detection matching cost).
+
+        Decoupled matching (fg x things, bg x stuff) is not a setting here: it follows the model's outputs
+        (``Outputs.num_bg > 0``).
         """
         super().__init__()
         if mask_assistance not in ("none", "online"):
             raise ValueError(f"mask_assistance must be 'none' or 'online', got {mask_assistance!r}")
-        self.matcher = matcher if matcher is not None else HungarianMatcher(num_points=num_points)
-        self.base_weights = {"loss_class": class_weight, "loss_bbox": bbox_weight, "loss_giou": giou_weight,
-                             "loss_mask": mask_weight, "loss_dice": dice_weight}
+        self._base_weights = {"loss_class": float(class_weight), "loss_bbox": float(bbox_weight),
+                              "loss_giou": float(giou_weight), "loss_mask": float(mask_weight),
+                              "loss_dice": float(dice_weight)}
         self.weight_dict: dict[str, float] = dict(self.base_weights)
         for key, value in (weight_dict or {}).items():
             if _KEY_RE.match(key) is None or _KEY_RE.match(key).group(1) not in self.base_weights:
                 raise KeyError(f"unknown loss key in weight_dict: {key}")
             if key in self.base_weights:
-                self.base_weights[key] = float(value)
+                raise ValueError(f"weight_dict sets the base weight {key}; pass {_WEIGHT_ARGS[key]}= instead (it is "
+                                 "the matching cost too)")
             self.weight_dict[key] = float(value)
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.num_points = num_points
         self.oversample_ratio = oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
-        self.decoupled = decoupled
         self.mask_assistance: MaskAssistance = mask_assistance
+        self.matcher = self._checked_matcher(matcher)
+
+    def _checked_matcher(self, matcher: HungarianMatcher | None) -> HungarianMatcher:
+        """The matcher with this criterion's settings: built, or a given one checked against them."""
+        settings = {f"cost_{_COST_NAMES[key]}": weight for key, weight in self.base_weights.items()}
+        settings |= {"num_points": self.num_points, "focal_alpha": self.focal_alpha, "focal_gamma": self.focal_gamma}
+        if matcher is None:
+            return HungarianMatcher(**settings)
+        wrong = [f"{name}={getattr(matcher, name)!r} (criterion: {value!r})" for name, value in settings.items()
+                 if getattr(matcher, name) != value]
+        if wrong:
+            raise ValueError("the matcher's settings contradict the criterion's (the matching costs are the loss "
+                             "weights; pass matcher=None to build it from them): " + ", ".join(wrong))
+        return matcher
+
+    @property
+    def base_weights(self) -> Mapping[str, float]:
+        """The five base weights (read-only: they are the matcher's costs too; set them when building)."""
+        return MappingProxyType(self._base_weights)
 
     def extra_repr(self) -> str:
-        return (f"weights={self.base_weights}, decoupled={self.decoupled}, mask_assistance={self.mask_assistance}, "
+        return (f"weights={dict(self.base_weights)}, mask_assistance={self.mask_assistance}, "
                 f"num_points={self.num_points}")
 
     # ------------------------------------------------------------------ weights
@@ -207,15 +242,16 @@ class SetCriterion(nn.Module):
             assistance = self._assistance_masks(outputs.conditioned, prepared)
 
         num_fg, num_bg = outputs.num_fg, outputs.num_bg
+        decoupled = num_bg > 0  # the model's switch, as its outputs show it: no bg queries, not decoupled
         match_targets = self._match_targets(prepared, task, assistance)
         losses: dict[str, Tensor] = {}
-        losses.update(self._matched_losses(outputs.final, prepared, match_targets, task, num_fg, num_bg, num_boxes,
-                                           ""))
+        losses.update(self._matched_losses(outputs.final, prepared, match_targets, task, num_fg, num_bg, decoupled,
+                                           num_boxes, ""))
         for i, aux in enumerate(outputs.aux):
-            losses.update(self._matched_losses(aux, prepared, match_targets, task, num_fg, num_bg, num_boxes,
-                                               f"_aux{i}"))
+            losses.update(self._matched_losses(aux, prepared, match_targets, task, num_fg, num_bg, decoupled,
+                                               num_boxes, f"_aux{i}"))
         if outputs.proposals is not None:
-            losses.update(self._matched_losses(outputs.proposals, prepared, match_targets, task, num_fg, 0,
+            losses.update(self._matched_losses(outputs.proposals, prepared, match_targets, task, num_fg, 0, decoupled,
                                                num_boxes, "_proposals"))
         if outputs.conditioned is not None:
             losses.update(self._conditioned_losses(outputs.conditioned, prepared, num_boxes))
@@ -242,11 +278,18 @@ class SetCriterion(nn.Module):
             count = count / dist.get_world_size()
         return max(float(count.item()), 1.0)
 
+    def wants_clean_group(self, task: str) -> bool:
+        """Whether the model should add a noise-free conditioned group for this task's batch (online mask
+        assistance on detection data matches with the masks that group decodes from the clean boxes)."""
+        return task == "det" and self.mask_assistance == "online"
+
     @staticmethod
     def _assistance_masks(conditioned: ConditionedOutputs, prepared: list[_Prepared]) -> list[Tensor] | None:
-        """Per image [N, h, w] float masks decoded by the last conditioned layer's first group (detached, binary)."""
+        """Per image [N, h, w] float masks decoded by the last conditioned layer from the clean ground-truth boxes
+        (the noise-free first group; detached, binary). None without a clean group: masks of jittered boxes would
+        steer the matching towards the wrong extents."""
         masks = conditioned.predictions[-1].masks if conditioned.predictions else None
-        if masks is None:
+        if masks is None or not conditioned.clean_group:
             return None
         slots_per_group = conditioned.target_index.shape[1] // max(conditioned.num_groups, 1)
         out = []
@@ -279,8 +322,9 @@ class SetCriterion(nn.Module):
         return match_targets
 
     def _matched_losses(self, pred: Prediction, prepared: list[_Prepared], match_targets: list[MatchTarget],
-                        task: str, num_fg: int, num_bg: int, num_boxes: float, suffix: str) -> dict[str, Tensor]:
-        groups = build_match_groups([p.is_thing for p in prepared], task, num_fg, num_bg, self.decoupled)
+                        task: str, num_fg: int, num_bg: int, decoupled: bool, num_boxes: float,
+                        suffix: str) -> dict[str, Tensor]:
+        groups = build_match_groups([p.is_thing for p in prepared], task, num_fg, num_bg, decoupled)
         indices = self.matcher(pred, match_targets, groups)
 
         # Class: focal over every supervised query (det: fg only) and class.
@@ -357,7 +401,12 @@ class SetCriterion(nn.Module):
     def _conditioned_losses(self, conditioned: ConditionedOutputs, prepared: list[_Prepared],
                             num_boxes: float) -> dict[str, Tensor]:
         target_index = conditioned.target_index
-        normaliser = num_boxes * max(conditioned.num_groups, 1)
+        if conditioned.clean_group:  # the noise-free group only assists the matching: not supervised
+            slots = target_index.shape[1] // conditioned.num_groups
+            target_index = target_index.clone()
+            target_index[:, :slots] = -1
+        noisy_groups = conditioned.num_groups - int(conditioned.clean_group)
+        normaliser = num_boxes * max(noisy_groups, 1)
         slot_b, slot_q = torch.nonzero(target_index >= 0, as_tuple=True)
         gt = target_index[slot_b, slot_q]
         # Per-image (slots, GT indices), shared by every layer.

@@ -8,12 +8,16 @@ Cost per (query, target) pair::
 Which queries may match which targets is given per call as *groups*: per image a list of
 ``(query selection, target index subset)`` pairs, each solved independently with ``linear_sum_assignment``
 (decoupled segmentation: fg queries x things and bg queries x stuff; detection: fg queries x all targets).
+
+The cost weights are the loss weights (SPEC section 3, as in every reference config): ``SetCriterion`` builds its
+matcher from its own weights and refuses a matcher whose costs differ; ``SPEC_WEIGHTS`` holds the defaults of both.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from types import MappingProxyType
 from typing import TypedDict
 
 import torch
@@ -24,6 +28,10 @@ from torchvision.ops import box_convert, generalized_box_iou
 
 from openseed.losses.point_sampling import point_sample_shared, sample_masks, uniform_points
 from openseed.modeling.outputs import Prediction
+
+#: SPEC section 3's weight of each term, in the matching cost and in the matched losses alike (the defaults of
+#: ``HungarianMatcher``'s costs and ``SetCriterion``'s weights; conf/criterion/default.yaml spells them out).
+SPEC_WEIGHTS = MappingProxyType({"class": 4.0, "bbox": 5.0, "giou": 2.0, "mask": 5.0, "dice": 5.0})
 
 #: Replacement for non-finite cost entries (large enough never to be preferred, small enough for float64 sums).
 LARGE_COST = 1e8
@@ -58,15 +66,18 @@ MatchGroup = tuple[slice | Tensor, Tensor | None]
 
 
 def build_match_groups(is_thing: Sequence[Tensor], task: str, num_fg: int, num_bg: int,
-                       decoupled: bool = True) -> list[list[MatchGroup]]:
+                       decoupled: bool | None = None) -> list[list[MatchGroup]]:
     """Which queries may match which targets, per image (queries ordered ``[fg (num_fg) | bg (num_bg)]``).
 
     - segmentation, decoupled: fg queries x thing targets, bg queries x stuff targets (two groups);
     - segmentation, not decoupled: all ``num_fg + num_bg`` queries x all targets;
     - detection: fg queries x all targets (bg queries are never matched).
 
-    For encoder proposals (fg queries only) pass ``num_bg=0``.
+    ``decoupled`` defaults to what the query split says: a model is decoupled when it has bg queries
+    (``num_bg > 0``). For the encoder proposals (fg queries only) pass ``num_bg=0`` and the model's ``decoupled``.
     """
+    if decoupled is None:
+        decoupled = num_bg > 0
     if task not in ("seg", "det"):
         raise ValueError(f"task must be 'seg' or 'det', got {task!r}")
     fg = slice(0, num_fg)
@@ -141,8 +152,9 @@ def mask_dice_cost(pred_points: Tensor, tgt_points: Tensor) -> Tensor:
 class HungarianMatcher(nn.Module):
     """Per-image, per-group Hungarian matching. Stateless apart from the cost weights; runs under ``no_grad``."""
 
-    def __init__(self, cost_class: float = 4.0, cost_box: float = 5.0, cost_giou: float = 2.0,
-                 cost_mask: float = 5.0, cost_dice: float = 5.0, num_points: int = 12544,
+    def __init__(self, cost_class: float = SPEC_WEIGHTS["class"], cost_box: float = SPEC_WEIGHTS["bbox"],
+                 cost_giou: float = SPEC_WEIGHTS["giou"], cost_mask: float = SPEC_WEIGHTS["mask"],
+                 cost_dice: float = SPEC_WEIGHTS["dice"], num_points: int = 12544,
                  focal_alpha: float = 0.25, focal_gamma: float = 2.0) -> None:
         super().__init__()
         self.cost_class = cost_class

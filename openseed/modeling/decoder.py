@@ -43,6 +43,7 @@ from openseed.modeling.pixel_decoder import EncoderMemory
 from openseed.ops import MSDeformAttn
 
 LEVEL_ORDERS = ("fine_first", "coarse_first")
+BOX_NOISE = ("corners", "reference")
 
 
 @dataclass
@@ -54,12 +55,16 @@ class Conditions:
         boxes: per image, [N_i, 4] cxcywh normalised by the padded size.
         add_noise: jitter the boxes (training); False for box-prompted inference.
         num_groups: groups of conditioned queries; None = as many as fit in the decoder's budget.
+        clean_group: put one more group first whose boxes are never jittered (training with online mask
+            assistance: its masks, decoded from the clean ground-truth boxes, assist the detection matching; it is
+            not supervised, so the denoising groups are trained exactly as without it).
     """
 
     labels: list[Tensor]
     boxes: list[Tensor]
     add_noise: bool = True
     num_groups: int | None = None
+    clean_group: bool = False
 
 
 #: CLIP's initial log temperature, log(1 / 0.07).
@@ -130,6 +135,11 @@ class OpenSeeDDecoder(nn.Module):
         conditioned: build conditioned queries when conditions are given (training: from ground truth).
         cond_budget: conditioned queries per image at most (groups x slots); box_noise_scale: box jitter (fraction
             of the box size) of the conditioned references in training.
+        box_noise: "corners" (each corner moves by up to scale x half the box side: DN-DETR's noise as the paper
+            describes it) or "reference" (the reference's: the centre moves by up to scale x half the side, width and
+            height change by up to scale x the side; see ``noisy_boxes``).
+        cond_over_budget: when the most targets of an image exceed ``cond_budget``: "one_group" (still one noisy
+            group) or "none" (no denoising group for the batch, as the reference does).
         anchor_size: anchor side of level l proposals = anchor_size * 2^l (normalised; l in ``level_order``).
         class_bias: a learned bias on the class logits (see ``TextClassifier``); the reference has none.
         level_order: "fine_first" (the memory's order) or "coarse_first" (the reference's); see the module docstring.
@@ -140,10 +150,15 @@ class OpenSeeDDecoder(nn.Module):
                  ffn_dim: int = 2048, dropout: float = 0.0, decoupled: bool = True, conditioned: bool = True,
                  cond_budget: int = 100, box_noise_scale: float = 0.4, anchor_size: float = 0.05,
                  logit_scale_init: float = LOGIT_SCALE_INIT, class_bias: bool = True,
-                 level_order: str = "fine_first"):
+                 level_order: str = "fine_first", box_noise: str = "corners", cond_over_budget: str = "one_group"):
         super().__init__()
         if level_order not in LEVEL_ORDERS:
             raise ValueError(f"level_order must be one of {LEVEL_ORDERS}, got {level_order!r}")
+        if box_noise not in BOX_NOISE:
+            raise ValueError(f"box_noise must be one of {BOX_NOISE}, got {box_noise!r}")
+        if cond_over_budget not in ("one_group", "none"):
+            raise ValueError(f"cond_over_budget must be 'one_group' or 'none', got {cond_over_budget!r}")
+        self.box_noise, self.cond_over_budget = box_noise, cond_over_budget
         self.hidden_dim, self.num_heads = hidden_dim, num_heads
         self.decoupled, self.conditioned, self.level_order = decoupled, conditioned, level_order
         self.num_fg = num_fg if decoupled else num_fg + num_bg
@@ -214,6 +229,12 @@ class OpenSeeDDecoder(nn.Module):
         # the box MLP acts on each token alone: running it on the selected tokens only gives the same boxes
         return content, self.box_head(content) + anchors[index]
 
+    def _has_groups(self, conditions: Conditions) -> bool:
+        """Whether ``conditions`` give any conditioned group (see ``cond_over_budget``)."""
+        if conditions.clean_group or conditions.num_groups or self.cond_over_budget == "one_group":
+            return True
+        return self.cond_budget // max([1] + [len(labels) for labels in conditions.labels]) > 0
+
     def _conditioned_queries(self, conditions: Conditions, text: Tensor, batch: int
                              ) -> tuple[Tensor, Tensor, Tensor, int, int]:
         """Content [B, G*M, D], unsigmoided reference boxes [B, G*M, 4], target index [B, G*M] (-1 = padding), G,
@@ -221,7 +242,13 @@ class OpenSeeDDecoder(nn.Module):
         in the reference.)"""
         device = text.device
         slots = max([1] + [len(labels) for labels in conditions.labels])
-        groups = conditions.num_groups or max(1, self.cond_budget // slots)
+        noisy_groups = conditions.num_groups
+        if noisy_groups is None:
+            noisy_groups = self.cond_budget // slots
+            if noisy_groups == 0 and self.cond_over_budget == "one_group":
+                noisy_groups = 1
+        clean = int(conditions.clean_group)
+        groups = noisy_groups + clean
         content = text.new_zeros(batch, groups * slots, self.hidden_dim)
         boxes = inverse_sigmoid(text.new_tensor([0.5, 0.5, 0.1, 0.1])).repeat(batch, groups * slots, 1)
         target_index = torch.full((batch, groups * slots), -1, dtype=torch.long, device=device)
@@ -234,8 +261,8 @@ class OpenSeeDDecoder(nn.Module):
             index = (torch.arange(groups, device=device)[:, None] * slots
                      + torch.arange(count, device=device)[None]).flatten()
             noisy = image_boxes.to(device, text.dtype).repeat(groups, 1)
-            if conditions.add_noise and self.box_noise_scale > 0:
-                noisy = jitter_boxes(noisy, self.box_noise_scale)
+            if conditions.add_noise and self.box_noise_scale > 0:  # the clean group (first) keeps its boxes
+                noisy[clean * count:] = noisy_boxes(noisy[clean * count:], self.box_noise_scale, self.box_noise)
             content[i, index] = projected[labels.to(device)].repeat(groups, 1)
             boxes[i, index] = inverse_sigmoid(noisy)
             target_index[i, index] = torch.arange(count, device=device).repeat(groups)
@@ -279,6 +306,8 @@ class OpenSeeDDecoder(nn.Module):
             boxes.append(self.bg_anchor.weight[None].expand(batch, -1, -1))
         num_matching = self.num_fg + self.num_bg
         attn_mask, num_cond, cond = None, 0, None
+        if conditions is not None and not self._has_groups(conditions):
+            conditions = None  # every image over the budget and cond_over_budget="none": no conditioned queries
         if conditions is not None:
             cond_content, cond_boxes, target_index, groups, slots = self._conditioned_queries(conditions, text, batch)
             contents.insert(0, cond_content)
@@ -301,7 +330,8 @@ class OpenSeeDDecoder(nn.Module):
             predictions.append(self._predict(hidden, loss_boxes, text, mask_features))
         matching = [_slice(p, num_cond, num_cond + num_matching) for p in predictions]
         if conditions is not None:
-            cond = ConditionedOutputs([_slice(p, 0, num_cond) for p in predictions], target_index, groups)
+            cond = ConditionedOutputs([_slice(p, 0, num_cond) for p in predictions], target_index, groups,
+                                      clean_group=conditions.clean_group)
         return Outputs(final=matching[-1], aux=matching[:-1], proposals=proposals, conditioned=cond,
                        num_fg=self.num_fg, num_bg=self.num_bg, mask_features=mask_features)
 
@@ -309,6 +339,15 @@ class OpenSeeDDecoder(nn.Module):
 def _slice(prediction: Prediction, start: int, stop: int) -> Prediction:
     return Prediction(prediction.logits[:, start:stop], prediction.boxes[:, start:stop],
                       None if prediction.masks is None else prediction.masks[:, start:stop])
+
+
+def noisy_boxes(boxes: Tensor, scale: float, kind: str = "corners") -> Tensor:
+    """cxcywh boxes with training noise: ``jitter_boxes`` ("corners") or the reference's ("reference": centre +
+    U(-1, 1) x scale x side / 2, width and height + U(-1, 1) x scale x side, each value clamped to [0, 1])."""
+    if kind == "corners":
+        return jitter_boxes(boxes, scale)
+    spread = torch.cat([boxes[:, 2:] / 2, boxes[:, 2:]], -1)
+    return (boxes + (torch.rand_like(boxes) * 2 - 1) * spread * scale).clamp(0, 1)
 
 
 def jitter_boxes(boxes: Tensor, scale: float) -> Tensor:

@@ -44,7 +44,10 @@ class OpenSeeDConfig:
     selection), ``level_order`` ("fine_first": the finest encoder level proposes the smallest anchors;
     "coarse_first": the reference's reversed order), ``class_bias`` (a learned prior bias on the class logits),
     ``name_cleaning`` ("openseed": ``openseed.data.vocab.clean_class_name``; "reference": only -other/-merged/-stuff
-    removed).
+    removed). Training switches: ``box_noise`` ("corners": each corner of a conditioned query's box jittered, as the
+    paper describes DN-DETR's noise; "reference": the reference's centre shift and width/height scaling) and
+    ``cond_over_budget`` ("one_group": one denoising group even when an image has more targets than ``cond_budget``;
+    "none": no denoising queries for such a batch, as the reference).
 
     Use: ``eval_short_edge`` / ``eval_max_size`` the evaluation resize (None: the caller's, e.g. the data config's or
     the predictor's square ``image_size``), ``test_top_k`` instance detections per image, ``clip_boxes`` clip
@@ -81,6 +84,8 @@ class OpenSeeDConfig:
     conditioned: bool = True
     cond_budget: int = 100
     box_noise_scale: float = 0.4
+    box_noise: str = "corners"
+    cond_over_budget: str = "one_group"
     mask_padding: bool = True
     level_order: str = "fine_first"
     class_bias: bool = True
@@ -106,7 +111,7 @@ class OpenSeeDConfig:
 _REFERENCE = dict(drop_path_rate=0.3, decoder_num_heads=8, text_tower="clip_transformer", text_dim=512,
                   text_width=512, text_layers=12, text_heads=8, mask_padding=False, level_order="coarse_first",
                   class_bias=False, name_cleaning="reference", eval_short_edge=800, eval_max_size=1333,
-                  clip_boxes=False)
+                  clip_boxes=False, box_noise="reference", cond_over_budget="none")
 
 MODEL_SIZES: dict[str, OpenSeeDConfig] = {
     # the released architectures (../shared/reference/manifests): Swin-T without background queries (text context
@@ -166,7 +171,7 @@ class OpenSeeD(nn.Module):
 
     def forward(self, images: Tensor, padding_mask: Tensor, vocabulary: Vocabulary,
                 targets: list[Targets] | None = None, conditions: Conditions | None = None,
-                text: Tensor | None = None) -> Outputs:
+                text: Tensor | None = None, clean_group: bool = False) -> Outputs:
         """Predictions for a batch.
 
         Args:
@@ -177,6 +182,8 @@ class OpenSeeD(nn.Module):
                 from it (all targets: things and stuff on segmentation data, boxes on detection data).
             conditions: explicit conditions instead (box prompts); overrides ``targets`` for the conditioned queries.
             text: precomputed [K, text_dim] embeddings of ``vocabulary`` (skips the text encoder).
+            clean_group: with ``targets`` in training, add a conditioned group built from the boxes without noise
+                (``Conditions.clean_group``: the masks online mask assistance matches with).
         """
         if text is None:
             with record_function("text_encoder"):
@@ -185,7 +192,8 @@ class OpenSeeD(nn.Module):
         if conditions is None and targets is not None and self.training and self.decoder.conditioned:
             padded = tuple(images.shape[-2:])
             conditions = Conditions(labels=[t.labels for t in targets],
-                                    boxes=[targets_to_model_boxes(t.boxes, padded) for t in targets])
+                                    boxes=[targets_to_model_boxes(t.boxes, padded) for t in targets],
+                                    clean_group=clean_group)
         with record_function("decoder"):
             return self.decoder(memory, text, conditions)
 
@@ -300,7 +308,8 @@ def build_openseed(size: str | OpenSeeDConfig | None = "tiny", init_from: str | 
                               config.num_bg, config.decoder_layers, config.decoder_num_heads or config.num_heads,
                               config.num_points, config.ffn_dim, config.dropout, config.decoupled,
                               config.conditioned, config.cond_budget, config.box_noise_scale,
-                              class_bias=config.class_bias, level_order=config.level_order)
+                              class_bias=config.class_bias, level_order=config.level_order,
+                              box_noise=config.box_noise, cond_over_budget=config.cond_over_budget)
     tower_options = {}
     if config.text_tower == "clip_transformer":
         tower_options = dict(context_length=config.text_context, width=config.text_width, layers=config.text_layers,

@@ -38,12 +38,15 @@ class ConditionedOutputs:
             ``G * M`` conditioned queries (``G`` noisy groups of ``M`` slots; ``M`` = most targets in an image).
         target_index: long [B, G * M]: the index, into that image's ``Targets``, of the ground truth each
             conditioned query was built from; -1 for padding slots (images with fewer than ``M`` targets).
-        num_groups: ``G``.
+        num_groups: ``G`` (the clean group included).
+        clean_group: the first group was built from the boxes without noise (for online mask assistance; not
+            supervised).
     """
 
     predictions: list[Prediction]
     target_index: Tensor
     num_groups: int
+    clean_group: bool = False
 
 
 @dataclass
