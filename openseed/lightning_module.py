@@ -28,8 +28,11 @@ FINAL_TERMS = ("loss_class", "loss_bbox", "loss_giou", "loss_mask", "loss_dice")
 
 
 def parameter_groups(model: nn.Module, lr: float, weight_decay: float, backbone_multiplier: float = 0.1,
-                     text_multiplier: float = 0.1) -> list[dict]:
-    """AdamW groups: (backbone | text tower | rest) x (decay | no decay). Frozen parameters are left out.
+                     text_multiplier: float = 0.1, text_prefixes: tuple[str, ...] = ("text_encoder.tower.",)
+                     ) -> list[dict]:
+    """AdamW groups: (backbone | text | rest) x (decay | no decay). Frozen parameters are left out. "text": the
+    parameters whose names start with one of ``text_prefixes`` (the model's ``text_lr_prefixes``: the tower, and with
+    the reference's scope also the joint-space projection and the logit scale).
 
     No decay: parameters of normalisation layers and embeddings, every bias and 0/1-d parameter, and position tables.
     """
@@ -41,7 +44,7 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float, backbone_
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        part = "backbone" if name.startswith("backbone.") else "text" if name.startswith("text_encoder.tower.") \
+        part = "backbone" if name.startswith("backbone.") else "text" if name.startswith(tuple(text_prefixes)) \
             else "rest"
         decays = not (id(param) in no_decay or param.ndim <= 1 or any(n in name for n in NO_DECAY_NAMES))
         multiplier = {"backbone": backbone_multiplier, "text": text_multiplier, "rest": 1.0}[part]
@@ -120,7 +123,8 @@ class OpenSeeDModule(LightningModule):
     def configure_optimizers(self):
         text_multiplier = getattr(self.model.text_encoder, "lr_multiplier", 0.1)
         groups = parameter_groups(self.model, self.hparams.lr, self.hparams.weight_decay,
-                                  self.hparams.backbone_lr_multiplier, text_multiplier)
+                                  self.hparams.backbone_lr_multiplier, text_multiplier,
+                                  getattr(self.model, "text_lr_prefixes", ("text_encoder.tower.",)))
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         milestones = [int(f * total) for f in self.hparams.lr_milestones]

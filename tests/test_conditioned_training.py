@@ -127,3 +127,66 @@ def test_paper_presets_clip_the_whole_models_gradient_norm_to_001(experiment):
     assert cfg.trainer.gradient_clip_val == 0.01 and cfg.trainer.gradient_clip_algorithm == "norm"
     assert cfg.model.size in ("swint_decouple", "swinl_decouple", "swint_nodecouple")
     assert MODEL_SIZES[cfg.model.size].box_noise == "reference"
+
+
+def test_reference_scale_of_the_conditioned_class_loss(det_batch):
+    """The reference's denoising class loss: focal loss of the supervised slots, mean over the classes, summed,
+    divided by boxes x groups and multiplied by the padded size (slots x groups): the per-box sum x slots x groups /
+    classes."""
+    torch.manual_seed(0)
+    model = build_openseed("tiny")
+    outputs = model(det_batch.images, det_batch.padding_mask, det_batch.vocabulary, det_batch.targets)
+    padded = tuple(det_batch.images.shape[-2:])
+    ours = SetCriterion(num_points=256)(outputs, det_batch.targets, "det", padded)
+    theirs = SetCriterion(num_points=256, cond_class_loss="reference")(outputs, det_batch.targets, "det", padded)
+    cond = outputs.conditioned
+    slots = cond.target_index.shape[1] // cond.num_groups
+    factor = slots * cond.num_groups / len(det_batch.vocabulary)
+    for layer in range(len(cond.predictions)):
+        key = f"loss_class_cond{layer}"
+        torch.testing.assert_close(theirs[key], ours[key] * factor)
+        assert torch.equal(theirs[f"loss_bbox_cond{layer}"], ours[f"loss_bbox_cond{layer}"])
+    with pytest.raises(ValueError, match="cond_class_loss"):
+        SetCriterion(cond_class_loss="mean")
+
+
+def test_reference_lr_scope_puts_projection_and_logit_scale_at_the_text_multiplier():
+    from openseed.lightning_module import parameter_groups
+
+    def group_of(model):
+        groups = parameter_groups(model, lr=1.0, weight_decay=0.05, text_multiplier=0.1,
+                                  text_prefixes=model.text_lr_prefixes)
+        return {id(p): g["lr"] for g in groups for p in g["params"]}
+
+    ours = build_openseed("tiny", text_trainable=True)
+    lr = group_of(ours)
+    assert lr[id(ours.decoder.class_head.logit_scale)] == 1.0 and lr[id(ours.text_encoder.projection.weight)] == 1.0
+    theirs = build_openseed("tiny", text_trainable=True, text_lr_scope="reference")
+    lr = group_of(theirs)
+    assert lr[id(theirs.decoder.class_head.logit_scale)] == 0.1
+    assert lr[id(theirs.text_encoder.projection.weight)] == 0.1
+    assert lr[id(theirs.decoder.class_head.project.weight)] == 1.0  # the query projection is the decoder's
+    assert MODEL_SIZES["swint_decouple"].text_lr_scope == "reference"
+    with pytest.raises(ValueError, match="text_lr_scope"):
+        build_openseed("tiny", text_lr_scope="all")
+
+
+def test_encoder_and_decoder_run_in_float32_under_autocast(det_batch):
+    torch.manual_seed(0)
+    model = build_openseed("tiny").eval()
+    with torch.no_grad():  # without autocast the switch changes nothing
+        model.fp32_encoder_decoder = False
+        a = model(det_batch.images, det_batch.padding_mask, det_batch.vocabulary)
+        model.fp32_encoder_decoder = True
+        b = model(det_batch.images, det_batch.padding_mask, det_batch.vocabulary)
+    assert torch.equal(a.final.logits, b.final.logits)
+    seen = {}
+    model.pixel_decoder.register_forward_hook(lambda m, i, o: seen.__setitem__("memory", o.memory.dtype))
+    model.decoder.register_forward_hook(lambda m, i, o: seen.__setitem__("logits", o.final.logits.dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(det_batch.images, det_batch.padding_mask, det_batch.vocabulary)
+    assert seen == {"memory": torch.float32, "logits": torch.float32}
+    model.fp32_encoder_decoder = False  # the switch off: the deformable encoder follows autocast
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.encode_images(det_batch.images, det_batch.padding_mask)
+    assert seen["memory"] == torch.bfloat16

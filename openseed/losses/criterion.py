@@ -4,7 +4,7 @@ Loss keys (all UNWEIGHTED; ``SetCriterion.weight_dict`` maps each to its weight,
 
     loss_class, loss_bbox, loss_giou, loss_mask, loss_dice        final decoder output
     <key>_aux{i}                                                  outputs.aux[i] (i = 0 before the first layer)
-    <key>_proposals                                               encoder proposals (the fg queries)
+    <key>_proposals                                               encoder proposals (fg queries; + bg rows, see below)
     <key>_cond{l}                                                 conditioned predictions, layer l
 
 The key set depends only on the task, the criterion's configuration and the structure of ``Outputs`` (number of aux
@@ -15,9 +15,11 @@ data too: they are non-zero only when the detection targets carry masks (offline
 
 Rules (SPEC section 3):
 - matching: seg + decoupled: fg queries x thing targets and bg queries x stuff targets; seg, not decoupled: all
-  matching queries x all targets; det: fg queries x all targets. Proposals are fg queries only and follow the same
-  rule (things on decoupled seg data, all targets otherwise). Whether the model is decoupled is read from its
-  outputs (``Outputs.num_bg > 0``): the criterion has no switch of its own.
+  matching queries x all targets; det: fg queries x all targets. Proposals are the fg queries and follow the same
+  rule (things on decoupled seg data, all targets otherwise); with the model's ``bg_training="reference"`` they
+  also carry the bg queries' rows in training (read from their shape), matched as the reference does: bg rows x
+  stuff on segmentation data, every row x every target on detection data. Whether the model is decoupled is read
+  from its outputs (``Outputs.num_bg > 0``): the criterion has no switch of its own.
 - the matching costs are the loss weights: the criterion builds its matcher from ``class_weight`` ... ``dice_weight``
   (and ``num_points``, ``focal_alpha``, ``focal_gamma``), and refuses a given matcher whose settings differ.
 - class loss: sigmoid focal loss over every supervised query and class (seg: all queries; det: fg queries only, bg
@@ -26,9 +28,10 @@ Rules (SPEC section 3):
 - mask losses: on matched pairs whose target ``has_mask``, when the targets carry masks and the predictions have
   masks; BCE + dice on PointRend uncertainty-sampled points. Points inside crowd regions (``Targets.ignore_mask``)
   do not count (weight 1 - bilinear crowd value), so a mask that spills into a crowd is not penalised there.
-- conditioned queries: supervised by ``target_index`` directly; normalised by ``num_boxes * num_groups``.
-- online mask assistance (det data): the last conditioned layer's group-0 masks of each GT (detached, binarised at
-  logit 0) enter the fg matching's mask cost terms only.
+- conditioned queries: supervised by ``target_index`` directly; normalised by ``num_boxes * noisy groups``
+  (``cond_class_loss="reference"`` scales the class term as the reference: x slots x groups / classes).
+- online mask assistance (det data): the last conditioned layer's masks of the noise-free, unsupervised first group
+  (decoded from the clean boxes; detached, binarised at logit 0) enter the fg matching's mask cost terms only.
 - everything else is normalised by ``num_boxes``: the batch's number of targets averaged over distributed ranks,
   clamped to >= 1.
 """
@@ -121,7 +124,7 @@ class SetCriterion(nn.Module):
                  dice_weight: float = SPEC_WEIGHTS["dice"],
                  focal_alpha: float = 0.25, focal_gamma: float = 2.0,
                  num_points: int = 12544, oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75,
-                 mask_assistance: MaskAssistance = "none") -> None:
+                 mask_assistance: MaskAssistance = "none", cond_class_loss: str = "per_box") -> None:
         """
         Args:
             matcher: None (the default): a ``HungarianMatcher`` built from this criterion's settings. A given matcher
@@ -135,6 +138,9 @@ class SetCriterion(nn.Module):
             num_points, oversample_ratio, importance_sample_ratio: PointRend point selection for the mask losses
                 (``num_points`` uniform points for the matching's mask costs too).
             mask_assistance: "none" or "online" (conditioned masks enter the detection matching cost).
+            cond_class_loss: the conditioned queries' class loss: "per_box" (focal loss summed over their slots and
+                classes, divided by boxes x groups, as the matched queries') or "reference" (the reference's scale:
+                the same times slots x groups / classes, i.e. a mean over the classes times the padded group size).
 
         Decoupled matching (fg x things, bg x stuff) is not a setting here: it follows the model's outputs
         (``Outputs.num_bg > 0``).
@@ -142,6 +148,9 @@ class SetCriterion(nn.Module):
         super().__init__()
         if mask_assistance not in ("none", "online"):
             raise ValueError(f"mask_assistance must be 'none' or 'online', got {mask_assistance!r}")
+        if cond_class_loss not in ("per_box", "reference"):
+            raise ValueError(f"cond_class_loss must be 'per_box' or 'reference', got {cond_class_loss!r}")
+        self.cond_class_loss = cond_class_loss
         self._base_weights = {"loss_class": float(class_weight), "loss_bbox": float(bbox_weight),
                               "loss_giou": float(giou_weight), "loss_mask": float(mask_weight),
                               "loss_dice": float(dice_weight)}
@@ -251,8 +260,12 @@ class SetCriterion(nn.Module):
             losses.update(self._matched_losses(aux, prepared, match_targets, task, num_fg, num_bg, decoupled,
                                                num_boxes, f"_aux{i}"))
         if outputs.proposals is not None:
-            losses.update(self._matched_losses(outputs.proposals, prepared, match_targets, task, num_fg, 0, decoupled,
-                                               num_boxes, "_proposals"))
+            # rows past num_fg: the bg queries (bg_training="reference", in training), matched as the reference
+            # matches its "interm" outputs: seg fg x things + bg x stuff, det every row x every target
+            prop_bg = outputs.proposals.logits.shape[1] - num_fg
+            prop_fg, prop_bg = (num_fg, prop_bg) if task == "seg" else (num_fg + prop_bg, 0)
+            losses.update(self._matched_losses(outputs.proposals, prepared, match_targets, task, prop_fg, prop_bg,
+                                               decoupled, num_boxes, "_proposals"))
         if outputs.conditioned is not None:
             losses.update(self._conditioned_losses(outputs.conditioned, prepared, num_boxes))
         return losses
@@ -407,6 +420,10 @@ class SetCriterion(nn.Module):
             target_index[:, :slots] = -1
         noisy_groups = conditioned.num_groups - int(conditioned.clean_group)
         normaliser = num_boxes * max(noisy_groups, 1)
+        class_scale = 1.0
+        if self.cond_class_loss == "reference" and conditioned.predictions:
+            slots_per_group = conditioned.target_index.shape[1] // max(conditioned.num_groups, 1)
+            class_scale = slots_per_group * max(noisy_groups, 1) / conditioned.predictions[0].logits.shape[-1]
         slot_b, slot_q = torch.nonzero(target_index >= 0, as_tuple=True)
         gt = target_index[slot_b, slot_q]
         # Per-image (slots, GT indices), shared by every layer.
@@ -432,7 +449,7 @@ class SetCriterion(nn.Module):
             onehot = torch.zeros_like(logits)
             onehot[torch.arange(labels.shape[0], device=labels.device), labels] = 1.0
             loss_class = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma,
-                                            reduction="sum") / normaliser
+                                            reduction="sum") / normaliser * class_scale
             losses["loss_class" + suffix] = loss_class + _zero(pred.logits, pred.boxes, pred.masks)
             loss_bbox, loss_giou = self._box_losses(pred.boxes[batch_idx, query_idx], boxes_tgt, pred.boxes,
                                                     normaliser)

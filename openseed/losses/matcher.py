@@ -74,7 +74,9 @@ def build_match_groups(is_thing: Sequence[Tensor], task: str, num_fg: int, num_b
     - detection: fg queries x all targets (bg queries are never matched).
 
     ``decoupled`` defaults to what the query split says: a model is decoupled when it has bg queries
-    (``num_bg > 0``). For the encoder proposals (fg queries only) pass ``num_bg=0`` and the model's ``decoupled``.
+    (``num_bg > 0``). For the encoder proposals (fg queries only) pass ``num_bg=0`` and the model's ``decoupled``;
+    proposals that carry the bg queries too (``bg_training="reference"``) pass ``num_bg`` on segmentation data and,
+    on detection data, ``num_fg + num_bg`` as ``num_fg`` (the reference matches every such row to every target).
     """
     if decoupled is None:
         decoupled = num_bg > 0

@@ -44,6 +44,7 @@ from openseed.ops import MSDeformAttn
 
 LEVEL_ORDERS = ("fine_first", "coarse_first")
 BOX_NOISE = ("corners", "reference")
+BG_TRAINING = ("openseed", "reference")
 
 
 @dataclass
@@ -143,6 +144,13 @@ class OpenSeeDDecoder(nn.Module):
         anchor_size: anchor side of level l proposals = anchor_size * 2^l (normalised; l in ``level_order``).
         class_bias: a learned bias on the class logits (see ``TextClassifier``); the reference has none.
         level_order: "fine_first" (the memory's order) or "coarse_first" (the reference's); see the module docstring.
+        bg_training: how the background queries' content and anchors learn (no effect without bg queries).
+            "openseed": they enter the decoder undetached (the content learns through every layer, the anchors
+            through the first layer's loss boxes); the proposals are the fg queries only. "reference" (the
+            reference's): they enter the decoder detached and, in training, the proposals carry them too, rows
+            ``num_fg:`` = ``norm(bg content)`` through the class and mask heads with boxes ``sigmoid(bg anchor)``
+            (no box head), so they learn through the proposals' loss only. In eval the proposals stay fg only
+            (those rows equal the first prediction's bg rows; inference does not read the proposals).
     """
 
     def __init__(self, hidden_dim: int = 256, text_dim: int = 512, mask_dim: int = 256, num_levels: int = 4,
@@ -150,8 +158,12 @@ class OpenSeeDDecoder(nn.Module):
                  ffn_dim: int = 2048, dropout: float = 0.0, decoupled: bool = True, conditioned: bool = True,
                  cond_budget: int = 100, box_noise_scale: float = 0.4, anchor_size: float = 0.05,
                  logit_scale_init: float = LOGIT_SCALE_INIT, class_bias: bool = True,
-                 level_order: str = "fine_first", box_noise: str = "corners", cond_over_budget: str = "one_group"):
+                 level_order: str = "fine_first", box_noise: str = "corners", cond_over_budget: str = "one_group",
+                 bg_training: str = "openseed"):
         super().__init__()
+        if bg_training not in BG_TRAINING:
+            raise ValueError(f"bg_training must be one of {BG_TRAINING}, got {bg_training!r}")
+        self.bg_training = bg_training
         if level_order not in LEVEL_ORDERS:
             raise ValueError(f"level_order must be one of {LEVEL_ORDERS}, got {level_order!r}")
         if box_noise not in BOX_NOISE:
@@ -299,11 +311,23 @@ class OpenSeeDDecoder(nn.Module):
         memory = self._in_level_order(memory)
         batch = memory.memory.shape[0]
         proposal_content, proposal_boxes = self.select_foreground(memory, text)
-        proposals = self._predict(proposal_content, proposal_boxes.sigmoid(), text, mask_features)
         contents, boxes = [proposal_content.detach()], [proposal_boxes.detach()]  # boxes unsigmoided
+        if self.num_bg and self.bg_training == "reference" and self.training:
+            # the reference's proposals ("interm" outputs) carry the bg queries: their content through the heads,
+            # their anchors as the boxes; this is what trains them (they enter the decoder detached, below)
+            bg_content = self.bg_content.weight[None].expand(batch, -1, -1)
+            bg_anchor = self.bg_anchor.weight[None].expand(batch, -1, -1)
+            proposals = self._predict(torch.cat([proposal_content, bg_content], 1),
+                                      torch.cat([proposal_boxes, bg_anchor], 1).sigmoid(), text, mask_features)
+        else:
+            proposals = self._predict(proposal_content, proposal_boxes.sigmoid(), text, mask_features)
         if self.num_bg:
-            contents.append(self.bg_content.weight[None].expand(batch, -1, -1))
-            boxes.append(self.bg_anchor.weight[None].expand(batch, -1, -1))
+            bg_content = self.bg_content.weight[None].expand(batch, -1, -1)
+            bg_anchor = self.bg_anchor.weight[None].expand(batch, -1, -1)
+            if self.bg_training == "reference":  # trained through the proposals only
+                bg_content, bg_anchor = bg_content.detach(), bg_anchor.detach()
+            contents.append(bg_content)
+            boxes.append(bg_anchor)
         num_matching = self.num_fg + self.num_bg
         attn_mask, num_cond, cond = None, 0, None
         if conditions is not None and not self._has_groups(conditions):
@@ -315,8 +339,8 @@ class OpenSeeDDecoder(nn.Module):
             num_cond = groups * slots
             attn_mask = self._attention_mask(target_index, groups, slots, num_matching)
         tgt = torch.cat(contents, 1)
-        # undetached: the background anchors learn through the first layer's loss boxes ("look forward twice";
-        # the reference detaches them here and trains them through its proposal outputs instead)
+        # bg_training="openseed": the background anchors are undetached here and learn through the first layer's
+        # loss boxes ("look forward twice"); "reference": detached above, trained through the proposals instead
         reference = torch.cat(boxes, 1).sigmoid()
         predictions = [self._predict(tgt, reference, text, mask_features)]
         reference_in = reference.detach()

@@ -10,6 +10,7 @@ CPU sizes); any field can be overridden.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -47,7 +48,11 @@ class OpenSeeDConfig:
     removed). Training switches: ``box_noise`` ("corners": each corner of a conditioned query's box jittered, as the
     paper describes DN-DETR's noise; "reference": the reference's centre shift and width/height scaling) and
     ``cond_over_budget`` ("one_group": one denoising group even when an image has more targets than ``cond_budget``;
-    "none": no denoising queries for such a batch, as the reference).
+    "none": no denoising queries for such a batch, as the reference), ``bg_training`` ("openseed": background
+    anchors and content learn through the decoder's losses; "reference": they enter the decoder detached and learn
+    through the proposal outputs, which carry their rows in training), ``text_lr_scope`` ("reference": the joint-space
+    projection and the logit scale at the text tower's lr multiplier) and ``fp32_encoder_decoder`` (the pixel decoder
+    and decoder in float32 under mixed precision, as the reference; on for every size).
 
     Use: ``eval_short_edge`` / ``eval_max_size`` the evaluation resize (None: the caller's, e.g. the data config's or
     the predictor's square ``image_size``), ``test_top_k`` instance detections per image, ``clip_boxes`` clip
@@ -80,12 +85,15 @@ class OpenSeeDConfig:
     text_heads: int = 8
     text_trainable: bool = True
     text_lr_multiplier: float = 0.1
+    text_lr_scope: str = "tower"
+    fp32_encoder_decoder: bool = True
     decoupled: bool = True
     conditioned: bool = True
     cond_budget: int = 100
     box_noise_scale: float = 0.4
     box_noise: str = "corners"
     cond_over_budget: str = "one_group"
+    bg_training: str = "openseed"  # "reference": bg queries detached in the decoder, trained via the proposals
     mask_padding: bool = True
     level_order: str = "fine_first"
     class_bias: bool = True
@@ -105,13 +113,19 @@ class OpenSeeDConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
+# Parameters trained at the text tower's lr multiplier: the tower's own ("tower"), or also the projection into the
+# joint space and the class head's logit scale, which the reference keeps in its language encoder (lr x0.1 there)
+TEXT_LR_SCOPES = {"tower": ("text_encoder.tower.",),
+                  "reference": ("text_encoder.tower.", "text_encoder.projection.", "decoder.class_head.logit_scale")}
+
 # The reference's computation and use, shared by the presets of the three released architectures
 # (../shared/reference/README.md; docs/model.md): no padding mask, levels read coarsest first, no class bias, its
 # CLIP-style text transformer with its name cleaning, 8 decoder heads, 800/1333 evaluation resize, unclipped boxes.
 _REFERENCE = dict(drop_path_rate=0.3, decoder_num_heads=8, text_tower="clip_transformer", text_dim=512,
                   text_width=512, text_layers=12, text_heads=8, mask_padding=False, level_order="coarse_first",
                   class_bias=False, name_cleaning="reference", eval_short_edge=800, eval_max_size=1333,
-                  clip_boxes=False, box_noise="reference", cond_over_budget="none")
+                  clip_boxes=False, box_noise="reference", cond_over_budget="none", text_lr_scope="reference",
+                  bg_training="reference")
 
 MODEL_SIZES: dict[str, OpenSeeDConfig] = {
     # the released architectures (../shared/reference/manifests): Swin-T without background queries (text context
@@ -140,11 +154,16 @@ class OpenSeeD(nn.Module):
     Args:
         backbone: multi-scale image encoder. pixel_decoder, decoder: see their modules. text_encoder: class names
             -> [K, text_dim] embeddings. seed: seed of the synonym/template draws in training.
+        fp32_encoder_decoder: run the pixel decoder (the deformable encoder) and the decoder in float32 even under
+            mixed precision (autocast off, inputs cast up), as the reference does; the backbone and the text tower
+            follow the autocast setting.
     """
 
     def __init__(self, backbone: Backbone, pixel_decoder: PixelDecoder, decoder: OpenSeeDDecoder,
-                 text_encoder: TextEncoder, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD, seed: int = 0):
+                 text_encoder: TextEncoder, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD, seed: int = 0,
+                 fp32_encoder_decoder: bool = True):
         super().__init__()
+        self.fp32_encoder_decoder = fp32_encoder_decoder
         self.backbone, self.pixel_decoder, self.decoder = backbone, pixel_decoder, decoder
         self.text_encoder = text_encoder
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
@@ -167,7 +186,20 @@ class OpenSeeD(nn.Module):
         with record_function("backbone"):
             features = self.backbone(pixels)
         with record_function("pixel_decoder"):
-            return self.pixel_decoder(features, padding_mask)
+            with self._full_precision(pixels):
+                if self.fp32_encoder_decoder:
+                    features = {name: value.float() for name, value in features.items()}
+                return self.pixel_decoder(features, padding_mask)
+
+    def _full_precision(self, reference: Tensor):
+        """Autocast off on ``reference``'s device when ``fp32_encoder_decoder`` (a no-op context otherwise)."""
+        if not self.fp32_encoder_decoder:
+            return contextlib.nullcontext()
+        return torch.autocast(reference.device.type, enabled=False)
+
+    def _decode(self, memory: EncoderMemory, text: Tensor, conditions: Conditions | None) -> Outputs:
+        with self._full_precision(text):
+            return self.decoder(memory, text.float() if self.fp32_encoder_decoder else text, conditions)
 
     def forward(self, images: Tensor, padding_mask: Tensor, vocabulary: Vocabulary,
                 targets: list[Targets] | None = None, conditions: Conditions | None = None,
@@ -195,7 +227,7 @@ class OpenSeeD(nn.Module):
                                     boxes=[targets_to_model_boxes(t.boxes, padded) for t in targets],
                                     clean_group=clean_group)
         with record_function("decoder"):
-            return self.decoder(memory, text, conditions)
+            return self._decode(memory, text, conditions)
 
     @torch.no_grad()
     def decode_boxes(self, images: Tensor, padding_mask: Tensor, vocabulary: Vocabulary, boxes: list[Tensor],
@@ -232,7 +264,7 @@ class OpenSeeD(nn.Module):
                 text = self.embed_vocabulary(vocabulary)
             if memory is None:
                 memory = self.encode_images(images, padding_mask)
-            return self.decoder(memory, text, conditions)
+            return self._decode(memory, text, conditions)
         finally:
             self.train(was_training)
 
@@ -309,7 +341,8 @@ def build_openseed(size: str | OpenSeeDConfig | None = "tiny", init_from: str | 
                               config.num_points, config.ffn_dim, config.dropout, config.decoupled,
                               config.conditioned, config.cond_budget, config.box_noise_scale,
                               class_bias=config.class_bias, level_order=config.level_order,
-                              box_noise=config.box_noise, cond_over_budget=config.cond_over_budget)
+                              box_noise=config.box_noise, cond_over_budget=config.cond_over_budget,
+                              bg_training=config.bg_training)
     tower_options = {}
     if config.text_tower == "clip_transformer":
         tower_options = dict(context_length=config.text_context, width=config.text_width, layers=config.text_layers,
@@ -317,7 +350,11 @@ def build_openseed(size: str | OpenSeeDConfig | None = "tiny", init_from: str | 
     tower = build_text_tower(config.text_tower, path=config.text_path, **tower_options)
     text_encoder = TextEncoder(tower, config.text_dim, trainable=config.text_trainable,
                                lr_multiplier=config.text_lr_multiplier, name_style=config.name_cleaning)
-    model = OpenSeeD(backbone, pixel_decoder, decoder, text_encoder)
+    model = OpenSeeD(backbone, pixel_decoder, decoder, text_encoder,
+                     fp32_encoder_decoder=config.fp32_encoder_decoder)
+    if config.text_lr_scope not in TEXT_LR_SCOPES:
+        raise ValueError(f"text_lr_scope must be one of {sorted(TEXT_LR_SCOPES)}, got {config.text_lr_scope!r}")
+    model.text_lr_prefixes = TEXT_LR_SCOPES[config.text_lr_scope]
     model.config = asdict(config)
     if state is not None:
         from openseed.modeling.checkpoint import load_state_strictly

@@ -58,7 +58,9 @@ class Outputs:
     Attributes:
         final: matching queries after the last decoder layer.
         aux: matching queries before the first layer and after every layer but the last (deep supervision), in order.
-        proposals: the encoder proposals that became the foreground queries ([B, num_fg, ...]): supervised too.
+        proposals: the encoder proposals that became the foreground queries ([B, num_fg, ...]): supervised too. In
+            training with ``bg_training="reference"`` the background queries' initial predictions follow them
+            ([B, num_fg + num_bg, ...], as the reference's "interm" outputs), which is how those queries learn.
         conditioned: conditioned-query predictions, or None when the model ran without conditions.
         num_fg, num_bg: sizes of the two matching query groups.
         mask_features: [B, D, h, w] per-pixel embeddings the masks are dot products with (for box-prompted
