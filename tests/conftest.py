@@ -97,3 +97,27 @@ def clone_shard_set(source: Path, out: Path, shard_sizes: list[int], mutate=None
     manifest.update(shards=shards, num_samples=index)
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
+
+
+def model_batch(shard_dir, count: int = 2, size: int = 128):
+    """The first ``count`` samples of a shard set, resized to ``size`` (longer side) and collated: a model batch."""
+    import itertools
+
+    from openseed.data.shards import ShardSet, read_shards
+    from openseed.data.transforms import EvalResize, collate
+
+    shard_set = ShardSet.open(shard_dir)
+    samples = [EvalResize(None, size)(s) for s in itertools.islice(read_shards(shard_dir), count)]
+    return collate(samples, shard_set.vocabulary, shard_set.task)
+
+
+@pytest.fixture(scope="session")
+def seg_batch(synth_shards):
+    """Two synthshapes segmentation training images as a batch (128 px)."""
+    return model_batch(synth_shards["seg_train"])
+
+
+@pytest.fixture(scope="session")
+def det_batch(synth_shards):
+    """Two synthshapes detection training images as a batch (128 px)."""
+    return model_batch(synth_shards["det_train"])

@@ -13,17 +13,6 @@ import torch
 from openseed.losses.criterion import SetCriterion
 from openseed.modeling.decoder import OpenSeeDDecoder
 from openseed.modeling.openseed import MODEL_SIZES, build_openseed
-from tests.test_model import _batch
-
-
-@pytest.fixture(scope="module")
-def seg_batch(synth_shards):
-    return _batch(synth_shards["seg_train"])
-
-
-@pytest.fixture(scope="module")
-def det_batch(synth_shards):
-    return _batch(synth_shards["det_train"])
 
 
 def _run(model, criterion, batch, seed=1):

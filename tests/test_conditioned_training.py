@@ -10,12 +10,6 @@ from openseed.modeling import decoder as decoder_module
 from openseed.modeling.decoder import Conditions, noisy_boxes
 from openseed.modeling.openseed import MODEL_SIZES, build_openseed
 from openseed.modeling.outputs import targets_to_model_boxes
-from tests.test_model import _batch
-
-
-@pytest.fixture(scope="module")
-def det_batch(synth_shards):
-    return _batch(synth_shards["det_train"])
 
 
 def test_assistance_masks_come_from_the_clean_boxes(det_batch, monkeypatch):

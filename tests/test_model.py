@@ -1,33 +1,13 @@
 """The OpenSeeD model end to end on synthshapes batches: losses, gradients, attention masks, box prompts."""
 
-import itertools
-
 import pytest
 import torch
 
-from openseed.data.shards import ShardSet, read_shards
-from openseed.data.transforms import EvalResize, collate
 from openseed.losses.criterion import SetCriterion
 from openseed.modeling import decoder as decoder_module
 from openseed.modeling.decoder import Conditions
 from openseed.modeling.openseed import MODEL_SIZES, build_openseed
 from openseed.modeling.outputs import targets_to_model_boxes
-
-
-def _batch(shard_dir, count=2, size=128):
-    shard_set = ShardSet.open(shard_dir)
-    samples = [EvalResize(None, size)(s) for s in itertools.islice(read_shards(shard_dir), count)]
-    return collate(samples, shard_set.vocabulary, shard_set.task)
-
-
-@pytest.fixture(scope="module")
-def seg_batch(synth_shards):
-    return _batch(synth_shards["seg_train"])
-
-
-@pytest.fixture(scope="module")
-def det_batch(synth_shards):
-    return _batch(synth_shards["det_train"])
 
 
 def _losses(model, criterion, batch):
