@@ -73,14 +73,11 @@ def load_image(image) -> tuple[np.ndarray, str | None]:
 def class_names(names, what: str = "vocabulary") -> list[str]:
     """Class names as a list of non-empty strings (stripped); ValueError naming ``what``, the index and the value
     otherwise (None, True or 7 are refused, not turned into "None", "True", "7")."""
+    from openseed.cli import string_list
+
     if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
         raise ValueError(f"{what} must be a list of class names, got {names!r}")
-    out = []
-    for index, name in enumerate(names):
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"{what}[{index}] must be a non-empty string, got {name!r}")
-        out.append(name.strip())
-    return out
+    return string_list(list(names), what, allow_empty=True)
 
 
 def make_vocabulary(words: Sequence[str] | Vocabulary, stuff: Sequence[str] = ()) -> Vocabulary:
