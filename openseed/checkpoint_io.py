@@ -71,9 +71,11 @@ def verify_checkpoint(path: str | Path) -> str | None:
 
 def _step(path: Path) -> int:
     """The global step a checkpoint records (read without running stored code); -1 when unreadable."""
+    from openseed.modeling.checkpoint import load_weights_only
+
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1))
-    except Exception:
+        return int(load_weights_only(path).get("global_step", -1))
+    except (ValueError, AttributeError, TypeError):
         return -1
 
 
