@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -36,17 +34,14 @@ def remove_stale_partials(folder: Path) -> list[Path]:
     return removed
 
 
-def atomic_write(data: bytes | Callable[[io.BufferedWriter], None], path: str | Path) -> None:
-    """Write ``data`` (bytes, or a function writing into the open file) to ``path`` atomically on its file system."""
+def atomic_write(data: bytes | memoryview, path: str | Path) -> None:
+    """Write ``data`` to ``path`` atomically on its file system: a temporary file beside it, fsync, rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         with open(partial, "wb") as handle:
-            if callable(data):
-                data(handle)
-            else:
-                handle.write(data)
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(partial, path)

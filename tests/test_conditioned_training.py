@@ -39,7 +39,7 @@ def test_assistance_masks_come_from_the_clean_boxes(det_batch, monkeypatch):
     prompt = Conditions(labels=conditions.labels, boxes=clean, add_noise=False, num_groups=1)
     with torch.no_grad():
         prompted = model(det_batch.images, det_batch.padding_mask, det_batch.vocabulary, conditions=prompt)
-    slots = cond.target_index.shape[1] // cond.num_groups
+    slots = cond.slots_per_group
     torch.testing.assert_close(cond.predictions[-1].masks[:, :slots], prompted.conditioned.predictions[-1].masks,
                                rtol=1e-4, atol=1e-4)
     criterion = SetCriterion(num_points=256, mask_assistance="online")
@@ -63,7 +63,7 @@ def test_clean_group_is_not_supervised_and_only_requested_for_assistance(det_bat
                     clean_group=True)
     losses = online(outputs, det_batch.targets, "det", tuple(det_batch.images.shape[-2:]))
     cond = outputs.conditioned
-    slots = cond.target_index.shape[1] // cond.num_groups
+    slots = cond.slots_per_group
     logits = [p.logits for p in cond.predictions]
     grads = torch.autograd.grad(online.total_loss(losses), logits, allow_unused=True)
     for grad in grads:  # no loss reaches the clean group's outputs; every layer's noisy groups are supervised
@@ -134,7 +134,7 @@ def test_reference_scale_of_the_conditioned_class_loss(det_batch):
     ours = SetCriterion(num_points=256)(outputs, det_batch.targets, "det", padded)
     theirs = SetCriterion(num_points=256, cond_class_loss="reference")(outputs, det_batch.targets, "det", padded)
     cond = outputs.conditioned
-    slots = cond.target_index.shape[1] // cond.num_groups
+    slots = cond.slots_per_group
     factor = slots * cond.num_groups / len(det_batch.vocabulary)
     for layer in range(len(cond.predictions)):
         key = f"loss_class_cond{layer}"

@@ -304,7 +304,7 @@ class SetCriterion(nn.Module):
         masks = conditioned.predictions[-1].masks if conditioned.predictions else None
         if masks is None or not conditioned.clean_group:
             return None
-        slots_per_group = conditioned.target_index.shape[1] // max(conditioned.num_groups, 1)
+        slots_per_group = conditioned.slots_per_group
         out = []
         for b, p in enumerate(prepared):
             index = conditioned.target_index[b, :slots_per_group].to(masks.device)
@@ -413,17 +413,15 @@ class SetCriterion(nn.Module):
 
     def _conditioned_losses(self, conditioned: ConditionedOutputs, prepared: list[_Prepared],
                             num_boxes: float) -> dict[str, Tensor]:
-        target_index = conditioned.target_index
+        target_index, slots = conditioned.target_index, conditioned.slots_per_group
         if conditioned.clean_group:  # the noise-free group only assists the matching: not supervised
-            slots = target_index.shape[1] // conditioned.num_groups
             target_index = target_index.clone()
             target_index[:, :slots] = -1
-        noisy_groups = conditioned.num_groups - int(conditioned.clean_group)
-        normaliser = num_boxes * max(noisy_groups, 1)
+        noisy_groups = max(conditioned.num_groups - int(conditioned.clean_group), 1)
+        normaliser = num_boxes * noisy_groups
         class_scale = 1.0
         if self.cond_class_loss == "reference" and conditioned.predictions:
-            slots_per_group = conditioned.target_index.shape[1] // max(conditioned.num_groups, 1)
-            class_scale = slots_per_group * max(noisy_groups, 1) / conditioned.predictions[0].logits.shape[-1]
+            class_scale = slots * noisy_groups / conditioned.predictions[0].logits.shape[-1]
         slot_b, slot_q = torch.nonzero(target_index >= 0, as_tuple=True)
         gt = target_index[slot_b, slot_q]
         # Per-image (slots, GT indices), shared by every layer.

@@ -241,11 +241,15 @@ class OpenSeeDDecoder(nn.Module):
         # the box MLP acts on each token alone: running it on the selected tokens only gives the same boxes
         return content, self.box_head(content) + anchors[index]
 
-    def _has_groups(self, conditions: Conditions) -> bool:
-        """Whether ``conditions`` give any conditioned group (see ``cond_over_budget``)."""
-        if conditions.clean_group or conditions.num_groups or self.cond_over_budget == "one_group":
-            return True
-        return self.cond_budget // max([1] + [len(labels) for labels in conditions.labels]) > 0
+    def _group_counts(self, conditions: Conditions) -> tuple[int, int, int]:
+        """(noisy groups, clean groups, slots per group) that ``conditions`` give (see ``cond_over_budget``)."""
+        slots = max([1] + [len(labels) for labels in conditions.labels])
+        noisy = conditions.num_groups
+        if noisy is None:
+            noisy = self.cond_budget // slots
+            if noisy == 0 and self.cond_over_budget == "one_group":
+                noisy = 1
+        return noisy, int(conditions.clean_group), slots
 
     def _conditioned_queries(self, conditions: Conditions, text: Tensor, batch: int
                              ) -> tuple[Tensor, Tensor, Tensor, int, int]:
@@ -253,13 +257,7 @@ class OpenSeeDDecoder(nn.Module):
         M. (The boxes pass through ``inverse_sigmoid``, whose clamp keeps a box side of 1 just inside the image, as
         in the reference.)"""
         device = text.device
-        slots = max([1] + [len(labels) for labels in conditions.labels])
-        noisy_groups = conditions.num_groups
-        if noisy_groups is None:
-            noisy_groups = self.cond_budget // slots
-            if noisy_groups == 0 and self.cond_over_budget == "one_group":
-                noisy_groups = 1
-        clean = int(conditions.clean_group)
+        noisy_groups, clean, slots = self._group_counts(conditions)
         groups = noisy_groups + clean
         content = text.new_zeros(batch, groups * slots, self.hidden_dim)
         boxes = inverse_sigmoid(text.new_tensor([0.5, 0.5, 0.1, 0.1])).repeat(batch, groups * slots, 1)
@@ -330,7 +328,7 @@ class OpenSeeDDecoder(nn.Module):
             boxes.append(bg_anchor)
         num_matching = self.num_fg + self.num_bg
         attn_mask, num_cond, cond = None, 0, None
-        if conditions is not None and not self._has_groups(conditions):
+        if conditions is not None and sum(self._group_counts(conditions)[:2]) == 0:
             conditions = None  # every image over the budget and cond_over_budget="none": no conditioned queries
         if conditions is not None:
             cond_content, cond_boxes, target_index, groups, slots = self._conditioned_queries(conditions, text, batch)

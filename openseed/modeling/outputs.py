@@ -48,6 +48,11 @@ class ConditionedOutputs:
     num_groups: int
     clean_group: bool = False
 
+    @property
+    def slots_per_group(self) -> int:
+        """``M``: the conditioned queries of one group (the most targets of an image in the batch)."""
+        return self.target_index.shape[1] // max(self.num_groups, 1)
+
 
 @dataclass
 class Outputs:
