@@ -344,3 +344,15 @@ def test_clip_transformer_tower_in_the_encoder(vocab):
     encoder.train()
     encoder.encode_vocabulary(vocab, rng=random.Random(0)).pow(3).sum().backward()
     assert tower.token_embedding.weight.grad.abs().sum() > 0
+
+
+def test_frozen_tower_features_from_autocast_are_not_served_in_full_precision(tiny, vocab):
+    """Features computed under CPU bf16 autocast carry bf16 rounding: a later full-precision call must not get them."""
+    encoder = TextEncoder(tiny, 8, trainable=False).train()
+    prompts = encoder.prompts(vocab, True, random.Random(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = encoder._tower_features(prompts)
+    full = encoder._tower_features(prompts)
+    fresh = TextEncoder(tiny, 8, trainable=False)._run_tower(prompts)
+    assert not torch.equal(under_autocast, fresh)  # the tower's matmuls ran in bf16
+    assert full.dtype == torch.float32 and torch.equal(full, fresh)

@@ -340,7 +340,7 @@ class TextEncoder(nn.Module):
         self._ensemble_memo: tuple[Tensor, Tensor, Tensor] | None = None
         # Frozen tower: normalised features per prompt text (exact: the tower never changes and runs in eval mode).
         self._prompt_cache: dict[str, Tensor] = {}
-        self._prompt_cache_state: tuple[torch.device, torch.dtype] | None = None
+        self._prompt_cache_state: tuple[torch.device, torch.dtype, torch.dtype | None] | None = None
         if not trainable:
             self.tower.requires_grad_(False)
             self.tower.eval()
@@ -421,7 +421,10 @@ class TextEncoder(nn.Module):
         if self.trainable:
             return self._run_tower(texts)
         reference = next(self.tower.parameters())
-        state = (reference.device, reference.dtype)
+        device_type = reference.device.type
+        autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        # features computed under autocast are in its dtype: kept apart from full-precision ones
+        state = (reference.device, reference.dtype, autocast)
         if state != self._prompt_cache_state:
             self._prompt_cache.clear()
             self._prompt_cache_state = state
