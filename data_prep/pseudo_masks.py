@@ -19,15 +19,14 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from openseed.data.shards import MANIFEST, VOCAB, ShardSet, decode_sample, iter_raw_samples
-from openseed.data.transforms import MIN_BOX_SIDE, EvalResize, collate
+from openseed.data.shards import MANIFEST, VOCAB, ShardSet, iter_raw_samples
+from openseed.data.transforms import MIN_BOX_SIDE, EvalResize
+from openseed.evaluation.box_prompts import decode_box_prompts
 from openseed.modeling.postprocess import encode_rle
 
 DROPPED_BY_RESIZE = (f"box dropped by the resize (under {MIN_BOX_SIDE:g} px wide or high at the decoding size, "
@@ -72,32 +71,13 @@ def pseudo_mask_shards(model, shards_dir: str | Path, out_dir: str | Path, image
     return counts
 
 
-@torch.no_grad()
 def _write_chunk(model, raws, source, names, resize, writer, overwrite, counts) -> None:
-    decoded = [(raw, decode_sample(raw, source.vocabulary)) for raw in raws]
-    usable = [(raw, s) for raw, s in decoded if s is not None]
-    counts["skipped"] += len(decoded) - len(usable)
-    if not usable:
-        return
-    resized, positions = [], []
-    for _, sample in usable:
-        # the resize drops thin / clipped boxes: carry each box's position (among the non-crowd objects) through it
-        # in ``labels``, so that every mask goes back to its own object
-        moved = resize(replace(sample, labels=torch.arange(len(sample.labels))))
-        positions.append(moved.labels.tolist())
-        resized.append(replace(moved, labels=sample.labels[moved.labels]))
-    batch = collate(resized, source.vocabulary, "det")
-    device = next(model.parameters()).device
-    images, padding = batch.images.to(device), batch.padding_mask.to(device)
-    masks = model.segment_boxes(images, padding, [t.boxes.to(device) for t in batch.targets],
-                                [[names[int(label)] for label in t.labels] for t in batch.targets])
-    for (raw, sample), image_masks, kept in zip(usable, masks, positions):
+    for raw, masks in decode_box_prompts(model, raws, source, names, resize):
+        if masks is None:
+            counts["skipped"] += 1
+            continue
         meta = json.loads(raw["json"])
-        height, width = sample.orig_size
-        full = F.interpolate(image_masks[None].float(), size=(height, width), mode="nearest")[0].bool().cpu() \
-            if len(image_masks) else torch.zeros((0, height, width), dtype=torch.bool)
-        targets = [i for i, obj in enumerate(meta["objects"]) if not obj["iscrowd"]]  # decode_sample's order
-        rles = dict(zip((targets[k] for k in kept), encode_rle(full)))  # object index -> its mask
+        rles = dict(zip(masks, encode_rle(torch.stack(list(masks.values()))))) if masks else {}
         for index, obj in enumerate(meta["objects"]):
             if obj["iscrowd"]:
                 counts["crowd_without_mask"] += int("rle" not in obj)

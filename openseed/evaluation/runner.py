@@ -41,7 +41,7 @@ from openseed.structures import Batch
 IGNORE = 255
 
 
-def _xyxy_to_xywh(box: Sequence[float]) -> list[float]:
+def xyxy_to_xywh(box: Sequence[float]) -> list[float]:
     x0, y0, x1, y1 = (float(v) for v in box)
     return [x0, y0, x1 - x0, y1 - y0]
 
@@ -97,7 +97,7 @@ class DatasetEvaluator:
                 self.panoptic.update(gt_ids, segments, panoptic[i]["panoptic_seg"].cpu().numpy(),
                                      panoptic[i]["segments_info"], image_id=image_id)
                 self.semantic.update(semantic[i]["sem_seg"].cpu().numpy(), self._semantic_truth(gt_ids, meta))
-            self._add_instance_truth(meta, gt_ids)
+            self.add_instance_truth(meta, gt_ids)
             records = instances_to_coco(_to_cpu(instances[i]), image_id, self.vocabulary.ids)
             # a diverged model's NaN / infinite scores or boxes cannot be scored (the COCO evaluator refuses them):
             # they are left out, counted, and reported with a warning by compute()
@@ -111,13 +111,15 @@ class DatasetEvaluator:
             labels[gt_ids == obj["segment_id"]] = obj["label"]
         return labels
 
-    def _add_instance_truth(self, meta: dict, gt_ids: np.ndarray | None) -> None:
+    def add_instance_truth(self, meta: dict, gt_ids: np.ndarray | None) -> None:
+        """Record one image's thing objects (stored JSON ``meta``) as COCO ground truth; masks from the panoptic id
+        map ``gt_ids`` when given, else from the objects' stored ``rle``."""
         self.gt_images.append({"id": int(meta["image_id"]), "height": meta["height"], "width": meta["width"]})
         for obj in meta["objects"]:
             if not obj["is_thing"]:
                 continue
             record = {"image_id": int(meta["image_id"]), "category_id": obj["category_id"],
-                      "bbox": _xyxy_to_xywh(obj["bbox"]), "area": float(obj["area"]), "iscrowd": int(obj["iscrowd"])}
+                      "bbox": xyxy_to_xywh(obj["bbox"]), "area": float(obj["area"]), "iscrowd": int(obj["iscrowd"])}
             if gt_ids is not None:
                 record["segmentation"] = encode_rle(gt_ids[None] == obj["segment_id"])[0]
             elif "rle" in obj:
@@ -142,11 +144,8 @@ class DatasetEvaluator:
         if non_finite:
             warnings.warn(f"{non_finite} detections with a NaN or infinite score or box were left out of box / mask "
                           f"AP (is the model diverged?)", stacklevel=2)
-        images = {image["id"]: image for image in gather_to_all(self.gt_images)}
-        annotations = gather_to_all(self.gt_annotations)
+        gt = self.coco_truth()
         detections = gather_to_all(self.detections)
-        gt = {"images": list(images.values()), "categories": [c for c in self.categories if c["isthing"]],
-              "annotations": [{**a, "id": k + 1} for k, a in enumerate(annotations)]}
         if gt["categories"] and gt["images"]:
             for iou_type, prefix in (("bbox", "box"), ("segm", "mask")):
                 if iou_type == "segm" and not self.with_masks:
@@ -156,6 +155,13 @@ class DatasetEvaluator:
                 per_class[f"{prefix}_AP"] = {c["name"]: c["AP"] for c in stats["per_category"]}
         metrics["per_class"] = per_class
         return metrics
+
+    def coco_truth(self) -> dict:
+        """The instance ground truth gathered from every rank, as a COCO dict (thing categories only)."""
+        images = {image["id"]: image for image in gather_to_all(self.gt_images)}
+        annotations = gather_to_all(self.gt_annotations)
+        return {"images": list(images.values()), "categories": [c for c in self.categories if c["isthing"]],
+                "annotations": [{**a, "id": k + 1} for k, a in enumerate(annotations)]}
 
 
 def _to_cpu(result: dict) -> dict:
