@@ -1,4 +1,4 @@
-"""The documented ablation sweep (experiments/synthshapes_ablation): one Hydra multirun over every ablation value,
+"""The documented ablation sweep (experiments/paper_claims): one Hydra multirun over every ablation value,
 each with fast_dev_run, then the gather script's table."""
 
 import subprocess
@@ -43,14 +43,16 @@ def test_sweep_command_runs_every_ablation_and_gathers(synth_shards, tmp_path):
         job = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
         assert job["trainer"]["fast_dev_run"] is True and (run / "metrics.json").is_file()
 
-    gathered = subprocess.run([sys.executable, "experiments/synthshapes_ablation/gather.py", str(sweep),
-                               "--out", str(tmp_path / "table.md")], cwd=ROOT, capture_output=True, text=True)
+    gathered = subprocess.run([sys.executable, "experiments/paper_claims/gather.py", str(sweep),
+                               "--out", str(tmp_path / "gathered")], cwd=ROOT, capture_output=True, text=True)
     assert gathered.returncode == 0, gathered.stderr
-    lines = (tmp_path / "table.md").read_text().splitlines()
-    assert lines[0].startswith("| ablation | steps | seg_val PQ |")
-    assert [line.split(" | ")[0].strip("| ") for line in lines[2:]] == list(ABLATIONS)
-    for line in lines[2:]:
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[1] == "1"  # fast_dev_run: one step
-        assert all(0.0 <= float(c) <= 100.0 for c in cells[2:] if c)
-        assert cells[2] != ""  # PQ present
+    text = (tmp_path / "gathered" / "results.md").read_text()
+    table9 = text.split("## Table 9")[1].split("## Table 7")[0].strip().splitlines()[1:]
+    assert table9[0].startswith("| variant | seeds | steps | PQ |")
+    rows = table9[2:]
+    assert [row.split(" | ")[0].strip("| ") for row in rows] == list(ABLATIONS)
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1:3] == ["0", "1"]  # seed 0 (the default), fast_dev_run: one step
+        assert all(0.0 <= float(c) <= 100.0 for c in cells[3:] if c)  # one seed: a value, no spread
+        assert cells[3] != ""  # PQ present

@@ -1,0 +1,171 @@
+"""The paper's claims in miniature on synthshapes: every training and evaluation of the study, resumable.
+
+    python experiments/paper_claims/run.py [--out runs/paper_claims] [--seeds 0 1 2] [--model tiny] \
+        [--stages ablations,box_prompts,offline] [--only NAME ...] [-- extra Hydra overrides]
+    python experiments/paper_claims/gather.py runs/paper_claims --out experiments/paper_claims
+
+Stages (README.md of this folder says what each measures):
+
+- ``ablations`` (Table 9): ``openseed.train`` once per ablation value and seed, in the order baseline, no_decoupled,
+  no_mask_assistance, no_conditioned (every seed of one ablation before the next), each into
+  ``<out>/runs/<ablation>-s<seed>``;
+- ``box_prompts`` (Table 1): for every finished baseline run, ``det_val`` mask AP of each class when its masks are
+  decoded from the ground-truth boxes and names (``openseed.evaluation.box_prompts``), into
+  ``<out>/box_prompts/baseline-s<seed>.json``, with ``mask_AP_unseen`` over the classes outside ``seg_train`` as
+  the training reports it for the model's own detections;
+- ``offline`` (Table 7): per seed, pseudo masks for ``det_train`` from that seed's baseline model
+  (``data_prep.pseudo_masks``, into ``<out>/pseudo/s<seed>``), then the baseline training again with them as the
+  detection data's mask supervision (``data.det_masks=true``), into ``<out>/runs/offline-s<seed>``.
+
+A run whose folder already has ``metrics.json`` is not run again, so an interrupted study continues where it stopped
+(the folder of a run that was stopped is moved to ``<out>/aborted/`` and the run starts afresh); a failed run stops
+the study with its log's path (``<run dir>/driver.log``). Each training is the default experiment
+(``synthshapes_joint``: 2 epochs = 500 steps) with ``model=<--model>``, ``logger=csv`` and no prediction overlays;
+arguments after ``--`` are added to every training (for example ``trainer.max_epochs=1`` for a quicker study).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ABLATIONS = ("baseline", "no_decoupled", "no_mask_assistance", "no_conditioned")
+STAGES = ("ablations", "box_prompts", "offline")
+DET_TRAIN = ROOT / "data" / "synthshapes" / "shards" / "det_train"
+DET_VAL = ROOT / "data" / "synthshapes" / "shards" / "det_val"
+SEG_TRAIN = ROOT / "data" / "synthshapes" / "shards" / "seg_train"
+
+
+class StudyError(RuntimeError):
+    pass
+
+
+def _run(command: list[str], log_file: Path) -> None:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with log_file.open("w") as log:
+        done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    minutes = (time.perf_counter() - start) / 60
+    if done.returncode != 0:
+        raise StudyError(f"exit status {done.returncode} after {minutes:.1f} min: {' '.join(command)} "
+                         f"(log: {log_file})")
+    print(f"  done in {minutes:.1f} min", flush=True)
+
+
+def train(run_dir: Path, overrides: list[str], model: str, extra: list[str]) -> Path:
+    """One training into ``run_dir`` (skipped when it already finished); returns its checkpoint."""
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    if (run_dir / "metrics.json").is_file():
+        print(f"{run_dir.name}: finished before, kept", flush=True)
+        return checkpoint
+    if run_dir.exists():  # a run that was stopped: its checkpoints and logs go aside, it starts afresh
+        aside = run_dir.parent.parent / "aborted" / f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        run_dir.rename(aside)
+        print(f"{run_dir.name}: an unfinished earlier attempt moved to {aside}", flush=True)
+    print(f"{run_dir.name}: training ({' '.join(overrides)})", flush=True)
+    command = [sys.executable, "-m", "openseed.train", *overrides, f"model={model}", "logger=csv",
+               "prediction_overlays=false", *extra, f"hydra.run.dir={run_dir}"]
+    _run(command, run_dir / "driver.log")
+    return checkpoint
+
+
+def baseline_run(out: Path, seed: int) -> Path:
+    return out / "runs" / f"baseline-s{seed}"
+
+
+def stage_ablations(out: Path, seeds: list[int], model: str, extra: list[str], only: set[str]) -> None:
+    for ablation in ABLATIONS:
+        if only and ablation not in only:
+            continue
+        for seed in seeds:
+            train(out / "runs" / f"{ablation}-s{seed}", [f"ablation={ablation}", f"seed={seed}"], model, extra)
+
+
+def stage_box_prompts(out: Path, seeds: list[int], det_val: Path, seg_train: Path) -> None:
+    from openseed.data.shards import ShardSet
+    from openseed.evaluation.box_prompts import evaluate_box_prompts
+    from openseed.modeling.checkpoint import load_model
+    from openseed.train import add_unseen_class_metrics
+
+    seg_classes = set(ShardSet.open(seg_train).vocabulary.names)
+
+    for seed in seeds:
+        run = baseline_run(out, seed)
+        target = out / "box_prompts" / f"{run.name}.json"
+        if target.is_file():
+            print(f"{target.name}: scored before, kept", flush=True)
+            continue
+        if not (run / "metrics.json").is_file():
+            raise StudyError(f"{run} has not finished: run the ablations stage first")
+        print(f"{run.name}: box-prompted masks on {det_val.name}", flush=True)
+        start = time.perf_counter()
+        metrics = evaluate_box_prompts(load_model(run / "checkpoints" / "last.ckpt"), det_val)
+        add_unseen_class_metrics({det_val.name: metrics}, seg_classes)  # mask_AP_unseen, as the training reports it
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps({"run": run.name, "shards": str(det_val), **metrics}, indent=1))
+        print(f"  done in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+
+
+def stage_offline(out: Path, seeds: list[int], model: str, extra: list[str], det_train: Path) -> None:
+    for seed in seeds:
+        run = out / "runs" / f"offline-s{seed}"
+        if (run / "metrics.json").is_file():
+            print(f"{run.name}: finished before, kept", flush=True)
+            continue
+        teacher = baseline_run(out, seed)
+        if not (teacher / "metrics.json").is_file():
+            raise StudyError(f"{teacher} has not finished: run the ablations stage first")
+        pseudo = out / "pseudo" / f"s{seed}"
+        if not (pseudo / "manifest.json").is_file():
+            print(f"s{seed}: pseudo masks for {det_train.name} from {teacher.name}", flush=True)
+            _run([sys.executable, "-m", "data_prep.pseudo_masks", "--ckpt", str(teacher / "checkpoints" / "last.ckpt"),
+                  "--shards", str(det_train), "--out", str(pseudo), "--image-size", "160", "--device", "cpu"],
+                 out / "pseudo" / f"s{seed}.log")
+        train(run, ["ablation=baseline", f"seed={seed}", "data.det_masks=true", f"data.det.path={pseudo}"], model,
+              extra)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "paper_claims")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--model", default="small", help="model size (conf/model); small: the CPU default's")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, from {', '.join(STAGES)}")
+    parser.add_argument("--only", nargs="+", default=[], choices=ABLATIONS, help="ablations stage: only these")
+    parser.add_argument("--det-train", type=Path, default=DET_TRAIN)
+    parser.add_argument("--det-val", type=Path, default=DET_VAL)
+    parser.add_argument("--seg-train", type=Path, default=SEG_TRAIN, help="its classes are the 'seen' ones")
+    args = parser.parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        parser.error(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+    out = args.out.resolve()
+    try:
+        for stage in stages:
+            print(f"== {stage}", flush=True)
+            if stage == "ablations":
+                stage_ablations(out, args.seeds, args.model, extra, set(args.only))
+            elif stage == "box_prompts":
+                stage_box_prompts(out, args.seeds, args.det_val.resolve(), args.seg_train.resolve())
+            else:
+                stage_offline(out, args.seeds, args.model, extra, args.det_train.resolve())
+    except StudyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
