@@ -47,7 +47,7 @@ def test_sweep_command_runs_every_ablation_and_gathers(synth_shards, tmp_path):
                                "--out", str(tmp_path / "gathered")], cwd=ROOT, capture_output=True, text=True)
     assert gathered.returncode == 0, gathered.stderr
     text = (tmp_path / "gathered" / "results.md").read_text()
-    table9 = text.split("## Table 9")[1].split("## Table 7")[0].strip().splitlines()[1:]
+    table9 = [line for line in text.split("## Table 9")[1].split("## Table 7")[0].splitlines() if line.startswith("|")]
     assert table9[0].startswith("| variant | seeds | steps | PQ |")
     rows = table9[2:]
     assert [row.split(" | ")[0].strip("| ") for row in rows] == list(ABLATIONS)
