@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from openseed.data.shards import MANIFEST, VOCAB, ShardSet, iter_raw_samples
 from openseed.data.transforms import MIN_BOX_SIDE, EvalResize
-from openseed.evaluation.box_prompts import decode_box_prompts
+from openseed.evaluation.box_prompts import PromptNames, decode_box_prompts
 from openseed.modeling.postprocess import encode_rle
 
 DROPPED_BY_RESIZE = (f"box dropped by the resize (under {MIN_BOX_SIDE:g} px wide or high at the decoding size, "
@@ -43,9 +43,9 @@ def pseudo_mask_shards(model, shards_dir: str | Path, out_dir: str | Path, image
         raise ValueError(f"{shards_dir} is a {source.task!r} data set; pseudo masks are for detection data")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = source.vocabulary.prompt_names()
-    resize = EvalResize(None, image_size)
     model.eval()
+    names = PromptNames(model, source.vocabulary.prompt_names())
+    resize = EvalResize(None, image_size)
     counts = {"images": 0, "pseudo_masks": 0, "kept_annotated": 0, "crowd_without_mask": 0, "skipped": 0,
               "boxes_without_mask": {}}  # reason -> number of non-crowd boxes that got no mask
     start = time.perf_counter()

@@ -33,9 +33,15 @@ class Oracle(torch.nn.Module):
     def __init__(self, truth, box_masks=False):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.truth, self.box_masks, self.calls = truth, box_masks, 0
+        self.truth, self.box_masks, self.calls, self.embedded = truth, box_masks, 0, []
 
-    def segment_boxes(self, images, padding_mask, boxes, names):
+    def embed_vocabulary(self, vocabulary):
+        self.embedded.append(list(vocabulary.names))
+        return torch.zeros(len(vocabulary.names), 4)
+
+    def segment_boxes(self, images, padding_mask, boxes, names, vocabulary=None, text=None):
+        assert {n for image_names in names for n in image_names} <= set(vocabulary.names)
+        assert text.shape[0] == len(vocabulary.names)
         self.calls += 1
         results = []
         for i, image_boxes in enumerate(boxes):
@@ -72,7 +78,9 @@ def _size(shards_dir):
 
 def test_perfect_masks_score_ap_and_iou_of_one(det_set):
     truth = _truth(det_set)
-    metrics = evaluate_box_prompts(Oracle(truth), det_set, image_size=_size(det_set), batch_size=2)
+    oracle = Oracle(truth)
+    metrics = evaluate_box_prompts(oracle, det_set, image_size=_size(det_set), batch_size=2)
+    assert oracle.calls == 3 and len(oracle.embedded) == 1  # 5 images in chunks of 2; the names embedded once
     assert metrics["boxes"] == len(truth) > 0
     assert metrics["boxes_without_mask"] == metrics["skipped_images"] == metrics["objects_without_truth"] == 0
     assert metrics["mask_AP"] == pytest.approx(1.0) and metrics["mask_AP50"] == pytest.approx(1.0)
@@ -112,3 +120,20 @@ def test_data_without_instance_masks_is_refused_with_its_name(synth_shards):
     with pytest.raises(ValueError, match="seg_val"):
         evaluate_box_prompts(Oracle([]), synth_shards["seg_val"])
     assert main(["ckpt=missing.safetensors", f"shards={synth_shards['det_val']}"]) == 2
+
+
+def test_a_vocabulary_embedded_once_gives_the_masks_of_a_per_call_vocabulary():
+    from openseed.data.vocab import Vocabulary
+    from openseed.modeling.openseed import build_openseed
+
+    torch.manual_seed(0)
+    model = build_openseed("tiny").eval()
+    images, padding = torch.rand(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool)
+    boxes, names = [torch.tensor([[4.0, 4.0, 40.0, 30.0], [20.0, 10.0, 60.0, 60.0]])], [["dog", "cat"]]
+    per_call = model.segment_boxes(images, padding, boxes, names)
+    vocabulary = Vocabulary.from_names(["bird", "cat", "dog", "horse"])
+    once = model.segment_boxes(images, padding, boxes, names, vocabulary=vocabulary,
+                               text=model.embed_vocabulary(vocabulary))
+    assert torch.equal(per_call[0], once[0]) and per_call[0].any()
+    with pytest.raises(ValueError, match="not in the given vocabulary"):
+        model.segment_boxes(images, padding, boxes, [["dog", "zebra"]], vocabulary=vocabulary)

@@ -10,9 +10,9 @@ Stages (README.md of this folder says what each measures):
   no_mask_assistance, no_conditioned (every seed of one ablation before the next), each into
   ``<out>/runs/<ablation>-s<seed>``;
 - ``box_prompts`` (Table 1): for every finished baseline run, ``det_val`` mask AP of each class when its masks are
-  decoded from the ground-truth boxes and names (``openseed.evaluation.box_prompts``), into
-  ``<out>/box_prompts/baseline-s<seed>.json``, with ``mask_AP_unseen`` over the classes outside ``seg_train`` as
-  the training reports it for the model's own detections;
+  decoded from the ground-truth boxes and names (``openseed.evaluation.box_prompts``) at the size the run validated
+  at (``data.eval_max_size``: 160), into ``<out>/box_prompts/baseline-s<seed>.json``, with ``mask_AP_unseen`` over
+  the classes outside ``seg_train`` as the training reports it for the model's own detections;
 - ``offline`` (Table 7): per seed, pseudo masks for ``det_train`` from that seed's baseline model
   (``data_prep.pseudo_masks``, into ``<out>/pseudo/s<seed>``), then the baseline training again with them as the
   detection data's mask supervision (``data.det_masks=true``), into ``<out>/runs/offline-s<seed>``.
@@ -79,6 +79,18 @@ def baseline_run(out: Path, seed: int) -> Path:
     return out / "runs" / f"baseline-s{seed}"
 
 
+def eval_size(run: Path) -> int:
+    """The longer side the run validated its images at (its data config's ``eval_max_size``): the box prompts are
+    decoded at the same size as the run's own detections (a model file does not record it)."""
+    import yaml
+
+    data = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())["data"]
+    if data.get("eval_short_edge") is not None or not data.get("eval_max_size"):
+        raise StudyError(f"{run}: the study decodes box prompts at the run's eval_max_size, and this run has "
+                         f"eval_short_edge={data.get('eval_short_edge')}, eval_max_size={data.get('eval_max_size')}")
+    return int(data["eval_max_size"])
+
+
 def stage_ablations(out: Path, seeds: list[int], model: str, extra: list[str], only: set[str]) -> None:
     for ablation in ABLATIONS:
         if only and ablation not in only:
@@ -105,7 +117,7 @@ def stage_box_prompts(out: Path, seeds: list[int], det_val: Path, seg_train: Pat
             raise StudyError(f"{run} has not finished: run the ablations stage first")
         print(f"{run.name}: box-prompted masks on {det_val.name}", flush=True)
         start = time.perf_counter()
-        metrics = evaluate_box_prompts(load_model(run / "checkpoints" / "last.ckpt"), det_val)
+        metrics = evaluate_box_prompts(load_model(run / "checkpoints" / "last.ckpt"), det_val, eval_size(run))
         add_unseen_class_metrics({det_val.name: metrics}, seg_classes)  # mask_AP_unseen, as the training reports it
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps({"run": run.name, "shards": str(det_val), **metrics}, indent=1))

@@ -33,17 +33,30 @@ from pycocotools import mask as mask_util
 
 from openseed.data.shards import ShardSet, decode_sample, iter_raw_samples
 from openseed.data.transforms import EvalResize, collate, eval_resize_for
+from openseed.data.vocab import Vocabulary
 from openseed.evaluation.instances import evaluate_coco
 from openseed.evaluation.runner import DatasetEvaluator, xyxy_to_xywh
 from openseed.modeling.postprocess import encode_rle
 
 
+class PromptNames:
+    """The class names given with a data set's boxes (``names[label]``), with their vocabulary embedded once (in
+    evaluation mode: the prompt ensemble) for every ``decode_box_prompts`` call."""
+
+    def __init__(self, model, names: Sequence[str]):
+        self.names = list(names)
+        self.vocabulary = Vocabulary.from_names(sorted(set(self.names)) or ["object"])
+        model.eval()
+        with torch.no_grad():
+            self.text = model.embed_vocabulary(self.vocabulary)
+
+
 @torch.no_grad()
-def decode_box_prompts(model, raws: Sequence[dict], source: ShardSet, names: Sequence[str], resize: EvalResize,
+def decode_box_prompts(model, raws: Sequence[dict], source: ShardSet, names: PromptNames, resize: EvalResize,
                        pad_to: tuple[int, int] | None = None) -> Iterator[tuple[dict, dict[int, torch.Tensor] | None]]:
     """For each raw sample: (raw, masks) with masks = {index of the object in the stored JSON's ``objects``: bool
     [H0, W0] mask at the original size} for every non-crowd box the resize keeps, or None for a sample that cannot
-    be decoded (``decode_sample`` logs it). ``names[label]`` is the class name given with a box of that label.
+    be decoded (``decode_sample`` logs it). ``names.names[label]`` is the class name given with a box of that label.
 
     Masks are paired with their objects by identity: each box's position among the non-crowd objects is carried
     through the resize (which drops thin or clipped boxes), so a dropped box never shifts the others' masks."""
@@ -60,7 +73,8 @@ def decode_box_prompts(model, raws: Sequence[dict], source: ShardSet, names: Seq
         device = next(model.parameters()).device
         masks = model.segment_boxes(batch.images.to(device), batch.padding_mask.to(device),
                                     [t.boxes.to(device) for t in batch.targets],
-                                    [[names[int(label)] for label in t.labels] for t in batch.targets])
+                                    [[names.names[int(label)] for label in t.labels] for t in batch.targets],
+                                    vocabulary=names.vocabulary, text=names.text)
         for (raw, sample), image_masks, kept in zip(usable, masks, positions):
             height, width = sample.orig_size
             full = F.interpolate(image_masks[None].float(), size=(height, width), mode="nearest")[0].bool().cpu() \
@@ -102,7 +116,7 @@ def evaluate_box_prompts(model, shards_dir, image_size: int | None = None, batch
                          f"(task 'det', mask format 'rle'), this one is {source.task!r} / {source.mask_format!r}")
     model = model.to(device).eval()
     resize, pad_to = eval_resize_for(getattr(model, "config", {}), image_size)
-    names = source.vocabulary.prompt_names()
+    names = PromptNames(model, source.vocabulary.prompt_names())
     truth = DatasetEvaluator.for_shards(source)
     detections: list[dict] = []
     ious: dict[int, list[float]] = {}  # category id -> one IoU per box

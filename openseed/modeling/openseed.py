@@ -270,7 +270,8 @@ class OpenSeeD(nn.Module):
 
     @torch.no_grad()
     def segment_boxes(self, images: Tensor, padding_mask: Tensor, boxes: list[Tensor], names: list[list[str]],
-                      threshold: float = 0.0) -> list[Tensor]:
+                      threshold: float = 0.0, vocabulary: Vocabulary | None = None,
+                      text: Tensor | None = None) -> list[Tensor]:
         """Box-prompted segmentation: one mask per box (``decode_boxes`` with a vocabulary of the given names).
 
         Args:
@@ -278,6 +279,8 @@ class OpenSeeD(nn.Module):
             boxes: per image, [N_i, 4] xyxy pixels of the padded image.
             names: per image, one class name per box.
             threshold: mask logit threshold.
+            vocabulary, text: a vocabulary holding every name and its ``embed_vocabulary`` embeddings, to embed the
+                names once for many calls (a data set's boxes); by default a vocabulary of this call's names.
         Returns:
             per image, bool [N_i, h_i, w_i] masks at the image's unpadded size (from ``padding_mask``).
         """
@@ -286,10 +289,14 @@ class OpenSeeD(nn.Module):
         for image_boxes, image_names in zip(boxes, names):
             if len(image_boxes) != len(image_names):
                 raise ValueError(f"{len(image_boxes)} boxes but {len(image_names)} names")
-        vocabulary = Vocabulary.from_names(sorted({n for image_names in names for n in image_names}) or ["object"])
+        if vocabulary is None:
+            vocabulary = Vocabulary.from_names(sorted({n for image_names in names for n in image_names}) or ["object"])
         index = {n: i for i, n in enumerate(vocabulary.names)}
+        unknown = sorted({n for image_names in names for n in image_names} - set(index))
+        if unknown:
+            raise ValueError(f"names not in the given vocabulary: {unknown}")
         labels = [torch.tensor([index[n] for n in image_names], dtype=torch.long) for image_names in names]
-        outputs = self.decode_boxes(images, padding_mask, vocabulary, boxes, labels)
+        outputs = self.decode_boxes(images, padding_mask, vocabulary, boxes, labels, text=text)
         padded = tuple(images.shape[-2:])
         masks = F.interpolate(outputs.conditioned.predictions[-1].masks, size=padded, mode="bilinear",
                               align_corners=False)
