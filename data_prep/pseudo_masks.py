@@ -72,11 +72,10 @@ def pseudo_mask_shards(model, shards_dir: str | Path, out_dir: str | Path, image
 
 
 def _write_chunk(model, raws, source, names, resize, writer, overwrite, counts) -> None:
-    for raw, masks in decode_box_prompts(model, raws, source, names, resize):
-        if masks is None:
+    for raw, meta, masks in decode_box_prompts(model, raws, source, names, resize):
+        if meta is None:
             counts["skipped"] += 1
             continue
-        meta = json.loads(raw["json"])
         rles = dict(zip(masks, encode_rle(torch.stack(list(masks.values()))))) if masks else {}
         for index, obj in enumerate(meta["objects"]):
             if obj["iscrowd"]:

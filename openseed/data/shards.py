@@ -502,11 +502,11 @@ def decode_sample(raw: dict, vocabulary: Vocabulary | None = None, dense_masks: 
             masks = ids[None] == torch.tensor([o["segment_id"] for o in kept], dtype=torch.int32)[:, None, None]
             ignore = torch.isin(ids, torch.tensor([o["segment_id"] for o in crowd], dtype=torch.int32))
     elif meta["mask_format"] == "rle":
-        masks = torch.stack([_decode_rle(o, height, width) for o in kept]) if kept else \
+        masks = torch.stack([decode_object_mask(o, height, width) for o in kept]) if kept else \
             torch.zeros((0, height, width), dtype=torch.bool)
         ignore = torch.zeros((height, width), dtype=torch.bool)
         for o in crowd:
-            ignore |= _decode_rle(o, height, width)
+            ignore |= decode_object_mask(o, height, width)
     boxes = torch.tensor([o["bbox"] for o in kept], dtype=torch.float32).reshape(-1, 4)
     sample = Sample(
         image=image,
@@ -533,7 +533,8 @@ def _segment_map(ids: torch.Tensor, targets: list[int], crowd: list[int]) -> tor
     return torch.where(segment_ids[position] == ids, values[position], torch.zeros((), dtype=torch.uint8))
 
 
-def _decode_rle(obj: dict, height: int, width: int) -> torch.Tensor:
+def decode_object_mask(obj: dict, height: int, width: int) -> torch.Tensor:
+    """A stored object's mask (its ``rle``) as bool [height, width]; all False when it has none."""
     if "rle" not in obj:
         return torch.zeros((height, width), dtype=torch.bool)
     return torch.from_numpy(mask_utils.decode(obj["rle"]).astype(bool))

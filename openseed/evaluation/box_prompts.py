@@ -29,9 +29,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pycocotools import mask as mask_util
 
-from openseed.data.shards import ShardSet, decode_sample, iter_raw_samples
+from openseed.data.shards import ShardSet, decode_object_mask, decode_sample, iter_raw_samples
 from openseed.data.transforms import EvalResize, collate, eval_resize_for
 from openseed.data.vocab import Vocabulary
 from openseed.evaluation.instances import evaluate_coco
@@ -53,16 +52,18 @@ class PromptNames:
 
 @torch.no_grad()
 def decode_box_prompts(model, raws: Sequence[dict], source: ShardSet, names: PromptNames, resize: EvalResize,
-                       pad_to: tuple[int, int] | None = None) -> Iterator[tuple[dict, dict[int, torch.Tensor] | None]]:
-    """For each raw sample: (raw, masks) with masks = {index of the object in the stored JSON's ``objects``: bool
-    [H0, W0] mask at the original size} for every non-crowd box the resize keeps, or None for a sample that cannot
-    be decoded (``decode_sample`` logs it). ``names.names[label]`` is the class name given with a box of that label.
+                       pad_to: tuple[int, int] | None = None
+                       ) -> Iterator[tuple[dict, dict | None, dict[int, torch.Tensor] | None]]:
+    """For each raw sample: (raw, meta, masks) with meta its stored JSON, parsed, and masks = {index of the object
+    in ``meta["objects"]``: bool [H0, W0] mask at the original size} for every non-crowd box the resize keeps; meta
+    and masks are None for a sample that cannot be decoded (``decode_sample`` logs it). ``names.names[label]`` is the
+    class name given with a box of that label.
 
     Masks are paired with their objects by identity: each box's position among the non-crowd objects is carried
     through the resize (which drops thin or clipped boxes), so a dropped box never shifts the others' masks."""
     decoded = [(raw, decode_sample(raw, source.vocabulary)) for raw in raws]
     usable = [(raw, s) for raw, s in decoded if s is not None]
-    results: dict[int, dict[int, torch.Tensor]] = {}
+    results: dict[int, tuple[dict, dict[int, torch.Tensor]]] = {}
     if usable:
         resized, positions = [], []
         for _, sample in usable:
@@ -81,9 +82,9 @@ def decode_box_prompts(model, raws: Sequence[dict], source: ShardSet, names: Pro
                 if len(image_masks) else torch.zeros((0, height, width), dtype=torch.bool)
             meta = json.loads(raw["json"])
             targets = [i for i, obj in enumerate(meta["objects"]) if not obj["iscrowd"]]  # decode_sample's order
-            results[id(raw)] = {targets[k]: mask for k, mask in zip(kept, full)}
+            results[id(raw)] = meta, {targets[k]: mask for k, mask in zip(kept, full)}
     for raw, _ in decoded:
-        yield raw, results.get(id(raw))
+        yield raw, *results.get(id(raw), (None, None))
 
 
 def _chunks(items: Iterable[dict], size: int) -> Iterator[list[dict]]:
@@ -95,11 +96,6 @@ def _chunks(items: Iterable[dict], size: int) -> Iterator[list[dict]]:
             chunk = []
     if chunk:
         yield chunk
-
-
-def _decode_rle(rle: dict) -> np.ndarray:
-    counts = rle["counts"]
-    return mask_util.decode({"size": rle["size"], "counts": counts.encode() if isinstance(counts, str) else counts})
 
 
 @torch.no_grad()
@@ -122,11 +118,10 @@ def evaluate_box_prompts(model, shards_dir, image_size: int | None = None, batch
     ious: dict[int, list[float]] = {}  # category id -> one IoU per box
     counts = {"boxes": 0, "boxes_without_mask": 0, "objects_without_truth": 0, "skipped_images": 0}
     for chunk in _chunks(iter_raw_samples(source.urls), batch_size):
-        for raw, masks in decode_box_prompts(model, chunk, source, names, resize, pad_to):
-            if masks is None:
+        for _, meta, masks in decode_box_prompts(model, chunk, source, names, resize, pad_to):
+            if meta is None:
                 counts["skipped_images"] += 1
                 continue
-            meta = json.loads(raw["json"])
             objects = meta["objects"]
             scored = {**meta, "objects": [o for o in objects if o["iscrowd"] or "rle" in o]}
             truth.add_instance_truth(scored, None)
@@ -142,7 +137,7 @@ def evaluate_box_prompts(model, shards_dir, image_size: int | None = None, batch
                     counts["boxes_without_mask"] += 1
                     ious.setdefault(obj["category_id"], []).append(0.0)
                     continue
-                gt = torch.from_numpy(_decode_rle(obj["rle"])).bool()
+                gt = decode_object_mask(obj, *mask.shape)
                 union = int((gt | mask).sum())
                 ious.setdefault(obj["category_id"], []).append(int((gt & mask).sum()) / union if union else 0.0)
                 detections.append({"image_id": int(meta["image_id"]), "category_id": obj["category_id"],
