@@ -64,6 +64,11 @@ def collect(study: Path) -> tuple[list[dict], list[str], list[dict]]:
     return runs, unfinished, prompts
 
 
+def prompt_seed(score: dict) -> int:
+    """The seed of the baseline run a box-prompt score file belongs to (run.py names it ``baseline-s<seed>``)."""
+    return int(score["run"].rsplit("-s", 1)[-1])
+
+
 def spread(values: list[float]) -> tuple[float, float | None]:
     """(mean, sample std or None for a single value)."""
     values = [v for v in values if v is not None and not math.isnan(v)]
@@ -94,7 +99,7 @@ def table1(runs: list[dict], prompts: list[dict]) -> list[str]:
                      "box prompts: mask AP unseen", "ratio unseen (box / own)", "box prompts: mask mIoU"])
     ratios, columns = [], {k: [] for k in range(5)}
     for score in sorted(prompts, key=lambda s: s["run"]):
-        seed = int(score["run"].rsplit("-s", 1)[-1])
+        seed = prompt_seed(score)
         run = own.get(seed)
         own_all = run[DET, "mask_AP"] if run else None
         own_unseen = run[DET, "mask_AP_unseen"] if run else None
@@ -179,8 +184,7 @@ def plot(runs: list[dict], prompts: list[dict], path: Path) -> bool:
 
     own = {r["seed"]: r for r in runs if r["variant"] == "baseline"}
     unseen_prompt = [s.get("mask_AP_unseen") for s in prompts]
-    unseen_own = [own[int(s["run"].rsplit("-s", 1)[-1])][DET, "mask_AP_unseen"] for s in prompts
-                  if int(s["run"].rsplit("-s", 1)[-1]) in own]
+    unseen_own = [own[prompt_seed(s)][DET, "mask_AP_unseen"] for s in prompts if prompt_seed(s) in own]
     bars(axes[0], [("own detections", unseen_own), ("box prompts", unseen_prompt)])
     axes[0].set_xticks([0, 1], ["own\ndetections", "box\nprompts"])
     axes[0].set_title("Table 1: det_val mask AP, unseen classes")
