@@ -77,6 +77,7 @@ def train(cfg: DictConfig) -> dict:
     datamodule = instantiate(cfg.data)
     datamodule.setup()  # missing or wrong data stops here, before the model is built
     model = instantiate(cfg.model)
+    record_eval_resize(model, cfg.data)
     module = instantiate(cfg.module, model=model, criterion=instantiate(cfg.criterion))
     loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
@@ -107,6 +108,17 @@ def _checkpoint_dir(cfg: DictConfig) -> str | None:
     """Where the run's ModelCheckpoint writes (what ``ckpt_path=last`` resumes from)."""
     node = (cfg.get("callbacks") or {}).get("model_checkpoint")
     return node.get("dirpath") if node is not None else None
+
+
+def record_eval_resize(model, data_cfg: DictConfig) -> None:
+    """A model whose config names no evaluation resize records the one its validation uses (``data.eval_short_edge``
+    / ``eval_max_size``), so that the tools reading its checkpoint later (``openseed.evaluation.runner``, box
+    prompts, ``Predictor``) evaluate it as training did, not at their 1024 px fallback. A recorded resize (the
+    released presets: 800 / 1333) is kept."""
+    config = model.config
+    if config.get("eval_short_edge") is None and config.get("eval_max_size") is None:
+        config["eval_short_edge"] = data_cfg.get("eval_short_edge")
+        config["eval_max_size"] = data_cfg.get("eval_max_size")
 
 
 def _report(cfg: DictConfig, results: dict, datamodule, module, trainer, loggers: list) -> None:

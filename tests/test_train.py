@@ -145,6 +145,11 @@ def test_csv_run_writes_overlay_pictures(synth_shards, tmp_path):
     assert list(tmp_path.rglob("overlays/synthshapes_seg_val_step*.png"))
     assert list(tmp_path.rglob("overlays/synthshapes_det_val_step*.png"))
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    # the checkpoint records the evaluation resize its validation used: later tools evaluate it at 160 px too
+    from openseed.modeling.checkpoint import read_model_config
+
+    recorded = read_model_config(tmp_path / "checkpoints" / "last.ckpt")
+    assert (recorded.eval_short_edge, recorded.eval_max_size) == (None, 160)
     # the end-of-run prediction overlays: one per validation set, at the validation image's own size
     from PIL import Image
 
