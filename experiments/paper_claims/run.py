@@ -80,8 +80,9 @@ def baseline_run(out: Path, seed: int) -> Path:
 
 
 def eval_size(run: Path) -> int:
-    """The longer side the run validated its images at (its data config's ``eval_max_size``): the box prompts are
-    decoded at the same size as the run's own detections (a model file does not record it)."""
+    """The longer side the run validated its images at (its data config's ``eval_max_size``): box prompts and pseudo
+    masks are decoded at the same size as the run's own detections (read from the run's config: the study's
+    earlier checkpoints predate training recording it in the model)."""
     import yaml
 
     data = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())["data"]
@@ -137,7 +138,8 @@ def stage_offline(out: Path, seeds: list[int], model: str, extra: list[str], det
         if not (pseudo / "manifest.json").is_file():
             print(f"s{seed}: pseudo masks for {det_train.name} from {teacher.name}", flush=True)
             _run([sys.executable, "-m", "data_prep.pseudo_masks", "--ckpt", str(teacher / "checkpoints" / "last.ckpt"),
-                  "--shards", str(det_train), "--out", str(pseudo), "--image-size", "160", "--device", "cpu"],
+                  "--shards", str(det_train), "--out", str(pseudo), "--image-size", str(eval_size(teacher)),
+                  "--device", "cpu"],
                  out / "pseudo" / f"s{seed}.log")
         train(run, ["ablation=baseline", f"seed={seed}", "data.det_masks=true", f"data.det.path={pseudo}"], model,
               extra)
