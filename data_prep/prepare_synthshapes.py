@@ -1,6 +1,7 @@
 """Generate synthshapes and convert its four splits to shards, once (both steps are cached).
 
-    python -m data_prep.prepare_synthshapes --root data/synthshapes [--scale 1.0] [--check-loader]
+    python -m data_prep.prepare_synthshapes --root data/synthshapes [--scale 1.0] [--variant standard|crowded]
+        [--check-loader]
 
 Layout: ``ROOT/raw`` holds the COCO-format files (``data_prep.synthetic``), ``ROOT/shards/{seg_train, seg_val,
 det_train, det_val}`` the converted data sets. A conversion is redone when the raw set it came from changed.
@@ -23,15 +24,21 @@ SPLITS = ("seg_train", "seg_val", "det_train", "det_val")
 
 
 def prepare_synthshapes(root: str | Path, seed: int = 0, scale: float = 1.0, image_size: int = 160,
-                        workers: int | None = None, progress: bool = True) -> dict[str, Path]:
-    """Make sure ``ROOT/shards/<split>`` exists for every split, generating and converting what is missing."""
+                        workers: int | None = None, progress: bool = True, variant: str = "standard"
+                        ) -> dict[str, Path]:
+    """Make sure ``ROOT/shards/<split>`` exists for every split, generating and converting what is missing.
+
+    ``variant``: ``data_prep.synthetic.VARIANTS`` (standard or crowded)."""
     root = Path(root)
     raw, shards = root / "raw", root / "shards"
-    info = synthetic.is_cached(raw, seed, scale, image_size)
+    info = synthetic.is_cached(raw, seed, scale, image_size, variant)
     if info is None:
         info = synthetic.generate(raw, seed=seed, scale=scale, image_size=image_size, workers=workers,
-                                  progress=progress)
-    source = {"synthshapes": {k: info[k] for k in ("seed", "scale", "image_size", "version", "counts")}}
+                                  progress=progress, variant=variant)
+    made = {k: info[k] for k in ("seed", "scale", "image_size", "version", "counts")}
+    if variant != "standard":  # standard shards converted before the variants existed stay valid
+        made["variant"] = variant
+    source = {"synthshapes": made}
     workers = os.cpu_count() or 1 if workers is None else workers
     result = {}
     for split in SPLITS:
@@ -40,7 +47,7 @@ def prepare_synthshapes(root: str | Path, seed: int = 0, scale: float = 1.0, ima
         manifest = out / MANIFEST
         if manifest.is_file() and json.loads(manifest.read_text()).get("source") == source:
             continue
-        name = f"synthshapes_{split}"
+        name = f"synthshapes_{split}" if variant == "standard" else f"synthshapes_{variant}_{split}"
         if split.startswith("seg"):
             summary = coco_panoptic_to_shards.convert(raw / split / "panoptic.json", raw / split / "panoptic",
                                                       raw / split / "images", out, name, maxcount=500,
@@ -85,10 +92,12 @@ def main(argv=None) -> int:
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--image-size", type=int, default=160)
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--variant", choices=sorted(synthetic.VARIANTS), default="standard")
     parser.add_argument("--check-loader", action="store_true")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    dirs = prepare_synthshapes(args.root, args.seed, args.scale, args.image_size, args.workers)
+    dirs = prepare_synthshapes(args.root, args.seed, args.scale, args.image_size, args.workers,
+                               variant=args.variant)
     print(f"synthshapes shards ready under {Path(args.root) / 'shards'} ({time.perf_counter() - start:.1f} s)")
     if args.check_loader:
         check_loader(dirs)

@@ -24,6 +24,12 @@ Splits (default counts, multiplied by ``--scale``):
 * ``det_val`` (200): like ``det_train`` plus a compressed-RLE ``segmentation`` of each visible mask.
 
 Category ids are stable across splits: things ``1 + 8 * colour_index + shape_index`` (1..32), stuff 101..106.
+
+Variants (``--variant``): ``standard`` (above, the default) and ``crowded``, a harder set for the study of the
+paper's claims (experiments/paper_claims): 12 stuff classes (the six above plus ``snow``, ``dirt``, ``gravel``,
+``wood floor``, ``tiles``, ``foliage``; ids 101..112), 2-5 stuff regions and 4-12 things per image, things 8%-30% of
+the side, and an object kept while at least 25% of it is visible, so boxes overlap and many stuff regions compete
+with the things. Detection images carry their stuff unlabelled in both variants, as Objects365 images do.
 ``DIR/synthshapes.json`` describes the set and is written last, so its presence marks a complete data set.
 The output is byte-identical for the same seed / scale / image size whatever the number of workers: every
 image has its own ``numpy.random.Generator`` seeded from (seed, split number, image index).
@@ -31,12 +37,13 @@ image has its own ``numpy.random.Generator`` seeded from (seed, split number, im
 Usage::
 
     python -m data_prep.synthetic --out data/synthshapes [--seed 0] [--scale 1.0] [--workers N]
-        [--image-size 160] [--force]
+        [--image-size 160] [--variant standard|crowded] [--force]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -56,6 +63,7 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "ring", "star", "hexa
 SEG_SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "ring")
 DET_ONLY_SHAPES: tuple[str, ...] = tuple(s for s in SHAPES if s not in SEG_SHAPES)
 STUFF_CLASSES: tuple[str, ...] = ("sky", "grass", "water", "sand", "brick wall", "road")
+CROWDED_STUFF_CLASSES: tuple[str, ...] = STUFF_CLASSES + ("snow", "dirt", "gravel", "wood floor", "tiles", "foliage")
 
 STUFF_ID_OFFSET = 101
 JPEG_QUALITY = 92
@@ -69,11 +77,32 @@ SPLITS: tuple[tuple[str, int, int, str], ...] = (
     ("det_val", 3, 200, "det_rle"),
 )
 
-MIN_VISIBLE_FRACTION = 0.4
 MIN_VISIBLE_PIXELS = 16
-MIN_THINGS, MAX_THINGS = 1, 6
-MIN_STUFF, MAX_STUFF = 1, 3
-SIZE_RANGE = (0.10, 0.35)  # object extent as a fraction of the image side
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """What a synthshapes image is made of (module docstring, "Variants")."""
+
+    name: str
+    stuff_classes: tuple[str, ...]
+    stuff_per_image: tuple[int, int]  # min, max distinct stuff classes (fewer when one would cover < 3%)
+    things_per_image: tuple[int, int]  # min, max sampled (occluded ones are dropped)
+    size_range: tuple[float, float]  # object extent as a fraction of the image side
+    min_visible_fraction: float  # an object less visible than this is neither painted nor annotated
+
+
+VARIANTS: dict[str, Variant] = {
+    "standard": Variant("standard", STUFF_CLASSES, (1, 3), (1, 6), (0.10, 0.35), 0.4),
+    "crowded": Variant("crowded", CROWDED_STUFF_CLASSES, (2, 5), (4, 12), (0.08, 0.30), 0.25),
+}
+
+
+def get_variant(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise ValueError(f"unknown synthshapes variant {name!r}; choose from {sorted(VARIANTS)}")
+    return VARIANTS[name]
+
 
 # Nominal fill colour of each thing colour family (jittered per object).
 _FAMILY_RGB = {
@@ -89,6 +118,12 @@ _STUFF_DISPLAY_RGB = {
     "sand": (220, 200, 150),
     "brick wall": (150, 70, 50),
     "road": (70, 70, 75),
+    "snow": (235, 240, 248),
+    "dirt": (120, 85, 55),
+    "gravel": (150, 145, 135),
+    "wood floor": (175, 125, 75),
+    "tiles": (200, 200, 195),
+    "foliage": (40, 95, 45),
 }
 
 
@@ -101,8 +136,8 @@ def thing_id(colour: str, shape: str) -> int:
 
 
 def stuff_id(name: str) -> int:
-    """Category id of a stuff class (101..106)."""
-    return STUFF_ID_OFFSET + STUFF_CLASSES.index(name)
+    """Category id of a stuff class (101..106; the crowded variant's further classes 107..112)."""
+    return STUFF_ID_OFFSET + CROWDED_STUFF_CLASSES.index(name)
 
 
 def _thing_display_colour(ci: int, si: int) -> list[int]:
@@ -130,12 +165,12 @@ def thing_categories(shapes: tuple[str, ...] | None = None) -> list[dict]:
     return cats
 
 
-def stuff_categories() -> list[dict]:
-    """COCO category dicts of the six stuff classes (ids 101..106)."""
+def stuff_categories(classes: tuple[str, ...] = STUFF_CLASSES) -> list[dict]:
+    """COCO category dicts of the stuff classes (the standard six by default: ids 101..106)."""
     return [
         {"id": stuff_id(name), "name": name, "supercategory": "stuff", "isthing": 0,
          "color": list(_STUFF_DISPLAY_RGB[name])}
-        for name in STUFF_CLASSES
+        for name in classes
     ]
 
 
@@ -272,6 +307,90 @@ def _tex_road(rng: np.random.Generator, size: int) -> np.ndarray:
     return img
 
 
+def _tex_snow(rng: np.random.Generator, size: int) -> np.ndarray:
+    base = np.array([232, 238, 247]) + rng.integers(-8, 9, 3)
+    drift = 0.88 + 0.14 * _smooth_noise(rng, size, 4)  # soft blue-grey shadows of drifts
+    img = base[None, None, :] * drift[..., None] + rng.normal(0.0, 3.0, (size, size, 1))
+    img[..., 2] += 6.0 * (1.0 - drift)
+    return img
+
+
+def _tex_dirt(rng: np.random.Generator, size: int) -> np.ndarray:
+    base = np.array([118, 84, 56]) + rng.integers(-12, 13, 3)
+    shade = 0.75 + 0.45 * (0.6 * _smooth_noise(rng, size, 6) + 0.4 * _smooth_noise(rng, size, 16))
+    img = base[None, None, :] * shade[..., None] + rng.normal(0.0, 8.0, (size, size, 1))
+    clods = rng.random((size, size)) < 0.03
+    img[clods] *= 0.55
+    return img
+
+
+def _tex_gravel(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Grey pebbles: a Voronoi-like cell pattern (nearest of random seed points), each cell its own shade."""
+    y, x = _coords(size)
+    n = max(8, size * size // 30)
+    py, px = rng.uniform(0, size, n), rng.uniform(0, size, n)
+    grey = rng.uniform(105, 190, n)
+    warm = rng.uniform(-8, 8, n)
+    cell = np.zeros((size, size), dtype=np.int64)
+    best = np.full((size, size), np.inf)
+    for i in range(n):
+        d = (y - py[i]) ** 2 + (x - px[i]) ** 2
+        closer = d < best
+        best[closer], cell[closer] = d[closer], i
+    edge = np.clip(np.sqrt(best) / 3.5, 0.0, 1.0)  # darker away from a pebble's centre
+    g = grey[cell] * (1.05 - 0.35 * edge)
+    img = np.stack([g + warm[cell], g, g - warm[cell]], axis=-1) + rng.normal(0.0, 5.0, (size, size, 1))
+    return img
+
+
+def _tex_wood(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Floor boards: long planks with staggered joints and a wavy grain."""
+    y, x = _coords(size)
+    plank = int(rng.integers(9, 15))
+    vertical = bool(rng.random() < 0.5)
+    u, v = (x, y) if vertical else (y, x)  # u across the planks, v along them
+    row = (u.astype(np.int64) + int(rng.integers(0, plank))) // plank
+    length = float(rng.integers(40, 80))
+    offsets = rng.uniform(0, length, size // plank + 3)
+    joint = ((v + offsets[row % len(offsets)]) % length) < 1.0
+    seam = (u.astype(np.int64) % plank) == 0
+    tone = rng.uniform(0.85, 1.12, size // plank + 3)[row % (size // plank + 3)]
+    grain = 0.93 + 0.07 * np.sin(0.9 * u + 0.15 * v + 2.0 * _smooth_noise(rng, size, 5) * np.pi)
+    base = np.array([178, 126, 76]) + rng.integers(-14, 15, 3)
+    img = base[None, None, :] * (tone * grain)[..., None] + rng.normal(0.0, 4.0, (size, size, 1))
+    img[seam | joint] *= 0.55
+    return img
+
+
+def _tex_tiles(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Square floor tiles with grout lines, each tile slightly its own shade."""
+    y, x = _coords(size)
+    tile = int(rng.integers(10, 17))
+    oy, ox = int(rng.integers(0, tile)), int(rng.integers(0, tile))
+    yy, xx = y.astype(np.int64) + oy, x.astype(np.int64) + ox
+    grout = ((yy % tile) < 1) | ((xx % tile) < 1)
+    base = np.array([205, 203, 196]) + rng.integers(-20, 21, 3)
+    table = rng.uniform(0.92, 1.06, (size // tile + 3, size // tile + 3))
+    img = base[None, None, :] * table[yy // tile, xx // tile][..., None] + rng.normal(0.0, 3.0, (size, size, 1))
+    img[grout] = np.array([120, 115, 108]) + rng.normal(0.0, 5.0, (int(grout.sum()), 1))
+    return img
+
+
+def _tex_foliage(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Dense leaves: overlapping dark and light green blobs."""
+    base = np.array([38, 92, 42]) + rng.integers(-10, 11, 3)
+    img = base[None, None, :] * (0.8 + 0.3 * _smooth_noise(rng, size, 5))[..., None]
+    leaves = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(leaves)
+    n = int(size * size / 60)
+    for cx, cy, r, level in zip(rng.uniform(0, size, n).tolist(), rng.uniform(0, size, n).tolist(),
+                                rng.uniform(1.5, 4.0, n).tolist(), rng.integers(1, 4, n).tolist()):
+        draw.ellipse([cx - r, cy - 0.6 * r, cx + r, cy + 0.6 * r], fill=int(level))
+    level = np.asarray(leaves, dtype=np.float64)
+    img *= (0.7 + 0.2 * level)[..., None]
+    return img + rng.normal(0.0, 5.0, (size, size, 1))
+
+
 _TEXTURES = {
     "sky": _tex_sky,
     "grass": _tex_grass,
@@ -279,17 +398,25 @@ _TEXTURES = {
     "sand": _tex_sand,
     "brick wall": _tex_brick,
     "road": _tex_road,
+    "snow": _tex_snow,
+    "dirt": _tex_dirt,
+    "gravel": _tex_gravel,
+    "wood floor": _tex_wood,
+    "tiles": _tex_tiles,
+    "foliage": _tex_foliage,
 }
 
 
-def _stuff_layout(rng: np.random.Generator, size: int) -> tuple[list[int], np.ndarray]:
-    """Pick 1-3 distinct stuff classes and an irregular partition of the image among them.
+def _stuff_layout(rng: np.random.Generator, size: int, variant: Variant) -> tuple[list[int], np.ndarray]:
+    """Pick distinct stuff classes (1-3 in the standard variant) and an irregular partition of the image among them.
 
-    Returns (stuff class indices, label map (H, W) of positions into that list). Classes that would get a tiny
-    share (< 3% of the image) are dropped and the partition recomputed, so every listed class is present.
+    Returns (indices into ``variant.stuff_classes``, label map (H, W) of positions into that list). Classes that
+    would get a tiny share (< 3% of the image) are dropped and the partition recomputed, so every listed class is
+    present.
     """
-    k = int(rng.integers(MIN_STUFF, MAX_STUFF + 1))
-    classes = [int(c) for c in rng.choice(len(STUFF_CLASSES), size=k, replace=False)]
+    low, high = variant.stuff_per_image
+    k = int(rng.integers(low, high + 1))
+    classes = [int(c) for c in rng.choice(len(variant.stuff_classes), size=k, replace=False)]
     y, x = _coords(size)
     fields = []
     for _ in range(k):
@@ -383,27 +510,30 @@ def _tight_box(ys: np.ndarray, xs: np.ndarray) -> list[int]:
     return [x0, y0, x1 - x0 + 1, y1 - y0 + 1]
 
 
-def render_image(rng: np.random.Generator, size: int, shapes: tuple[str, ...]) -> dict:
+def render_image(rng: np.random.Generator, size: int, shapes: tuple[str, ...],
+                 variant: Variant = VARIANTS["standard"]) -> dict:
     """Draw one synthshapes image.
 
     Returns ``{"image": uint8 (H, W, 3), "stuff": [(stuff index, bool mask)], "things": [(category id, bool
-    visible mask)]}``; stuff masks are the visible stuff pixels (may be dropped if fully covered), things are in
-    painting order and every visible mask is non-empty. The masks partition the image.
+    visible mask)]}``; a stuff index points into ``variant.stuff_classes``; stuff masks are the visible stuff
+    pixels (may be dropped if fully covered), things are in painting order and every visible mask is non-empty.
+    The masks partition the image.
     """
-    stuff_classes, label = _stuff_layout(rng, size)
+    stuff_classes, label = _stuff_layout(rng, size, variant)
     img = np.zeros((size, size, 3), dtype=np.float64)
     for pos, cls in enumerate(stuff_classes):
         sel = label == pos
-        tex = _TEXTURES[STUFF_CLASSES[cls]](rng, size)
+        tex = _TEXTURES[variant.stuff_classes[cls]](rng, size)
         img[sel] = tex[sel]
 
     # sample things (painting order = list order)
-    n = int(rng.integers(MIN_THINGS, MAX_THINGS + 1))
+    low, high = variant.things_per_image
+    n = int(rng.integers(low, high + 1))
     candidates = []
     for _ in range(n):
         ci = int(rng.integers(len(THING_COLOURS)))
         shape = shapes[int(rng.integers(len(shapes)))]
-        extent = max(rng.uniform(*SIZE_RANGE) * size, 12.0)  # tiny images: keep shapes >= 16 px
+        extent = max(rng.uniform(*variant.size_range) * size, 12.0)  # tiny images: keep shapes >= 16 px
         r = extent / 2
         cx = rng.uniform(r, size - 1 - r)
         cy = rng.uniform(r, size - 1 - r)
@@ -421,7 +551,7 @@ def render_image(rng: np.random.Generator, size: int, shapes: tuple[str, ...]) -
         full_area = int(full.sum())
         vis = full & ~covered
         area = int(vis.sum())
-        if full_area > 0 and area >= MIN_VISIBLE_PIXELS and area >= MIN_VISIBLE_FRACTION * full_area:
+        if full_area > 0 and area >= MIN_VISIBLE_PIXELS and area >= variant.min_visible_fraction * full_area:
             kept[i] = True
             visible[i] = vis
             covered |= full
@@ -443,13 +573,14 @@ def render_image(rng: np.random.Generator, size: int, shapes: tuple[str, ...]) -
     return {"image": np.clip(np.rint(img), 0, 255).astype(np.uint8), "stuff": stuff, "things": things}
 
 
-def _make_one(index: int, *, split_dir: str, split_no: int, kind: str, seed: int, size: int) -> dict:
+def _make_one(index: int, *, split_dir: str, split_no: int, kind: str, seed: int, size: int, variant: str) -> dict:
     """Render, write and annotate image ``index`` (0-based) of a split; returns its JSON pieces."""
     rng = np.random.default_rng([seed, split_no, index])
     image_id = index + 1
     stem = f"{image_id:012d}"
     shapes = SEG_SHAPES if kind == "seg" else SHAPES
-    out = render_image(rng, size, shapes)
+    layout = VARIANTS[variant]
+    out = render_image(rng, size, shapes, layout)
     Image.fromarray(out["image"], "RGB").save(
         os.path.join(split_dir, "images", stem + ".jpg"), format="JPEG", quality=JPEG_QUALITY,
         subsampling=0, optimize=False, progressive=False)
@@ -458,7 +589,7 @@ def _make_one(index: int, *, split_dir: str, split_no: int, kind: str, seed: int
     if kind == "seg":
         ids = np.zeros((size, size), dtype=np.uint32)
         segments = []
-        pieces = [(STUFF_ID_OFFSET + cls, m) for cls, m in out["stuff"]] + out["things"]
+        pieces = [(stuff_id(layout.stuff_classes[cls]), m) for cls, m in out["stuff"]] + out["things"]
         for seg_id, (cat, m) in enumerate(pieces, start=1):
             ids[m] = seg_id
             ys, xs = np.nonzero(m)
@@ -498,13 +629,14 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _info(split: str, seed: int) -> dict:
-    return {"description": f"synthshapes {split} (synthetic shapes on textured stuff)", "version": str(VERSION),
+def _info(split: str, seed: int, variant: str) -> dict:
+    kind = "" if variant == "standard" else f", {variant} variant"
+    return {"description": f"synthshapes {split} (synthetic shapes on textured stuff{kind})", "version": str(VERSION),
             "year": 2024, "contributor": "openseed data_prep.synthetic", "seed": seed}
 
 
 def _run_split(pool, name: str, split_no: int, kind: str, count: int, out: Path, seed: int, size: int,
-               workers: int, progress: bool) -> list[dict]:
+               workers: int, progress: bool, variant: str) -> list[dict]:
     from tqdm import tqdm
 
     split_dir = out / name
@@ -513,7 +645,8 @@ def _run_split(pool, name: str, split_no: int, kind: str, count: int, out: Path,
     (split_dir / "images").mkdir(parents=True)
     if kind == "seg":
         (split_dir / "panoptic").mkdir()
-    fn = partial(_make_one, split_dir=str(split_dir), split_no=split_no, kind=kind, seed=seed, size=size)
+    fn = partial(_make_one, split_dir=str(split_dir), split_no=split_no, kind=kind, seed=seed, size=size,
+                 variant=variant)
     results = []
     with tqdm(total=count, desc=name, unit="img", disable=not progress, leave=False) as bar:
         if pool is None:
@@ -537,21 +670,24 @@ def read_manifest(out_dir: str | Path) -> dict | None:
         return None
 
 
-def is_cached(out_dir: str | Path, seed: int = 0, scale: float = 1.0, image_size: int = 160) -> dict | None:
-    """The manifest when ``out_dir`` already holds a complete set made with these settings, else None."""
+def is_cached(out_dir: str | Path, seed: int = 0, scale: float = 1.0, image_size: int = 160,
+              variant: str = "standard") -> dict | None:
+    """The manifest when ``out_dir`` already holds a complete set made with these settings, else None (a manifest
+    without ``variant`` predates the variants: standard)."""
     m = read_manifest(out_dir)
     if m and m.get("version") == VERSION and m.get("seed") == seed and m.get("scale") == scale \
-            and m.get("image_size") == image_size:
+            and m.get("image_size") == image_size and m.get("variant", "standard") == variant:
         return m
     return None
 
 
 def generate(out_dir: str | Path, seed: int = 0, scale: float = 1.0, image_size: int = 160,
-             workers: int | None = None, progress: bool = True) -> dict:
+             workers: int | None = None, progress: bool = True, variant: str = "standard") -> dict:
     """Write the whole synthshapes data set under ``out_dir``; returns the ``synthshapes.json`` content.
 
     Any previous split directories of the same names are replaced. The output does not depend on ``workers``.
     """
+    layout = get_variant(variant)
     if scale <= 0:
         raise ValueError(f"scale must be > 0, got {scale}")
     if image_size < 64:
@@ -566,15 +702,16 @@ def generate(out_dir: str | Path, seed: int = 0, scale: float = 1.0, image_size:
     workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
     counts = split_counts(scale)
 
-    seg_cats = thing_categories(SEG_SHAPES) + stuff_categories()
+    seg_cats = thing_categories(SEG_SHAPES) + stuff_categories(layout.stuff_classes)
     det_cats = thing_categories()
     pool = multiprocessing.Pool(workers) if workers > 1 else None
     try:
         for name, split_no, _, kind in SPLITS:
-            results = _run_split(pool, name, split_no, kind, counts[name], out, seed, image_size, workers, progress)
+            results = _run_split(pool, name, split_no, kind, counts[name], out, seed, image_size, workers, progress,
+                                 variant)
             images = [r["image"] for r in results]
             if kind == "seg":
-                data = {"info": _info(name, seed), "licenses": [], "images": images,
+                data = {"info": _info(name, seed, variant), "licenses": [], "images": images,
                         "annotations": [r["annotation"] for r in results], "categories": seg_cats}
                 _write_json(out / name / "panoptic.json", data)
             else:
@@ -582,7 +719,7 @@ def generate(out_dir: str | Path, seed: int = 0, scale: float = 1.0, image_size:
                 for r in results:
                     for a in r["annotations"]:
                         anns.append({"id": len(anns) + 1, **a})
-                data = {"info": _info(name, seed), "licenses": [], "images": images, "annotations": anns,
+                data = {"info": _info(name, seed, variant), "licenses": [], "images": images, "annotations": anns,
                         "categories": det_cats}
                 _write_json(out / name / "instances.json", data)
     finally:
@@ -595,10 +732,11 @@ def generate(out_dir: str | Path, seed: int = 0, scale: float = 1.0, image_size:
         "scale": scale,
         "image_size": image_size,
         "version": VERSION,
+        "variant": variant,
         "counts": counts,
         "seg_thing_classes": seg_thing_classes(),
         "det_only_classes": det_only_classes(),
-        "stuff_classes": list(STUFF_CLASSES),
+        "stuff_classes": list(layout.stuff_classes),
     }
     with open(manifest_path, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
@@ -647,18 +785,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=_positive_int, default=None,
                         help="worker processes (default: all CPUs); does not change the output")
     parser.add_argument("--image-size", type=_image_size, default=160, help="image side in pixels (>= 64)")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="standard",
+                        help="standard (default) or crowded: more stuff classes, more and overlapping things")
     parser.add_argument("--force", action="store_true", help="regenerate even if a matching set exists")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)
 
-    cached = None if args.force else is_cached(args.out, args.seed, args.scale, args.image_size)
+    cached = None if args.force else is_cached(args.out, args.seed, args.scale, args.image_size, args.variant)
     if cached is not None:
         print(f"synthshapes: {args.out} already holds seed={args.seed} scale={args.scale} "
-              f"image_size={args.image_size} (cached; use --force to regenerate)")
+              f"image_size={args.image_size} variant={args.variant} (cached; use --force to regenerate)")
         return cached
     t0 = time.perf_counter()
     manifest = generate(args.out, seed=args.seed, scale=args.scale, image_size=args.image_size,
-                        workers=args.workers, progress=not args.no_progress)
+                        workers=args.workers, progress=not args.no_progress, variant=args.variant)
     seconds = time.perf_counter() - t0
     counts = ", ".join(f"{k}={v}" for k, v in manifest["counts"].items())
     print(f"synthshapes: wrote {sum(manifest['counts'].values())} images to {args.out} ({counts}) "

@@ -52,6 +52,24 @@ def test_prepare_is_cached(shard_dirs):
     assert again == shard_dirs and manifest.stat().st_mtime_ns == before
 
 
+def test_crowded_variant_is_prepared_beside_and_not_confused_with_the_standard(tmp_path):
+    dirs = prepare_synthshapes(tmp_path, scale=0.005, workers=1, progress=False, variant="crowded")
+    seg = ShardSet.open(dirs["seg_train"])
+    assert len(seg.vocabulary) == 16 + 12 and seg.vocabulary.num_things == 16
+    assert {"tiles", "wood floor", "sky"} <= set(seg.vocabulary.names)
+    assert len(ShardSet.open(dirs["det_train"]).vocabulary) == 32
+    assert seg.name == "synthshapes_crowded_seg_train"  # its metrics are not mistaken for the standard set's
+    manifest = dirs["seg_train"] / "manifest.json"
+    assert json.loads(manifest.read_text())["source"]["synthshapes"]["variant"] == "crowded"
+    before = manifest.stat().st_mtime_ns
+    prepare_synthshapes(tmp_path, scale=0.005, workers=1, progress=False, variant="crowded")
+    assert manifest.stat().st_mtime_ns == before  # cached
+    prepare_synthshapes(tmp_path, scale=0.005, workers=1, progress=False)  # the standard set in the same root
+    standard = ShardSet.open(dirs["seg_train"])
+    assert len(standard.vocabulary) == 16 + 6 and standard.name == "synthshapes_seg_train"  # remade
+    assert "variant" not in json.loads(manifest.read_text())["source"]["synthshapes"]
+
+
 def test_joint_batches_from_synthshapes(shard_dirs):
     module = OpenSeeDDataModule(seg={"path": str(shard_dirs["seg_train"]), "batch_size": 4},
                                 det={"path": str(shard_dirs["det_train"]), "batch_size": 8},

@@ -67,6 +67,7 @@ def test_manifest_and_files(data: Path) -> None:
     assert m["counts"] == {"seg_train": 20, "seg_val": 2, "det_train": 40, "det_val": 2}
     assert len(m["seg_thing_classes"]) == 16 and len(m["det_only_classes"]) == 16
     assert m["stuff_classes"] == ["sky", "grass", "water", "sand", "brick wall", "road"]
+    assert m["variant"] == "standard"
     for split, n in m["counts"].items():
         jpgs = sorted((data / split / "images").glob("*.jpg"))
         assert [p.name for p in jpgs] == [f"{i:012d}.jpg" for i in range(1, n + 1)]
@@ -92,7 +93,9 @@ def test_categories() -> None:
     stuff = S.stuff_categories()
     assert [(c["id"], c["name"]) for c in stuff] == list(zip(range(101, 107), S.STUFF_CLASSES))
     assert all(c["isthing"] == 0 and c["supercategory"] == "stuff" for c in stuff)
-    colours = [tuple(c["color"]) for c in things + stuff]
+    crowded = S.stuff_categories(S.VARIANTS["crowded"].stuff_classes)
+    assert crowded[:6] == stuff and [c["id"] for c in crowded] == list(range(101, 113))
+    colours = [tuple(c["color"]) for c in things + crowded]
     assert len(set(colours)) == len(colours)
     assert len(S.SEG_SHAPES) == 4 and set(S.SEG_SHAPES) <= set(S.SHAPES)
 
@@ -261,3 +264,67 @@ def test_cli_bad_args(tmp_path: Path, args: list[str]) -> None:
     with pytest.raises(SystemExit):
         S.main(["--out", str(tmp_path / "bad"), *args])
     assert not (tmp_path / "bad").exists()
+
+
+# ------------------------------------------------------------------------------------------------ variants
+
+
+def _render_digest(seed: int, count: int, size: int, variant: S.Variant) -> str:
+    digest = hashlib.sha256()
+    for i in range(count):
+        out = S.render_image(np.random.default_rng([seed, i]), size, S.SHAPES, variant)
+        digest.update(out["image"].tobytes())
+        for cls, m in out["stuff"] + out["things"]:
+            digest.update(bytes([cls]))
+            digest.update(np.packbits(m).tobytes())
+    return digest.hexdigest()
+
+
+def test_standard_images_are_unchanged_by_the_variants() -> None:
+    """The digest of six standard renders, recorded before the variants existed: the default data set (and so every
+    number measured on it) stays what it was."""
+    expected = "02fe97a8beeb5e4818765d8ed54c6db004f90765c2e65712dca26260444eb7de"
+    assert _render_digest(7, 6, 96, S.VARIANTS["standard"]) == expected
+
+
+def test_crowded_images_follow_their_layout() -> None:
+    crowded = S.VARIANTS["crowded"]
+    things, stuff, overlapping = [], [], 0
+    for i in range(24):
+        out = S.render_image(np.random.default_rng([5, i]), 160, S.SHAPES, crowded)
+        total = np.zeros((160, 160), dtype=np.int64)
+        for _, m in out["stuff"] + out["things"]:
+            assert m.any()
+            total += m
+        assert (total == 1).all()  # still a partition
+        assert all(0 <= cls < 12 for cls, _ in out["stuff"])
+        things.append(len(out["things"]))
+        stuff.append(len({cls for cls, _ in out["stuff"]}))
+        boxes = [_tight_box(m) for _, m in out["things"]]
+        overlapping += sum(a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+                           for j, a in enumerate(boxes) for b in boxes[j + 1:])
+    assert max(things) <= 12 and np.mean(things) > 5  # standard: 1-6 sampled, about 3 kept
+    assert max(stuff) <= 5 and np.mean(stuff) > 2
+    assert overlapping > 2 * len(things)  # boxes overlap often: several pairs per image
+
+
+def test_crowded_set_and_its_cache(tmp_path: Path) -> None:
+    out = tmp_path / "crowded"
+    m = S.generate(out, seed=0, scale=0.005, workers=1, progress=False, variant="crowded")
+    assert m["variant"] == "crowded" and len(m["stuff_classes"]) == 12
+    pan = _load(out / "seg_train" / "panoptic.json")
+    assert [c["id"] for c in pan["categories"] if not c["isthing"]] == list(range(101, 113))
+    used = {seg["category_id"] for a in pan["annotations"] for seg in a["segments_info"]}
+    assert used <= {c["id"] for c in pan["categories"]}
+    assert "crowded" in pan["info"]["description"]
+    assert S.is_cached(out, 0, 0.005, 160, "crowded") is not None
+    assert S.is_cached(out, 0, 0.005, 160) is None  # a crowded set is not the standard one
+    legacy = S.read_manifest(out)
+    legacy.pop("variant")
+    legacy["stuff_classes"] = list(S.STUFF_CLASSES)
+    (out / "synthshapes.json").write_text(json.dumps(legacy))
+    assert S.is_cached(out, 0, 0.005, 160) is not None  # a manifest from before the variants: standard
+    with pytest.raises(ValueError, match="unknown synthshapes variant 'busy'"):
+        S.generate(tmp_path / "bad", variant="busy")
+    with pytest.raises(SystemExit):
+        S.main(["--out", str(tmp_path / "bad2"), "--variant", "busy"])
