@@ -26,7 +26,7 @@ CONF = str(_PACKAGED_CONF if (_PACKAGED_CONF / "train.yaml").is_file() else _SOU
 
 # train.yaml's own keys and their types (the groups are checked against what they instantiate)
 TOP_LEVEL_KEYS = {"name": str, "seed": int, "ckpt_path": str | None, "prediction_overlays": bool,
-                  "prepare_synthshapes": bool}
+                  "prepare_synthshapes": bool, "synthshapes_variant": str}
 
 
 def metrics_table(results: dict[str, dict]) -> str:
@@ -71,9 +71,7 @@ def train(cfg: DictConfig) -> dict:
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.prepare_synthshapes:
-        from data_prep.prepare_synthshapes import prepare_synthshapes
-
-        prepare_synthshapes(Path(cfg.paths.data_dir) / "synthshapes", progress=False)
+        _prepare_synthshapes(cfg)
     datamodule = instantiate(cfg.data)
     datamodule.setup()  # missing or wrong data stops here, before the model is built
     model = instantiate(cfg.model)
@@ -108,6 +106,28 @@ def _checkpoint_dir(cfg: DictConfig) -> str | None:
     """Where the run's ModelCheckpoint writes (what ``ckpt_path=last`` resumes from)."""
     node = (cfg.get("callbacks") or {}).get("model_checkpoint")
     return node.get("dirpath") if node is not None else None
+
+
+def _prepare_synthshapes(cfg: DictConfig) -> None:
+    """Generate + convert the synthshapes variant ``synthshapes_variant`` when missing: ``<data_dir>/synthshapes``
+    (standard) or ``<data_dir>/synthshapes_<variant>``. A data config reading another synthshapes folder of the
+    data dir is an error naming both keys (it would train on a set this run did not make or check)."""
+    from data_prep.prepare_synthshapes import prepare_synthshapes
+    from data_prep.synthetic import get_variant
+
+    variant = get_variant(cfg.synthshapes_variant).name  # an unknown name stops here, listing the known ones
+    data_dir = Path(cfg.paths.data_dir).resolve()
+    root = data_dir / ("synthshapes" if variant == "standard" else f"synthshapes_{variant}")
+    seg_path = (cfg.data.get("seg") or {}).get("path")
+    if seg_path:
+        read = Path(seg_path).resolve()
+        if read.is_relative_to(data_dir) and read != data_dir:
+            folder = read.relative_to(data_dir).parts[0]
+            if folder.startswith("synthshapes") and folder != root.name:
+                raise ValueError(f"data.seg.path={seg_path} reads {folder}, but synthshapes_variant={variant} "
+                                 f"prepares {root.name}: set synthshapes_variant to the data's variant "
+                                 f"(experiment=synthshapes_crowded sets both), or prepare_synthshapes=false")
+    prepare_synthshapes(root, progress=False, variant=variant)
 
 
 def record_eval_resize(model, data_cfg: DictConfig) -> None:

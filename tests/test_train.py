@@ -54,6 +54,25 @@ def test_fast_dev_run_on_synthshapes(synth_shards, tmp_path, capsys):
     assert "| synthshapes_seg_val |" in capsys.readouterr().out
 
 
+def test_the_crowded_experiment_reads_the_variant_it_prepares(tmp_path):
+    cfg = _compose(["experiment=synthshapes_crowded"], tmp_path)
+    assert cfg.synthshapes_variant == "crowded" and cfg.model.size == "small" and cfg.module.lr == 5e-4
+    assert all("/synthshapes_crowded/shards/" in p for p in (cfg.data.seg.path, cfg.data.det.path,
+                                                            cfg.data.val[0].path, cfg.data.val[1].path))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data=synthshapes_crowded"], "reads synthshapes_crowded, but synthshapes_variant=standard prepares synthshapes"),
+    (["synthshapes_variant=crowded"], "reads synthshapes, but synthshapes_variant=crowded prepares synthshapes_"),
+    (["synthshapes_variant=busy"], "unknown synthshapes variant 'busy'"),
+])
+def test_a_synthshapes_variant_other_than_the_data_configs_is_an_error(overrides, message, tmp_path):
+    cfg = _compose([*overrides, f"paths.data_dir={tmp_path}/data"], tmp_path)
+    with pytest.raises(ValueError, match=message):
+        train(cfg)
+    assert not (tmp_path / "data").exists()  # nothing generated
+
+
 def test_missing_data_is_a_clear_error(tmp_path):
     cfg = _compose(["model=tiny", "debug=fast", "prepare_synthshapes=false", f"paths.data_dir={tmp_path}/none"],
                    tmp_path)
