@@ -100,6 +100,28 @@ def test_driver_keeps_finished_runs_and_stops_on_a_failed_one(tmp_path, capsys):
     assert aside.name.startswith("no_decoupled-s0-") and (aside / "driver.log").is_file()
 
 
+def test_crowded_study_trains_the_crowded_experiment_on_its_own_shards(tmp_path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(study, "_run", lambda command, log_file: commands.append(command))
+    monkeypatch.setattr(study, "eval_size", lambda run: 160)
+    teacher = tmp_path / "runs" / "baseline-s0"
+    _fake_run(teacher, ["ablation=baseline", "seed=0"], {}, {})
+    assert study.main(["--variant", "crowded", "--out", str(tmp_path), "--stages", "ablations,offline",
+                       "--only", "no_decoupled", "--seeds", "0", "--", "trainer.max_epochs=1"]) == 0
+    ablation, pseudo, offline = commands
+    assert "experiment=synthshapes_crowded" in ablation and "ablation=no_decoupled" in ablation
+    assert ablation.index("experiment=synthshapes_crowded") < ablation.index("trainer.max_epochs=1")
+    shards = ROOT / "data" / "synthshapes_crowded" / "shards"
+    assert pseudo[pseudo.index("--shards") + 1] == str(shards / "det_train")
+    assert "experiment=synthshapes_crowded" in offline and "data.det_masks=true" in offline
+    # the standard study names no experiment (the default, synthshapes_joint) and reads data/synthshapes
+    commands.clear()
+    assert study.main(["--out", str(tmp_path / "std"), "--stages", "ablations", "--only", "baseline",
+                       "--seeds", "0"]) == 0
+    assert not [c for c in commands[0] if c.startswith("experiment=")]
+    assert study.data_folder("standard") == ROOT / "data" / "synthshapes" / "shards"
+
+
 def test_offline_stage_needs_the_baseline_first(tmp_path, capsys):
     assert study.main(["--out", str(tmp_path), "--stages", "offline", "--seeds", "3"]) == 1
     assert "baseline-s3 has not finished" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-SEG, DET = "synthshapes_seg_val", "synthshapes_det_val"
+SEG, DET = "seg_val", "det_val"  # a run's validation sets by role: synthshapes[_crowded]_{seg,det}_val
 COLUMNS = ((SEG, "PQ", "PQ"), (SEG, "PQ_things", "PQ things"), (SEG, "PQ_stuff", "PQ stuff"), (SEG, "mIoU", "mIoU"),
            (SEG, "mask_AP", "seg mask AP"), (DET, "box_AP", "det box AP"), (DET, "mask_AP", "det mask AP"),
            (DET, "box_AP_unseen", "box AP unseen"), (DET, "mask_AP_unseen", "mask AP unseen"))
@@ -54,8 +54,10 @@ def collect(study: Path) -> tuple[list[dict], list[str], list[dict]]:
         data = json.loads(metrics_file.read_text())
         variant, seed = describe(folder)
         row = {"variant": variant, "seed": seed, "step": data["step"], "name": folder.name}
-        for dataset, key, _ in COLUMNS:
-            row[dataset, key] = data["metrics"].get(dataset, {}).get(key)
+        by_role = {role: values for name, values in data["metrics"].items() for role in (SEG, DET)
+                   if name.endswith(role)}
+        for role, key, _ in COLUMNS:
+            row[role, key] = by_role.get(role, {}).get(key)
         runs.append(row)
     order = {v: i for i, v in enumerate(VARIANTS)}
     runs.sort(key=lambda r: (order.get(r["variant"], len(order)), r["variant"], r["seed"]))

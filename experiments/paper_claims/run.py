@@ -1,7 +1,7 @@
 """The paper's claims in miniature on synthshapes: every training and evaluation of the study, resumable.
 
-    python experiments/paper_claims/run.py [--out runs/paper_claims] [--seeds 0 1 2] [--model tiny] \
-        [--stages ablations,box_prompts,offline] [--only NAME ...] [-- extra Hydra overrides]
+    python experiments/paper_claims/run.py [--variant crowded] [--out runs/paper_claims] [--seeds 0 1 2] \
+        [--model tiny] [--stages ablations,box_prompts,offline] [--only NAME ...] [-- extra Hydra overrides]
     python experiments/paper_claims/gather.py runs/paper_claims --out experiments/paper_claims
 
 Stages (README.md of this folder says what each measures):
@@ -22,6 +22,8 @@ A run whose folder already has ``metrics.json`` is not run again, so an interrup
 the study with its log's path (``<run dir>/driver.log``). Each training is the default experiment
 (``synthshapes_joint``: 2 epochs = 500 steps) with ``model=<--model>``, ``logger=csv`` and no prediction overlays;
 arguments after ``--`` are added to every training (for example ``trainer.max_epochs=1`` for a quicker study).
+``--variant crowded`` runs the whole study on synthshapes' crowded variant instead (``experiment=synthshapes_crowded``,
+its shards under ``data/synthshapes_crowded``), into ``runs/paper_claims_crowded`` by default.
 """
 
 from __future__ import annotations
@@ -36,9 +38,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 ABLATIONS = ("baseline", "no_decoupled", "no_mask_assistance", "no_conditioned")
 STAGES = ("ablations", "box_prompts", "offline")
-DET_TRAIN = ROOT / "data" / "synthshapes" / "shards" / "det_train"
-DET_VAL = ROOT / "data" / "synthshapes" / "shards" / "det_val"
-SEG_TRAIN = ROOT / "data" / "synthshapes" / "shards" / "seg_train"
+DATA_VARIANTS = ("standard", "crowded")  # data_prep.synthetic.VARIANTS
+
+
+def data_folder(variant: str) -> Path:
+    """Where the training prepares the variant's shards (openseed.train, ``synthshapes_variant``)."""
+    return ROOT / "data" / ("synthshapes" if variant == "standard" else f"synthshapes_{variant}") / "shards"
 
 
 class StudyError(RuntimeError):
@@ -152,15 +157,27 @@ def main(argv: list[str] | None = None) -> int:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "paper_claims")
+    parser.add_argument("--variant", choices=DATA_VARIANTS, default="standard",
+                        help="the synthshapes variant (data_prep.synthetic): standard, or crowded")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default runs/paper_claims (runs/paper_claims_crowded for the crowded variant)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--model", default="small", help="model size (conf/model); small: the CPU default's")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, from {', '.join(STAGES)}")
     parser.add_argument("--only", nargs="+", default=[], choices=ABLATIONS, help="ablations stage: only these")
-    parser.add_argument("--det-train", type=Path, default=DET_TRAIN)
-    parser.add_argument("--det-val", type=Path, default=DET_VAL)
-    parser.add_argument("--seg-train", type=Path, default=SEG_TRAIN, help="its classes are the 'seen' ones")
+    parser.add_argument("--det-train", type=Path, default=None, help="default: the variant's shards/det_train")
+    parser.add_argument("--det-val", type=Path, default=None, help="default: the variant's shards/det_val")
+    parser.add_argument("--seg-train", type=Path, default=None,
+                        help="its classes are the 'seen' ones (default: the variant's shards/seg_train)")
     args = parser.parse_args(argv)
+    shards = data_folder(args.variant)
+    args.det_train = args.det_train or shards / "det_train"
+    args.det_val = args.det_val or shards / "det_val"
+    args.seg_train = args.seg_train or shards / "seg_train"
+    if args.out is None:
+        args.out = ROOT / "runs" / ("paper_claims" if args.variant == "standard" else f"paper_claims_{args.variant}")
+    if args.variant != "standard":
+        extra = [f"experiment=synthshapes_{args.variant}", *extra]
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
