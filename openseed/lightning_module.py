@@ -17,11 +17,11 @@ import torch
 from lightning import LightningModule
 from torch import nn
 
+from openseed.core.batch import Batch
 from openseed.evaluation.runner import DatasetEvaluator
 from openseed.losses.criterion import SetCriterion
 from openseed.modeling.openseed import OpenSeeD
 from openseed.modeling.postprocess import InferenceConfig
-from openseed.structures import Batch
 
 NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "pos_embed", "level_embed", "logit_scale")
 FINAL_TERMS = ("loss_class", "loss_bbox", "loss_giou", "loss_mask", "loss_dice")

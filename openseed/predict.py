@@ -36,8 +36,8 @@ import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from openseed.core.vocabulary import Vocabulary
 from openseed.data.transforms import EvalResize, eval_resize_for
-from openseed.data.vocab import Vocabulary
 from openseed.modeling.openseed import OpenSeeD
 from openseed.modeling.postprocess import InferenceConfig, box_prompt_to_coco, instances_to_coco, postprocess_batch
 from openseed.visualize import draw_overlay

@@ -123,7 +123,7 @@ def test_data_without_instance_masks_is_refused_with_its_name(synth_shards):
 
 
 def test_a_vocabulary_embedded_once_gives_the_masks_of_a_per_call_vocabulary():
-    from openseed.data.vocab import Vocabulary
+    from openseed.core.vocabulary import Vocabulary
     from openseed.modeling.openseed import build_openseed
 
     torch.manual_seed(0)

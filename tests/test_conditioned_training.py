@@ -5,11 +5,12 @@ more targets than the budget."""
 import pytest
 import torch
 
+from openseed.core.boxes import targets_to_model_boxes
+from openseed.core.conditions import Conditions
 from openseed.losses.criterion import SetCriterion
 from openseed.modeling import decoder as decoder_module
-from openseed.modeling.decoder import Conditions, noisy_boxes
+from openseed.modeling.decoder import noisy_boxes
 from openseed.modeling.openseed import MODEL_SIZES, build_openseed
-from openseed.modeling.outputs import targets_to_model_boxes
 
 
 def test_assistance_masks_come_from_the_clean_boxes(det_batch, monkeypatch):

@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from openseed.core.batch import Targets
+from openseed.core.boxes import targets_to_model_boxes
+from openseed.core.outputs import ConditionedOutputs, Outputs, Prediction
 from openseed.losses.criterion import BASE_KEYS, SetCriterion
 from openseed.losses.matcher import HungarianMatcher
 from openseed.losses.point_sampling import uncertain_points_with_randomness
-from openseed.modeling.outputs import ConditionedOutputs, Outputs, Prediction, targets_to_model_boxes
-from openseed.structures import Targets
 
 PADDED = (64, 64)
 NUM_FG, NUM_BG, K = 4, 2, 5

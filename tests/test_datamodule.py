@@ -5,8 +5,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from openseed.core.batch import Batch
 from openseed.data.datamodule import OpenSeeDDataModule, split_for_slot
-from openseed.structures import Batch
 from tests.conftest import clone_shard_set
 
 UNEVEN = [1, 23, 2, 9]  # shards of very different sizes (35 samples)

@@ -6,13 +6,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from openseed.core.boxes import targets_to_model_boxes
+from openseed.core.outputs import Outputs, Prediction
 from openseed.data.datamodule import EvalDataset
 from openseed.data.shards import ShardSet
 from openseed.data.transforms import EvalResize
 from openseed.evaluation.runner import DatasetEvaluator, evaluate_shards, main
 from openseed.modeling.checkpoint import save_model
 from openseed.modeling.openseed import build_openseed
-from openseed.modeling.outputs import Outputs, Prediction, targets_to_model_boxes
 
 
 def _batches(path):

@@ -14,12 +14,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from openseed import Predictor
-from openseed.data.vocab import Vocabulary
+from openseed.core.outputs import Outputs, Prediction
+from openseed.core.vocabulary import Vocabulary
 from openseed.evaluation.instances import EvaluationInputError, InstanceEvaluator, evaluate_coco
 from openseed.evaluation.instances import main as instances_main
 from openseed.evaluation.runner import DatasetEvaluator
 from openseed.modeling.openseed import build_openseed
-from openseed.modeling.outputs import Outputs, Prediction
 from openseed.modeling.postprocess import (
     MASK_MEMORY_BYTES,
     InferenceConfig,

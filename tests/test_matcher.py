@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_convert
 
+from openseed.core.outputs import Prediction
 from openseed.losses.matcher import HungarianMatcher, build_match_groups, mask_bce_cost, solve_assignment
 from openseed.losses.point_sampling import point_sample_shared, sample_masks, uniform_points
-from openseed.modeling.outputs import Prediction
 
 
 def _brute_force(cost: torch.Tensor) -> float:

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from openseed.core.boxes import targets_to_model_boxes
+from openseed.core.conditions import Conditions
 from openseed.losses.criterion import SetCriterion
 from openseed.modeling import decoder as decoder_module
-from openseed.modeling.decoder import Conditions
 from openseed.modeling.openseed import MODEL_SIZES, build_openseed
-from openseed.modeling.outputs import targets_to_model_boxes
 
 
 def _losses(model, criterion, batch):

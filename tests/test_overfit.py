@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou
 
+from openseed.core.boxes import model_boxes_to_pixels, targets_to_model_boxes
 from openseed.data.shards import ShardSet, read_shards
 from openseed.data.transforms import collate
 from openseed.losses.criterion import SetCriterion
 from openseed.losses.matcher import build_match_groups
 from openseed.modeling.openseed import build_openseed
-from openseed.modeling.outputs import model_boxes_to_pixels, targets_to_model_boxes
 
 STEPS = 400
 

@@ -13,8 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from openseed.data.vocab import Category, Vocabulary
-from openseed.modeling.outputs import Outputs, Prediction, targets_to_model_boxes
+from openseed.core.batch import Targets
+from openseed.core.boxes import targets_to_model_boxes
+from openseed.core.outputs import Outputs, Prediction
+from openseed.core.vocabulary import Category, Vocabulary
 from openseed.modeling.postprocess import (
     InferenceConfig,
     box_prompt_to_coco,
@@ -29,7 +31,6 @@ from openseed.modeling.postprocess import (
     semantic_inference,
     semantic_labels,
 )
-from openseed.structures import Targets
 
 # 5 classes: 0, 1, 4 things; 2, 3 stuff; the data set's ids are not contiguous.
 IS_THING = [True, True, False, False, True]

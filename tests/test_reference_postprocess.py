@@ -16,8 +16,8 @@ from functools import cache
 import pytest
 import torch
 
-from openseed.data.vocab import Vocabulary
-from openseed.modeling.outputs import Outputs, Prediction
+from openseed.core.outputs import Outputs, Prediction
+from openseed.core.vocabulary import Vocabulary
 from openseed.modeling.postprocess import InferenceConfig, postprocess_batch
 from tests._reference import (
     ARCHITECTURES,

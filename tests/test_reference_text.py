@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from openseed.data.vocab import Vocabulary
+from openseed.core.vocabulary import Vocabulary
 from openseed.modeling.clip_text import END_OF_TEXT, START_OF_TEXT, ClipTextTransformer
 from openseed.modeling.text_encoder import PROMPT_TEMPLATES, TextEncoder, build_text_tower
 from tests._reference import ARCHITECTURES, load_npz, meta, reference_path

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from openseed.data.vocab import Vocabulary
+from openseed.core.vocabulary import Vocabulary
 from openseed.modeling.text_encoder import PROMPT_TEMPLATES, TextEncoder, build_text_tower
 
 COCO_LIKE = [

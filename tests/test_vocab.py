@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from openseed.data.vocab import (
+from openseed.core.vocabulary import (
     COCO_PANOPTIC_NAMES,
     Vocabulary,
     clean_class_name,
@@ -84,7 +84,7 @@ def test_bad_vocabularies_fail_clearly(tmp_path):
 
 
 def test_model_side_imports_stay_light():
-    """The model (openseed.modeling, openseed.losses, openseed.structures) never imports Lightning, Hydra or
+    """The model (openseed.modeling, openseed.losses, openseed.core.batch) never imports Lightning, Hydra or
     webdataset: it is a plain nn.Module usable from a notebook."""
     import subprocess
     import sys
@@ -94,9 +94,9 @@ def test_model_side_imports_stay_light():
             "sys.exit(bool(bad))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    from openseed.data import OpenSeeDDataModule, Vocabulary
+    from openseed.data import OpenSeeDDataModule
 
-    assert Vocabulary.__module__ == "openseed.data.vocab" and OpenSeeDDataModule.__name__ == "OpenSeeDDataModule"
+    assert OpenSeeDDataModule.__name__ == "OpenSeeDDataModule"
 
 
 @pytest.mark.parametrize("raw, evaluation, training", [

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from openseed import Predictor  # noqa: E402
-from openseed.data.vocab import Vocabulary  # noqa: E402
+from openseed.core.vocabulary import Vocabulary  # noqa: E402
 from openseed.modeling.openseed import build_openseed  # noqa: E402
 
 REALDATA = ROOT.parent / "shared" / "realdata" / "coco_panoptic_sample"

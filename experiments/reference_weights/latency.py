@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from layout_checkpoint import layout_state_dict  # noqa: E402
 
 from openseed.convert_checkpoint import convert  # noqa: E402
-from openseed.data.vocab import Vocabulary  # noqa: E402
+from openseed.core.vocabulary import Vocabulary  # noqa: E402
 from openseed.modeling.checkpoint import load_model  # noqa: E402
 from openseed.predict import Predictor, load_image  # noqa: E402
 

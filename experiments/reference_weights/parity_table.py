@@ -19,7 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from openseed.modeling.outputs import model_boxes_to_pixels  # noqa: E402
+from openseed.core.boxes import model_boxes_to_pixels  # noqa: E402
 from tests._reference import ARCHITECTURES, centre_crop, load_npz, meta  # noqa: E402
 from tests.test_reference_parity import Run  # noqa: E402
 

@@ -1,13 +1,11 @@
-"""Data: vocabulary, COCO readers, the shard schema, transforms and the streaming data module.
+"""Data: COCO readers, the shard schema, transforms and the streaming data module.
 
-Names are imported lazily so that ``openseed.data.vocab`` (used by the model) does not pull in Lightning.
+Names are imported lazily: reading shards (evaluation, tools) does not pull in Lightning with the data module.
 """
 
 from importlib import import_module
 
 _EXPORTS = {
-    "Vocabulary": "openseed.data.vocab",
-    "clean_class_name": "openseed.data.vocab",
     "DataError": "openseed.data.coco",
     "ShardSet": "openseed.data.shards",
     "Sample": "openseed.data.shards",

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from openseed.data.vocab import Vocabulary
+from openseed.core.vocabulary import Vocabulary
 
 log = logging.getLogger(__name__)
 

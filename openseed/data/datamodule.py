@@ -24,10 +24,10 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from openseed.core.batch import Batch
 from openseed.data.coco import DataError
 from openseed.data.shards import STREAM_SKIPS, Sample, ShardSet, decode_sample, iter_raw_samples
 from openseed.data.transforms import EvalResize, LargeScaleJitter, collate
-from openseed.structures import Batch
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ One sample per image; its key is the zero-padded image id (no dots: webdataset s
                                     "pseudo_mask": bool}], "extra": {...}}
 
 ``label`` indexes the vocabulary; ``bbox`` is xyxy in pixels of the stored image with exclusive max (see
-``openseed.structures``); panoptic boxes and areas are recomputed from the PNG, not copied from the JSON.
+``openseed.core.batch``); panoptic boxes and areas are recomputed from the PNG, not copied from the JSON.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from openseed.core.vocabulary import Vocabulary
 from openseed.data.coco import DataError, ImageRecord
 from openseed.data.images import exif_orientation, rgb_array, upright_size
-from openseed.data.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
 

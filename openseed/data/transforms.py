@@ -19,9 +19,9 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 
+from openseed.core.batch import Batch, Targets
+from openseed.core.vocabulary import Vocabulary
 from openseed.data.shards import CROWD_INDEX, Sample
-from openseed.data.vocab import Vocabulary
-from openseed.structures import Batch, Targets
 
 MIN_BOX_SIDE = 1.0  # pixels; a detection box thinner than this after cropping is dropped
 

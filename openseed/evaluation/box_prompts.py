@@ -30,11 +30,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from openseed.core.boxes import stored_box_xywh
+from openseed.core.vocabulary import Vocabulary
 from openseed.data.shards import ShardSet, decode_object_mask, decode_sample, iter_raw_samples
 from openseed.data.transforms import EvalResize, collate, eval_resize_for
-from openseed.data.vocab import Vocabulary
 from openseed.evaluation.instances import evaluate_coco
-from openseed.evaluation.runner import DatasetEvaluator, xyxy_to_xywh
+from openseed.evaluation.runner import DatasetEvaluator
 from openseed.modeling.postprocess import encode_rle
 
 
@@ -141,7 +142,7 @@ def evaluate_box_prompts(model, shards_dir, image_size: int | None = None, batch
                 union = int((gt | mask).sum())
                 ious.setdefault(obj["category_id"], []).append(int((gt & mask).sum()) / union if union else 0.0)
                 detections.append({"image_id": int(meta["image_id"]), "category_id": obj["category_id"],
-                                   "bbox": xyxy_to_xywh(obj["bbox"]), "score": 1.0,
+                                   "bbox": stored_box_xywh(obj), "score": 1.0,
                                    "segmentation": encode_rle(mask[None])[0]})
     stats = evaluate_coco(truth.coco_truth(), detections, "segm")
     name_of = {c["id"]: c["name"] for c in truth.categories}

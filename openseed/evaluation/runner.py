@@ -28,22 +28,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+from openseed.core.batch import Batch
+from openseed.core.boxes import stored_box_xywh
+from openseed.core.outputs import Outputs
+from openseed.core.vocabulary import Vocabulary
 from openseed.data.shards import ShardSet, rgb_to_id
-from openseed.data.vocab import Vocabulary
 from openseed.evaluation.common import gather_to_all
 from openseed.evaluation.instances import evaluate_coco
 from openseed.evaluation.panoptic import PanopticEvaluator
 from openseed.evaluation.semantic import SemanticEvaluator
-from openseed.modeling.outputs import Outputs
 from openseed.modeling.postprocess import InferenceConfig, encode_rle, instances_to_coco, postprocess_batch
-from openseed.structures import Batch
 
 IGNORE = 255
-
-
-def xyxy_to_xywh(box: Sequence[float]) -> list[float]:
-    x0, y0, x1, y1 = (float(v) for v in box)
-    return [x0, y0, x1 - x0, y1 - y0]
 
 
 class DatasetEvaluator:
@@ -119,7 +115,7 @@ class DatasetEvaluator:
             if not obj["is_thing"]:
                 continue
             record = {"image_id": int(meta["image_id"]), "category_id": obj["category_id"],
-                      "bbox": xyxy_to_xywh(obj["bbox"]), "area": float(obj["area"]), "iscrowd": int(obj["iscrowd"])}
+                      "bbox": stored_box_xywh(obj), "area": float(obj["area"]), "iscrowd": int(obj["iscrowd"])}
             if gt_ids is not None:
                 record["segmentation"] = encode_rle(gt_ids[None] == obj["segment_id"])[0]
             elif "rle" in obj:

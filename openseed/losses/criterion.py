@@ -50,6 +50,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
+from openseed.core.batch import Targets
+from openseed.core.boxes import targets_to_model_boxes
+from openseed.core.outputs import ConditionedOutputs, Outputs, Prediction
 from openseed.losses.matcher import SPEC_WEIGHTS, HungarianMatcher, MatchTarget, build_match_groups
 from openseed.losses.point_sampling import (
     point_sample,
@@ -57,8 +60,6 @@ from openseed.losses.point_sampling import (
     uncertain_points_with_randomness,
     uniform_points,
 )
-from openseed.modeling.outputs import ConditionedOutputs, Outputs, Prediction, targets_to_model_boxes
-from openseed.structures import Targets
 
 BASE_KEYS = ("loss_class", "loss_bbox", "loss_giou", "loss_mask", "loss_dice")
 _KEY_RE = re.compile(r"^(loss_[a-z]+)(?:_aux\d+|_proposals|_cond\d+)?$")

@@ -26,8 +26,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou
 
+from openseed.core.outputs import Prediction
 from openseed.losses.point_sampling import point_sample_shared, sample_masks, uniform_points
-from openseed.modeling.outputs import Prediction
 
 #: SPEC section 3's weight of each term, in the matching cost and in the matched losses alike (the defaults of
 #: ``HungarianMatcher``'s costs and ``SetCriterion``'s weights; conf/criterion/default.yaml spells them out).

@@ -31,41 +31,21 @@ cross-attention's per-level weights follow that order.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from openseed.core.conditions import Conditions
+from openseed.core.outputs import ConditionedOutputs, Outputs, Prediction
 from openseed.modeling.layers import MLP, feed_forward, grid_positions, inverse_sigmoid, sine_embedding
-from openseed.modeling.outputs import ConditionedOutputs, Outputs, Prediction
 from openseed.modeling.pixel_decoder import EncoderMemory
 from openseed.ops import MSDeformAttn
 
 LEVEL_ORDERS = ("fine_first", "coarse_first")
 BOX_NOISE = ("corners", "reference")
 BG_TRAINING = ("openseed", "reference")
-
-
-@dataclass
-class Conditions:
-    """Boxes (and classes) the conditioned queries are built from, per image.
-
-    Attributes:
-        labels: per image, long [N_i] indices into the vocabulary the text embeddings were computed for.
-        boxes: per image, [N_i, 4] cxcywh normalised by the padded size.
-        add_noise: jitter the boxes (training); False for box-prompted inference.
-        num_groups: groups of conditioned queries; None = as many as fit in the decoder's budget.
-        clean_group: put one more group first whose boxes are never jittered (training with online mask
-            assistance: its masks, decoded from the clean ground-truth boxes, assist the detection matching; it is
-            not supervised, so the denoising groups are trained exactly as without it).
-    """
-
-    labels: list[Tensor]
-    boxes: list[Tensor]
-    add_noise: bool = True
-    num_groups: int | None = None
-    clean_group: bool = False
 
 
 #: CLIP's initial log temperature, log(1 / 0.07).

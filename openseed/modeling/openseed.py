@@ -20,13 +20,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-from openseed.data.vocab import Vocabulary
+from openseed.core.batch import Targets
+from openseed.core.boxes import targets_to_model_boxes
+from openseed.core.conditions import Conditions
+from openseed.core.outputs import Outputs
+from openseed.core.vocabulary import Vocabulary
 from openseed.modeling.backbone import Backbone, build_backbone
-from openseed.modeling.decoder import Conditions, OpenSeeDDecoder
-from openseed.modeling.outputs import Outputs, targets_to_model_boxes
+from openseed.modeling.decoder import OpenSeeDDecoder
 from openseed.modeling.pixel_decoder import EncoderMemory, PixelDecoder
 from openseed.modeling.text_encoder import TextEncoder, build_text_tower
-from openseed.structures import Targets
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -44,15 +46,16 @@ class OpenSeeDConfig:
     reference (docs/model.md, "Switches"): ``mask_padding`` (padded cells are kept out of attention and query
     selection), ``level_order`` ("fine_first": the finest encoder level proposes the smallest anchors;
     "coarse_first": the reference's reversed order), ``class_bias`` (a learned prior bias on the class logits),
-    ``name_cleaning`` ("openseed": ``openseed.data.vocab.clean_class_name``; "reference": only -other/-merged/-stuff
-    removed). Training switches: ``box_noise`` ("corners": each corner of a conditioned query's box jittered, as the
-    paper describes DN-DETR's noise; "reference": the reference's centre shift and width/height scaling) and
-    ``cond_over_budget`` ("one_group": one denoising group even when an image has more targets than ``cond_budget``;
-    "none": no denoising queries for such a batch, as the reference), ``bg_training`` ("openseed": background
-    anchors and content learn through the decoder's losses; "reference": they enter the decoder detached and learn
-    through the proposal outputs, which carry their rows in training), ``text_lr_scope`` ("reference": the joint-space
-    projection and the logit scale at the text tower's lr multiplier) and ``fp32_encoder_decoder`` (the pixel decoder
-    and decoder in float32 under mixed precision, as the reference; on for every size).
+    ``name_cleaning`` ("openseed": ``openseed.core.vocabulary.clean_class_name``; "reference": only
+    -other/-merged/-stuff removed). Training switches: ``box_noise`` ("corners": each corner of a conditioned
+    query's box jittered, as the paper describes DN-DETR's noise; "reference": the reference's centre shift and
+    width/height scaling) and ``cond_over_budget`` ("one_group": one denoising group even when an image has more
+    targets than ``cond_budget``; "none": no denoising queries for such a batch, as the reference), ``bg_training``
+    ("openseed": background anchors and content learn through the decoder's losses; "reference": they enter the
+    decoder detached and learn through the proposal outputs, which carry their rows in training), ``text_lr_scope``
+    ("reference": the joint-space projection and the logit scale at the text tower's lr multiplier) and
+    ``fp32_encoder_decoder`` (the pixel decoder and decoder in float32 under mixed precision, as the reference; on
+    for every size).
 
     Use: ``eval_short_edge`` / ``eval_max_size`` the evaluation resize (None: the caller's, e.g. the data config's or
     the predictor's square ``image_size``), ``test_top_k`` instance detections per image, ``clip_boxes`` clip

@@ -5,7 +5,7 @@ SPEC.md section 2: project each used backbone level to ``hidden_dim`` (1x1 conv 
 (sine position embedding + learned level embedding), then fuse the upsampled finest encoder level with the finer
 backbone maps (FPN) down to stride 4, where a 1x1 conv gives ``mask_features``.
 
-Coordinates: reference points and boxes are normalised by the *padded* map (see ``openseed.modeling.outputs``).
+Coordinates: reference points and boxes are normalised by the *padded* map (see ``openseed.core.outputs``).
 With ``mask_padding`` (our default) padding tokens are excluded as attention values; without it (the reference, and
 so the presets that load its weights) padded cells are image like any other.
 """

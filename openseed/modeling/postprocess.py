@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import box_convert
 
-from openseed.modeling.outputs import Outputs
+from openseed.core.boxes import xyxy_to_xywh
+from openseed.core.outputs import Outputs
 
 Size = tuple[int, int]
 PostprocessTask = Literal["panoptic", "instance", "semantic"]
@@ -399,17 +400,12 @@ def encode_rle(masks: Tensor | np.ndarray) -> list[dict]:
     return rles
 
 
-def _xyxy_to_xywh_list(boxes: Tensor) -> list[list[float]]:
-    boxes = boxes.detach().float().cpu()
-    return torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-
-
 def instances_to_coco(result: dict[str, Any], image_id: int, category_ids: Sequence[int] | None = None) -> list[dict]:
     """``instance_inference`` output -> COCO result dicts (image_id, category_id in the data set's ids, bbox
     [x, y, w, h], score, and segmentation as compressed RLE when masks are present)."""
     labels = result["labels"].tolist()
     scores = result["scores"].tolist()
-    boxes = _xyxy_to_xywh_list(result["boxes"])
+    boxes = xyxy_to_xywh(result["boxes"].detach().float().cpu()).tolist()
     rles = encode_rle(result["masks"]) if result.get("masks") is not None else None
     records = []
     for i, (label, score, box) in enumerate(zip(labels, scores, boxes)):
@@ -462,8 +458,8 @@ def box_prompt_to_coco(masks: Tensor, boxes_xyxy: Tensor, names: Sequence[str], 
     areas = masks.flatten(1).sum(dim=1).tolist()
     return [{"image_id": int(image_id), "category_name": str(name), "bbox": box, "score": score, "area": int(area),
              "segmentation": rle}
-            for name, box, score, area, rle in zip(names, _xyxy_to_xywh_list(boxes_xyxy), score_list, areas,
-                                                   encode_rle(masks))]
+            for name, box, score, area, rle in zip(names, xyxy_to_xywh(boxes_xyxy.detach().float().cpu()).tolist(),
+                                                   score_list, areas, encode_rle(masks))]
 
 
 # ---------------------------------------------------------------------------------------------------------- batches

@@ -13,7 +13,7 @@ Pieces:
   ensembling (with a cache) for evaluation.
 
 Class names are not cleaned here: both modes read them through ``Vocabulary.prompt_names`` in the encoder's
-``name_style`` (``"openseed"``: the vocabulary's cleaned synonyms, ``openseed.data.vocab.clean_class_name``, whose
+``name_style`` (``"openseed"``: the vocabulary's cleaned synonyms, ``openseed.core.vocabulary.clean_class_name``, whose
 COCO rewriting touches COCO panoptic names only; ``"reference"``: the raw names with the reference code's suffix
 removal), so training and evaluation embed the same words.
 """
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from openseed.data.vocab import NAME_STYLES, Vocabulary
+from openseed.core.vocabulary import NAME_STYLES, Vocabulary
 
 # OpenSeeD's list (utils/prompt_engineering.py of the reference code): the bare "{}." then CLIP's 80 ImageNet
 # templates (Radford et al. 2021) in CLIP's published order, which starts with "a photo of a {}.".

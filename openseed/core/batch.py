@@ -1,8 +1,7 @@
-"""What crosses the data -> model seam. Pure torch: the model imports this, never Lightning or webdataset.
+"""What crosses the data -> model seam: a padded ``Batch`` of images with one ``Targets`` per image.
 
-Box convention at this seam: ``xyxy`` in pixels of the (transformed, unpadded) image, continuous coordinates where
-pixel ``i`` covers ``[i, i + 1)``; the tight box of a mask is ``[xmin, ymin, xmax + 1, ymax + 1]`` (the same as COCO's
-``[x, y, w, h]`` with ``w = xmax - xmin + 1``). The model converts to normalised ``cxcywh`` itself.
+Pure torch: the model imports this, never Lightning or webdataset. Boxes are pixel boxes (``openseed.core.boxes``:
+xyxy in pixels of the transformed, unpadded image); the model converts them to its own convention.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from openseed.data.vocab import Vocabulary
+from openseed.core.vocabulary import Vocabulary
 
 Task = Literal["seg", "det"]
 
@@ -24,7 +23,7 @@ class Targets:
 
     Attributes:
         labels: long [N], contiguous indices into the batch's ``Vocabulary``.
-        boxes: float32 [N, 4], xyxy pixels (see module docstring).
+        boxes: float32 [N, 4], pixel xyxy (``openseed.core.boxes``).
         masks: bool [N, H, W] at the padded batch size, or None when the data has no masks (boxes-only detection).
         is_thing: bool [N].
         mask_is_pseudo: bool [N]; True where the mask was decoded by a model (offline mask assistance), not annotated.

@@ -1,17 +1,14 @@
 """What crosses the model -> losses / postprocess seam.
 
-Box convention inside the model: ``cxcywh`` normalised to [0, 1] by the *padded* batch size (the ``H, W`` of
-``Batch.images``), so that a reference box maps directly onto the feature maps. ``targets_to_model_boxes`` converts
-the data's pixel ``xyxy`` boxes to this convention. Masks are logits at 1/4 of the padded size.
+Boxes are the model's (``openseed.core.boxes``: cxcywh normalised by the padded batch size); masks are logits at 1/4
+of the padded size.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
-from torchvision.ops import box_convert
 
 
 @dataclass
@@ -99,17 +96,3 @@ class Outputs:
     @property
     def bg_slice(self) -> slice:
         return slice(self.num_fg, self.num_fg + self.num_bg)
-
-
-def targets_to_model_boxes(boxes_xyxy: Tensor, padded_size: tuple[int, int]) -> Tensor:
-    """Pixel xyxy boxes (exclusive max) -> cxcywh normalised by the padded size (H, W)."""
-    height, width = padded_size
-    scale = torch.tensor([width, height, width, height], dtype=boxes_xyxy.dtype, device=boxes_xyxy.device)
-    return box_convert(boxes_xyxy / scale, "xyxy", "cxcywh")
-
-
-def model_boxes_to_pixels(boxes_cxcywh: Tensor, padded_size: tuple[int, int]) -> Tensor:
-    """Inverse of ``targets_to_model_boxes``."""
-    height, width = padded_size
-    scale = torch.tensor([width, height, width, height], dtype=boxes_cxcywh.dtype, device=boxes_cxcywh.device)
-    return box_convert(boxes_cxcywh, "cxcywh", "xyxy") * scale
