@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from openseed.core.codecs import encode_rle
 from openseed.data.shards import MANIFEST, VOCAB, ShardSet, iter_raw_samples
 from openseed.data.transforms import MIN_BOX_SIDE, EvalResize
 from openseed.evaluation.box_prompts import PromptNames, decode_box_prompts
-from openseed.modeling.postprocess import encode_rle
 
 DROPPED_BY_RESIZE = (f"box dropped by the resize (under {MIN_BOX_SIDE:g} px wide or high at the decoding size, "
                      "or outside the image)")

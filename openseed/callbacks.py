@@ -3,7 +3,6 @@ without W&B)."""
 
 from __future__ import annotations
 
-import io
 import time
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import numpy as np
 from lightning import Callback
 from PIL import Image
 
-from openseed.data.shards import rgb_to_id
+from openseed.core.codecs import decode_panoptic_png
 from openseed.modeling.postprocess import InferenceConfig, postprocess_batch
 
 
@@ -102,7 +101,7 @@ class ValidationOverlays(Callback):
                                       .cpu().numpy()).resize((width, height))
             item = {"image": np.asarray(picture), "classes": classes}
             if task == "panoptic":
-                truth_ids = rgb_to_id(np.asarray(Image.open(io.BytesIO(annotation["panoptic_png"])).convert("RGB")))
+                truth_ids = decode_panoptic_png(annotation["panoptic_png"])
                 truth_segments = [{"id": o["segment_id"], "category_id": o["category_id"]}
                                   for o in annotation["json"]["objects"]]
                 item["prediction"] = _label_map(result["panoptic_seg"].cpu().numpy(), result["segments_info"],

@@ -36,6 +36,7 @@ import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from openseed.core.codecs import id_to_rgb
 from openseed.core.vocabulary import Vocabulary
 from openseed.data.transforms import EvalResize, eval_resize_for
 from openseed.modeling.openseed import OpenSeeD
@@ -247,8 +248,7 @@ class Predictor:
         if task == "panoptic":
             names = dict(zip(result["vocabulary"].ids, result["vocabulary"].prompt_names()))
             ids = result["panoptic_seg"].cpu().numpy().astype(np.uint32)
-            rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)
-            Image.fromarray(rgb).save(out_dir / f"{stem}_panoptic_ids.png")
+            Image.fromarray(id_to_rgb(ids)).save(out_dir / f"{stem}_panoptic_ids.png")
             segments = [{**s, "category_name": names[s["category_id"]]} for s in result["segments_info"]]
             payload = {**header, "file_name": f"{stem}_panoptic_ids.png", "segments_info": segments}
             masks = np.stack([ids == s["id"] for s in segments]) if segments else None

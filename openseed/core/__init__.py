@@ -6,5 +6,6 @@ imports nothing of openseed's outside itself.
 - ``batch``: ``Batch`` and ``Targets`` (data -> model and losses);
 - ``boxes``: the pixel, COCO and model box conventions and their conversions;
 - ``conditions``: ``Conditions``, the boxes the conditioned queries decode (training targets or box prompts);
-- ``outputs``: ``Outputs``, ``Prediction``, ``ConditionedOutputs`` (model -> losses and post-processing).
+- ``outputs``: ``Outputs``, ``Prediction``, ``ConditionedOutputs`` (model -> losses and post-processing);
+- ``codecs``: panoptic id maps <-> PNG colours, masks <-> COCO RLE.
 """

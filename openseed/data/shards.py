@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from pycocotools import mask as mask_utils
 
+from openseed.core.codecs import decode_panoptic_png, decode_rle, segmentation_to_rle
 from openseed.core.vocabulary import Vocabulary
 from openseed.data.coco import DataError, ImageRecord
 from openseed.data.images import exif_orientation, rgb_array, upright_size
@@ -72,12 +72,6 @@ class Encoded:
     exif: str | None = None  # "applied" (stored upright, re-encoded) or "ignored" (see _read_image_bytes)
     notes: list[str] = field(default_factory=list)  # warnings to log, each naming the file
     num_objects: int = 0
-
-
-def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-    """COCO panoptic colour -> segment id, for an [H, W, 3] uint8 array."""
-    rgb = rgb.astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
 
 
 def _read_image_bytes(record: ImageRecord) -> tuple[bytes | None, Encoded]:
@@ -139,7 +133,7 @@ def encode_panoptic(record: ImageRecord, vocab: Vocabulary, dataset: str) -> Enc
         return result
     png = record.panoptic_path.read_bytes()
     try:
-        ids = rgb_to_id(_decode_image(png, "RGB"))
+        ids = decode_panoptic_png(png)
     except Exception as err:
         return _skip("unreadable panoptic PNG", record.panoptic_path, f"{type(err).__name__}: {err}")
     if ids.shape != (record.height, record.width):
@@ -170,20 +164,6 @@ def encode_panoptic(record: ImageRecord, vocab: Vocabulary, dataset: str) -> Enc
     return result
 
 
-def _annotation_rle(ann: dict, height: int, width: int) -> dict | None:
-    segmentation = ann.get("segmentation")
-    if not segmentation:
-        return None
-    if isinstance(segmentation, list):  # polygons
-        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    elif isinstance(segmentation.get("counts"), list):  # uncompressed RLE
-        rle = mask_utils.frPyObjects(segmentation, height, width)
-    else:
-        rle = dict(segmentation)
-    counts = rle["counts"]
-    return {"size": [int(v) for v in rle["size"]], "counts": counts.decode() if isinstance(counts, bytes) else counts}
-
-
 def encode_detection(record: ImageRecord, vocab: Vocabulary, dataset: str, mask_format: str = "rle") -> Encoded:
     """One COCO detection image -> one sample. With ``mask_format="rle"`` polygon and RLE masks are kept as
     compressed RLE (objects without one get ``has_mask`` False when read); with "none" only boxes are kept."""
@@ -201,7 +181,8 @@ def encode_detection(record: ImageRecord, vocab: Vocabulary, dataset: str, mask_
                  "area": float(ann.get("area", w * h)), "pseudo_mask": bool(ann.get("pseudo_mask", False))}
         if mask_format == "rle":
             try:
-                rle = _annotation_rle(ann, record.height, record.width)
+                rle = segmentation_to_rle(ann["segmentation"], record.height, record.width) \
+                    if ann.get("segmentation") else None
             except Exception as err:
                 raise DataError(f"annotation {ann.get('id')!r} of image {record.image_id}: bad segmentation "
                                 f"({type(err).__name__}: {err})") from err
@@ -492,7 +473,7 @@ def decode_sample(raw: dict, vocabulary: Vocabulary | None = None, dense_masks: 
     masks = ignore = segment_map = None
     if meta["mask_format"] == "panoptic":
         try:
-            ids = torch.from_numpy(rgb_to_id(_decode_image(raw[PANOPTIC_KEY], "RGB")).astype(np.int32))
+            ids = torch.from_numpy(decode_panoptic_png(raw[PANOPTIC_KEY]).astype(np.int32))
         except Exception as err:
             STREAM_SKIPS("bad panoptic PNG", where, f"{type(err).__name__}: {str(err)[:80]}", url)
             return None
@@ -537,7 +518,7 @@ def decode_object_mask(obj: dict, height: int, width: int) -> torch.Tensor:
     """A stored object's mask (its ``rle``) as bool [height, width]; all False when it has none."""
     if "rle" not in obj:
         return torch.zeros((height, width), dtype=torch.bool)
-    return torch.from_numpy(mask_utils.decode(obj["rle"]).astype(bool))
+    return decode_rle(obj["rle"])
 
 
 def iter_raw_samples(urls: Iterable[str], on_error: Callable[[Exception], bool] | None = None) -> Iterator[dict]:

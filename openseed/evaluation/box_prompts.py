@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from openseed.core.boxes import stored_box_xywh
+from openseed.core.codecs import encode_rle
 from openseed.core.vocabulary import Vocabulary
 from openseed.data.shards import ShardSet, decode_object_mask, decode_sample, iter_raw_samples
 from openseed.data.transforms import EvalResize, collate, eval_resize_for
 from openseed.evaluation.instances import evaluate_coco
 from openseed.evaluation.runner import DatasetEvaluator
-from openseed.modeling.postprocess import encode_rle
 
 
 class PromptNames:

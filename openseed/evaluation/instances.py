@@ -61,6 +61,7 @@ from typing import Any
 
 import numpy as np
 
+from openseed.core.codecs import segmentation_to_rle
 from openseed.evaluation.common import gather_to_all
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -221,16 +222,10 @@ def _rle(det: dict, k: int, image: dict) -> dict:
     # polygons or uncompressed RLE: convert with the image size
     if height is None or width is None:
         raise EvaluationInputError(f"detection {k}: polygon / uncompressed segmentation needs the image size")
-    from pycocotools import mask as mask_utils
-
     try:
-        rles = mask_utils.frPyObjects(seg, int(height), int(width))
-        rle = mask_utils.merge(rles) if isinstance(rles, list) else rles
-    except Exception as e:  # pycocotools raises bare Exceptions for malformed input
-        raise EvaluationInputError(f"detection {k}: unreadable segmentation ({e})") from None
-    counts = rle["counts"]
-    return {"size": [int(s) for s in rle["size"]],
-            "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+        return segmentation_to_rle(seg, height, width)
+    except ValueError as e:
+        raise EvaluationInputError(f"detection {k}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------- engines

@@ -17,7 +17,6 @@ The model runs in evaluation mode, so class names are embedded with the prompt e
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import sys
@@ -26,18 +25,18 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from openseed.core.batch import Batch
 from openseed.core.boxes import stored_box_xywh
+from openseed.core.codecs import decode_panoptic_png, encode_rle
 from openseed.core.outputs import Outputs
 from openseed.core.vocabulary import Vocabulary
-from openseed.data.shards import ShardSet, rgb_to_id
+from openseed.data.shards import ShardSet
 from openseed.evaluation.common import gather_to_all
 from openseed.evaluation.instances import evaluate_coco
 from openseed.evaluation.panoptic import PanopticEvaluator
 from openseed.evaluation.semantic import SemanticEvaluator
-from openseed.modeling.postprocess import InferenceConfig, encode_rle, instances_to_coco, postprocess_batch
+from openseed.modeling.postprocess import InferenceConfig, instances_to_coco, postprocess_batch
 
 IGNORE = 255
 
@@ -87,7 +86,7 @@ class DatasetEvaluator:
             image_id = int(meta["image_id"])
             gt_ids = None
             if self.task == "seg":
-                gt_ids = rgb_to_id(np.asarray(Image.open(io.BytesIO(annotation["panoptic_png"])).convert("RGB")))
+                gt_ids = decode_panoptic_png(annotation["panoptic_png"])
                 segments = [{"id": o["segment_id"], "category_id": o["category_id"], "iscrowd": o["iscrowd"]}
                             for o in meta["objects"]]
                 self.panoptic.update(gt_ids, segments, panoptic[i]["panoptic_seg"].cpu().numpy(),

@@ -33,14 +33,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
-import pycocotools.mask as mask_util
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import box_convert
 
 from openseed.core.boxes import xyxy_to_xywh
+from openseed.core.codecs import encode_rle
 from openseed.core.outputs import Outputs
 
 Size = tuple[int, int]
@@ -54,7 +53,6 @@ __all__ = [
     "MASK_MEMORY_BYTES",
     "InferenceConfig",
     "box_prompt_to_coco",
-    "encode_rle",
     "instance_inference",
     "instances_to_coco",
     "model_boxes_to_original",
@@ -387,17 +385,6 @@ def instance_inference(logits: Tensor, mask_logits: Tensor | None, boxes_xyxy: T
         step = queries_per_chunk([size], cfg.mask_memory_bytes, 1, cfg.chunk_size)
         masks, scores = _instance_masks(scores, query, mask_logits, size, step, cfg.mask_threshold)
     return {"scores": scores, "labels": labels, "queries": query, "boxes": boxes_xyxy[query].float(), "masks": masks}
-
-
-def encode_rle(masks: Tensor | np.ndarray) -> list[dict]:
-    """bool [N, H, W] -> COCO compressed RLEs with ``counts`` as str (JSON-ready)."""
-    array = masks.detach().cpu().numpy() if isinstance(masks, Tensor) else np.asarray(masks)
-    if array.shape[0] == 0:
-        return []
-    rles = mask_util.encode(np.asfortranarray(array.astype(np.uint8).transpose(1, 2, 0)))
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("ascii")
-    return rles
 
 
 def instances_to_coco(result: dict[str, Any], image_id: int, category_ids: Sequence[int] | None = None) -> list[dict]:

@@ -1,0 +1,63 @@
+"""The two encodings of masks that cross the seams, each written once: COCO panoptic id maps (a segment id per pixel,
+stored as PNG colours ``id = R + 256 G + 256^2 B``) and COCO run-length encoding (RLE: ``{"size": [H, W], "counts":
+str}``, compressed as pycocotools writes it, JSON-ready)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import torch
+from PIL import Image
+from torch import Tensor
+
+
+def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
+    """COCO panoptic colours [H, W, 3] -> segment ids int64 [H, W]."""
+    rgb = rgb.astype(np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+
+
+def id_to_rgb(ids: np.ndarray) -> np.ndarray:
+    """Segment ids [H, W] (< 2^24) -> COCO panoptic colours uint8 [H, W, 3]."""
+    ids = np.asarray(ids).astype(np.uint32)
+    return np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)
+
+
+def decode_panoptic_png(data: bytes) -> np.ndarray:
+    """The segment ids int64 [H, W] of a panoptic PNG's bytes (any PIL mode, read as RGB)."""
+    with Image.open(io.BytesIO(data)) as image:
+        return rgb_to_id(np.asarray(image.convert("RGB")))
+
+
+def encode_rle(masks: Tensor | np.ndarray) -> list[dict]:
+    """bool [N, H, W] -> N compressed RLEs."""
+    array = masks.detach().cpu().numpy() if isinstance(masks, Tensor) else np.asarray(masks)
+    if array.shape[0] == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(array.astype(np.uint8).transpose(1, 2, 0)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
+def decode_rle(rle: dict) -> Tensor:
+    """A compressed RLE -> bool [H, W]."""
+    return torch.from_numpy(mask_utils.decode(rle).astype(bool))
+
+
+def segmentation_to_rle(segmentation: list | dict, height: int, width: int) -> dict:
+    """A COCO annotation's ``segmentation`` (polygons, uncompressed or compressed RLE) as one compressed RLE; the
+    image size places polygons and uncompressed RLE. Raises ValueError when pycocotools cannot read it."""
+    if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, bytes)):
+        rle = segmentation
+    else:
+        try:
+            rles = mask_utils.frPyObjects(segmentation, int(height), int(width))
+        except Exception as err:  # pycocotools raises bare Exceptions for malformed input
+            raise ValueError(f"unreadable segmentation ({err})") from None
+        rle = mask_utils.merge(rles) if isinstance(rles, list) else rles
+    counts = rle["counts"]
+    return {"size": [int(v) for v in rle["size"]],
+            "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
