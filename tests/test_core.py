@@ -1,0 +1,66 @@
+"""The ground floor's conventions and codecs (openseed.core), against independent computations."""
+
+import io
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import pytest
+import torch
+from PIL import Image
+
+from openseed.core.boxes import model_boxes_to_pixels, stored_box_xywh, targets_to_model_boxes, xyxy_to_xywh
+from openseed.core.codecs import (
+    decode_panoptic_png,
+    decode_rle,
+    encode_rle,
+    id_to_rgb,
+    rgb_to_id,
+    segmentation_to_rle,
+)
+
+
+def test_panoptic_ids_survive_a_png_round_trip():
+    ids = np.array([[0, 1, 255], [256, 65535, 65536], [2 ** 24 - 1, 123456, 7]], dtype=np.int64)
+    rgb = id_to_rgb(ids)
+    assert rgb.dtype == np.uint8 and rgb[1, 0].tolist() == [0, 1, 0] and rgb[1, 2].tolist() == [0, 0, 1]
+    assert np.array_equal(rgb_to_id(rgb), ids)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    assert np.array_equal(decode_panoptic_png(buffer.getvalue()), ids)
+
+
+def test_rle_round_trip_and_pycocotools_agreement():
+    rng = np.random.default_rng(0)
+    masks = rng.random((3, 17, 23)) > 0.6
+    rles = encode_rle(torch.from_numpy(masks))
+    assert all(isinstance(r["counts"], str) and r["size"] == [17, 23] for r in rles)
+    for mask, rle in zip(masks, rles):
+        assert torch.equal(decode_rle(rle), torch.from_numpy(mask))
+        assert int(mask_utils.area(rle)) == int(mask.sum())
+    assert encode_rle(np.zeros((0, 5, 5), dtype=bool)) == []
+
+
+def test_every_coco_segmentation_form_becomes_the_same_rle():
+    square = [[2.0, 2.0, 8.0, 2.0, 8.0, 6.0, 2.0, 6.0]]  # a polygon
+    from_polygon = segmentation_to_rle(square, 10, 12)
+    expected = mask_utils.merge(mask_utils.frPyObjects(square, 10, 12))
+    assert from_polygon["counts"] == expected["counts"].decode("ascii") and from_polygon["size"] == [10, 12]
+    mask = decode_rle(from_polygon).numpy()
+    fortran = np.asfortranarray(mask.astype(np.uint8))
+    flat = fortran.ravel(order="F")  # uncompressed RLE: run lengths, column-major, starting with zeros
+    changes = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))
+    uncompressed = {"size": [10, 12], "counts": np.diff(np.concatenate([[0], changes])).tolist()}
+    assert segmentation_to_rle(uncompressed, 10, 12) == from_polygon
+    with_bytes = {"size": [10, 12], "counts": from_polygon["counts"].encode("ascii")}
+    assert segmentation_to_rle(with_bytes, 10, 12) == from_polygon
+    with pytest.raises(ValueError, match="unreadable segmentation"):
+        segmentation_to_rle([[1.0, 2.0, "x"]], 10, 12)
+
+
+def test_box_conventions():
+    pixels = torch.tensor([[0.0, 0.0, 64.0, 32.0], [10.0, 20.0, 30.0, 60.0]])
+    model = targets_to_model_boxes(pixels, (64, 128))  # padded H, W
+    assert model[0].tolist() == [0.25, 0.25, 0.5, 0.5]
+    torch.testing.assert_close(model_boxes_to_pixels(model, (64, 128)), pixels)
+    assert xyxy_to_xywh(pixels)[1].tolist() == [10.0, 20.0, 20.0, 40.0]
+    assert stored_box_xywh({"bbox": [0.1, 0.2, 0.4, 0.8]}) == [0.1, 0.2, 0.4 - 0.1, 0.8 - 0.2]  # float64 exact
