@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import time
 from pathlib import Path
 
 import pytest
@@ -118,20 +117,13 @@ def test_drop_path_rate_default_and_override(built):
     assert not any(type(m).__name__ == "DropPath" for m in model.modules())
 
 
-def test_tiny_is_small_and_fast():
+def test_tiny_is_small_and_every_parameter_gets_a_gradient():
+    """(Its speed is a benchmark's: experiments/model_profile.)"""
     torch.manual_seed(0)
     model = build_backbone("tiny").train()
     assert _count(model) < 5e6
-    images = torch.randn(8, 3, 160, 160)
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        model.zero_grad()
-        sum(f.square().mean() for f in model(images).values()).backward()
-        times.append(time.perf_counter() - start)
-    print(f"\ntiny backbone: {_count(model) / 1e6:.2f}M params, forward+backward 8x3x160x160: "
-          f"{min(times):.3f}s (best of 3, {torch.get_num_threads()} threads)")
-    assert all(p.grad is not None for p in model.parameters())  # no unused parameters (DDP-safe)
+    sum(f.square().mean() for f in model(torch.randn(2, 3, 64, 64)).values()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())  # none unused (DDP-safe)
 
 
 def _tiny_timm_swin() -> SwinTransformer:
