@@ -66,7 +66,7 @@ def check_loader(shard_dirs: dict[str, Path], steps: int = 3) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from openseed.train import CONF as conf
+    from openseed.config import CONF as conf
     overrides = ["+data=synthshapes", "+paths=default", f"data.seg.path={shard_dirs['seg_train']}",
                  f"data.det.path={shard_dirs['det_train']}", f"data.val.0.path={shard_dirs['seg_val']}",
                  f"data.val.1.path={shard_dirs['det_val']}"]

@@ -22,7 +22,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from openseed.train import CONF, metrics_table, scalar_metrics
+from openseed.config import CONF
+from openseed.evaluation.report import metrics_table, scalar_metrics
 
 log = logging.getLogger("openseed.evaluate")
 USAGE = ("python -m openseed.evaluate ckpt_path=PATH, PATH a training checkpoint (e.g. "
@@ -52,7 +53,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
     ``<cfg.output_dir>/metrics.json``."""
     from hydra.utils import instantiate
 
-    from openseed.config_check import check_config, check_values
+    from openseed.config import check_config, check_values
     from openseed.evaluation.runner import DatasetEvaluator
     from openseed.modeling.checkpoint import load_model, read_model_config
     from openseed.modeling.postprocess import InferenceConfig

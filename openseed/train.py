@@ -17,11 +17,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from openseed.config import CONF
+from openseed.evaluation.report import add_unseen_class_metrics, metrics_table, scalar_metrics
+
 log = logging.getLogger("openseed.train")
-# the configs: conf/ of a source checkout, or openseed/conf inside an installed wheel (pyproject.toml ships them there)
-_PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
-_SOURCE_CONF = Path(__file__).resolve().parents[1] / "conf"
-CONF = str(_PACKAGED_CONF if (_PACKAGED_CONF / "train.yaml").is_file() else _SOURCE_CONF)
 
 
 # train.yaml's own keys and their types (the groups are checked against what they instantiate)
@@ -29,42 +28,14 @@ TOP_LEVEL_KEYS = {"name": str, "seed": int, "ckpt_path": str | None, "prediction
                   "prepare_synthshapes": bool, "synthshapes_variant": str}
 
 
-def metrics_table(results: dict[str, dict]) -> str:
-    """A markdown table of validation metrics (x100), one row per validation set."""
-    keys = sorted({k for metrics in results.values() for k in metrics if k != "per_class"})
-    lines = ["| data set | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    for name, metrics in results.items():
-        cells = [f"{100 * metrics[k]:.1f}" if k in metrics else "" for k in keys]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def scalar_metrics(results: dict[str, dict]) -> dict[str, dict]:
-    """``{data set: metrics}`` without the ``per_class`` details (what metrics.json and the loggers get)."""
-    return {name: {k: v for k, v in metrics.items() if k != "per_class"} for name, metrics in results.items()}
-
-
-def add_unseen_class_metrics(results: dict[str, dict], seg_classes: set[str]) -> None:
-    """Adds ``box_AP_unseen`` / ``mask_AP_unseen`` to every validation set that has classes outside the segmentation
-    training vocabulary (e.g. synthshapes' detection-only shapes): the mean per-class AP over those classes (COCO AP is
-    the mean over classes with ground truth, so this is the AP of that class subset)."""
-    for metrics in results.values():
-        per_class = metrics.get("per_class", {})
-        for key in ("box_AP", "mask_AP"):
-            unseen = [ap for name, ap in per_class.get(key, {}).items() if name not in seg_classes]
-            if unseen:
-                values = [ap for ap in unseen if ap is not None and ap == ap and ap >= 0]  # classes with GT
-                metrics[f"{key}_unseen"] = sum(values) / len(values) if values else 0.0
-
-
 def train(cfg: DictConfig) -> dict:
     """Build everything the config names, check the data, fit; returns the last validation metrics."""
     import lightning as L
     from hydra.utils import instantiate
 
-    from openseed.checkpoint_io import SafeCheckpointIO, resolve_resume
-    from openseed.config_check import check_config, check_values
+    from openseed.config import check_config, check_values
     from openseed.console import quiet_known_noise
+    from openseed.training.checkpoint_io import SafeCheckpointIO, resolve_resume
 
     quiet_known_noise()
     check_values(cfg, TOP_LEVEL_KEYS)  # wrong-typed values stop here, naming the key, before anything is built
@@ -197,9 +168,9 @@ def _finish_wandb(loggers, exit_code: int) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="train")
 def main(cfg: DictConfig) -> None:
-    from openseed.checkpoint_io import DamagedCheckpointError
-    from openseed.config_check import ConfigError
+    from openseed.config import ConfigError
     from openseed.data.coco import DataError
+    from openseed.training.checkpoint_io import DamagedCheckpointError
 
     try:
         train(cfg)

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from hydra import compose, initialize_config_dir
 
-from openseed.train import CONF
+from openseed.config import CONF
 
 ROOT = Path(__file__).resolve().parents[1]
 ABLATIONS = ("baseline", "no_decoupled", "no_mask_assistance", "no_conditioned")

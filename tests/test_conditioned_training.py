@@ -115,7 +115,7 @@ def test_paper_presets_clip_the_whole_models_gradient_norm_to_001(experiment):
     """The reference clips the L2 norm of all the model's gradients together to 0.01 (CLIP_TYPE full_model)."""
     from hydra import compose, initialize_config_dir
 
-    from openseed.train import CONF
+    from openseed.config import CONF
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}"])
@@ -146,7 +146,7 @@ def test_reference_scale_of_the_conditioned_class_loss(det_batch):
 
 
 def test_reference_lr_scope_puts_projection_and_logit_scale_at_the_text_multiplier():
-    from openseed.lightning_module import parameter_groups
+    from openseed.training.module import parameter_groups
 
     def group_of(model):
         groups = parameter_groups(model, lr=1.0, weight_decay=0.05, text_multiplier=0.1,

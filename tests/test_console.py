@@ -67,7 +67,7 @@ def test_known_noise_is_dropped_and_other_messages_kept(caplog):
 
 
 def test_wandb_logger_passes_no_deprecated_setting(tmp_path):
-    from openseed.loggers import WandbLogger
+    from openseed.training.loggers import WandbLogger
 
     logger = WandbLogger(project="p", save_dir=str(tmp_path), offline=True)
     assert "anonymous" not in logger._wandb_init and logger._wandb_init["project"] == "p"

@@ -331,7 +331,7 @@ def test_weights_are_the_matching_costs():
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from openseed.train import CONF
+    from openseed.config import CONF
 
     spec = {"class_weight": 4.0, "bbox_weight": 5.0, "giou_weight": 2.0, "mask_weight": 5.0, "dice_weight": 5.0}
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from openseed.data.datamodule import OpenSeeDDataModule
-from openseed.lightning_module import OpenSeeDModule, parameter_groups
 from openseed.losses.criterion import SetCriterion
 from openseed.modeling.checkpoint import load_model
 from openseed.modeling.openseed import build_openseed
+from openseed.training.module import OpenSeeDModule, parameter_groups
 
 
 def test_parameter_groups_multipliers_and_no_decay():

@@ -8,9 +8,9 @@ another order, docs/training.md "Seeds and reproducibility"): the tolerances all
 
 import torch
 
-from openseed.lightning_module import OpenSeeDModule
 from openseed.losses.criterion import SetCriterion
 from openseed.modeling.openseed import build_openseed
+from openseed.training.module import OpenSeeDModule
 
 RTOL, ATOL = 1e-4, 1e-5
 

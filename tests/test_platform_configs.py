@@ -15,7 +15,8 @@ from hydra.utils import instantiate
 from lightning.pytorch import Callback
 from omegaconf import OmegaConf, open_dict
 
-from openseed.train import CONF, train
+from openseed.config import CONF
+from openseed.train import train
 
 TRAINERS = ["cpu", "gpu", "ddp", "fsdp"]
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
@@ -66,7 +67,7 @@ def test_every_experiment_composes_with_every_trainer(experiment, trainer, tmp_p
     assert values["trainer"]["_target_"] == "lightning.Trainer"
     assert values["data"]["seg"]["path"].startswith(str(tmp_path / "data"))
     if trainer == "fsdp":
-        assert values["trainer"]["strategy"]["_target_"] == "openseed.distributed.fsdp_strategy"
+        assert values["trainer"]["strategy"]["_target_"] == "openseed.training.distributed.fsdp_strategy"
     datamodule = instantiate(cfg.data)  # every data key is a real argument
     assert (datamodule.det is None) == (experiment == "swint_coco")
 
@@ -156,7 +157,7 @@ def test_fsdp_factory_names_unknown_classes_and_clips_by_norm():
     import lightning as L
     from lightning.pytorch.plugins.precision import FSDPPrecision
 
-    from openseed.distributed import fsdp_strategy
+    from openseed.training.distributed import fsdp_strategy
 
     with pytest.raises(ValueError, match="NoSuchLayer"):
         fsdp_strategy(wrap=["openseed.modeling.decoder.NoSuchLayer"])

@@ -12,14 +12,14 @@ import time
 import pytest
 import torch
 
-from openseed.checkpoint_io import (
+from openseed.config import ConfigError
+from openseed.train import train
+from openseed.training.checkpoint_io import (
     DamagedCheckpointError,
     SafeCheckpointIO,
     resolve_resume,
     verify_checkpoint,
 )
-from openseed.config_check import ConfigError
-from openseed.train import train
 from tests.test_platform_configs import _compose as _compose_named
 from tests.test_train import _compose, _short_run_overrides
 
@@ -68,7 +68,7 @@ def test_kill_during_saves_never_leaves_a_partial_checkpoint(tmp_path):
     """kill -9 a process that saves ~8 MB checkpoints in a loop: last.ckpt is always a complete, earlier save."""
     script = textwrap.dedent(f"""
         import torch
-        from openseed.checkpoint_io import SafeCheckpointIO
+        from openseed.training.checkpoint_io import SafeCheckpointIO
         io = SafeCheckpointIO()
         step = 0
         while True:
@@ -103,7 +103,7 @@ def test_damage_is_detected_and_the_newest_intact_checkpoint_named(tmp_path, cap
     data = bytearray((tmp_path / "last.ckpt").read_bytes())
     (tmp_path / "last.ckpt").write_bytes(data[:131072])  # what a kill during a cross-device copy left before
     assert "truncated" in verify_checkpoint(tmp_path / "last.ckpt")
-    with caplog.at_level(logging.WARNING, logger="openseed.checkpoint_io"):
+    with caplog.at_level(logging.WARNING, logger="openseed.training.checkpoint_io"):
         assert resolve_resume("last", tmp_path) == str(tmp_path / "epoch=1-step=4.ckpt")
     assert "last.ckpt is damaged" in caplog.text and "step 4" in caplog.text
     with pytest.raises(DamagedCheckpointError, match=r"last.ckpt is damaged .*ckpt_path=.*epoch=1-step=4.ckpt"):
@@ -126,7 +126,7 @@ def test_training_resumes_past_a_damaged_last_checkpoint(synth_shards, tmp_path,
     folder = tmp_path / "checkpoints"
     assert torch.load(folder / "epoch=1-step=2.ckpt", weights_only=True)["global_step"] == 2
     (folder / "last.ckpt").write_bytes((folder / "last.ckpt").read_bytes()[:4096])
-    with caplog.at_level(logging.WARNING, logger="openseed.checkpoint_io"):
+    with caplog.at_level(logging.WARNING, logger="openseed.training.checkpoint_io"):
         train(_compose(overrides + ["trainer.max_epochs=3", "ckpt_path=last"], tmp_path))
     assert "resuming from" in caplog.text and "epoch=1-step=2.ckpt" in caplog.text
     assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 3  # one more epoch, not three

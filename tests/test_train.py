@@ -11,7 +11,8 @@ from hydra.core.hydra_config import HydraConfig
 from lightning import Callback
 from omegaconf import open_dict
 
-from openseed.train import CONF, train
+from openseed.config import CONF
+from openseed.train import train
 from tests._wandb_log import config_values, history_values, wait_for_records
 
 TRAINERS = sorted(p.stem for p in (Path(CONF) / "trainer").glob("*.yaml"))
@@ -144,7 +145,7 @@ def test_wandb_log_reader_joins_chunks_across_blocks_and_stops_at_a_torn_tail(tm
 def test_wandb_run_is_finished_when_training_crashes(synth_shards, tmp_path, monkeypatch):
     import wandb
 
-    from openseed.lightning_module import OpenSeeDModule
+    from openseed.training.module import OpenSeeDModule
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -108,8 +108,8 @@ def stage_ablations(out: Path, seeds: list[int], model: str, extra: list[str], o
 def stage_box_prompts(out: Path, seeds: list[int], det_val: Path, seg_train: Path) -> None:
     from openseed.data.shards import ShardSet
     from openseed.evaluation.box_prompts import evaluate_box_prompts
+    from openseed.evaluation.report import add_unseen_class_metrics
     from openseed.modeling.checkpoint import load_model
-    from openseed.train import add_unseen_class_metrics
 
     seg_classes = set(ShardSet.open(seg_train).vocabulary.names)
 

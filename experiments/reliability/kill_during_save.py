@@ -3,7 +3,7 @@
     python experiments/reliability/kill_during_save.py --trials 20 --mb 48 --tmpdir /dev/shm
 
 Compares Lightning's own checkpoint writer (``TorchCheckpointIO``: serialise, write through an fsspec transaction whose
-temporary file lies in the temporary folder, then move it to the target) with ``openseed.checkpoint_io.
+temporary file lies in the temporary folder, then move it to the target) with ``openseed.training.checkpoint_io.
 SafeCheckpointIO`` (temporary file beside the target, fsync, rename). With ``--tmpdir`` on another file system than
 the target (here /dev/shm, a tmpfs, against the ext4 disk) the move is a copy, and a kill during it leaves a partial
 ``last.ckpt``. For each writer it prints: trials, kills that left ``last.ckpt`` damaged (``verify_checkpoint``), kills
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from openseed.checkpoint_io import SafeCheckpointIO, verify_checkpoint
+from openseed.training.checkpoint_io import SafeCheckpointIO, verify_checkpoint
 
 SAVER = """
 import sys, torch
@@ -35,7 +35,7 @@ kind, target, mb = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if kind == "lightning":
     from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO as IO
 else:
-    from openseed.checkpoint_io import SafeCheckpointIO as IO
+    from openseed.training.checkpoint_io import SafeCheckpointIO as IO
 io, step = IO(), 0
 while True:
     step += 1

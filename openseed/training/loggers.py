@@ -17,5 +17,5 @@ class WandbLogger(_LightningWandbLogger):
             self._wandb_init.pop("anonymous", None)
 
 
-# the config check (openseed.config_check) reads Lightning's parameters and their types
+# the config check (openseed.config) reads Lightning's parameters and their types
 WandbLogger.__signature__ = inspect.signature(_LightningWandbLogger)

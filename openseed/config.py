@@ -1,4 +1,5 @@
-"""Type-checks a composed Hydra config against the signatures of the objects it instantiates, before any heavy work.
+"""The Hydra configs: where they are (``CONF``), and a check of a composed config against the signatures of the
+objects it instantiates, before any heavy work.
 
 Every node with a ``_target_`` is checked against the target's parameters and their annotations (``build_openseed``'s
 keyword overrides against ``OpenSeeDConfig``'s fields; a mapping passed where a dataclass is expected, such as
@@ -17,10 +18,15 @@ import os
 import types
 import typing
 from collections.abc import Callable
-from pathlib import PurePath
+from pathlib import Path, PurePath
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+# conf/ of a source checkout, or openseed/conf inside an installed wheel (pyproject.toml ships them there)
+_PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
+_SOURCE_CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = str(_PACKAGED_CONF if (_PACKAGED_CONF / "train.yaml").is_file() else _SOURCE_CONF)
 
 _UNRESOLVED = object()
 
