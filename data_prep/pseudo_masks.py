@@ -101,7 +101,7 @@ def _write_chunk(model, raws, source, names, resize, writer, overwrite, counts) 
 
 
 def main(argv=None) -> int:
-    from openseed.modeling.checkpoint import load_model
+    from openseed.modeling.openseed import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="an openseed model file or training checkpoint")

@@ -14,7 +14,7 @@ merged config such as the test fixtures'). The source is read with ``torch.load(
 mapped explicitly (see ``openseed.modeling.reference.map_reference_state_dict``) and anything that does not fit is an
 error listing the keys. Without ``--arch`` / ``--config`` the source is an openseed training checkpoint or model file,
 whose recorded config and weights are written as they are. The result loads with
-``openseed.modeling.checkpoint.load_model``, ``Predictor``, ``python -m openseed.predict``, ``python -m
+``openseed.modeling.openseed.load_model``, ``Predictor``, ``python -m openseed.predict``, ``python -m
 openseed.evaluate`` and, as initial weights, ``model.init_from`` in training. Exit status: 0 written, 2 bad input
 (message on stderr).
 """

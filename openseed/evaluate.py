@@ -55,7 +55,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
 
     from openseed.config import check_config, check_values
     from openseed.evaluation.runner import DatasetEvaluator
-    from openseed.modeling.checkpoint import load_model, read_model_config
+    from openseed.modeling.openseed import load_model, read_model_config
     from openseed.modeling.postprocess import InferenceConfig
 
     check_values(cfg, {"device": str, "eval_resize": str, "model_overrides": dict, "inference": dict})

@@ -176,7 +176,7 @@ class Predictor:
         if max_size is not None and short_edge is None:
             raise ValueError("max_size caps short_edge: give short_edge too (image_size sets the longer side alone)")
         if not isinstance(model, OpenSeeD):
-            from openseed.modeling.checkpoint import load_model
+            from openseed.modeling.openseed import load_model
 
             model = load_model(model)
         config = getattr(model, "config", {})

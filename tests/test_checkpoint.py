@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from openseed.modeling.checkpoint import load_model, save_model
-from openseed.modeling.openseed import build_openseed
+from openseed.modeling.checkpoint import save_model
+from openseed.modeling.openseed import build_openseed, load_model
 
 
 def test_round_trip_and_overrides(tmp_path):
@@ -48,7 +48,8 @@ def test_model_file_is_safetensors_with_json_config(tmp_path):
     """A model file holds tensors and a JSON config only: no pickle, so nothing in it can run on load."""
     from safetensors import safe_open
 
-    from openseed.modeling.checkpoint import is_safetensors, read_model_config
+    from openseed.modeling.checkpoint import is_safetensors
+    from openseed.modeling.openseed import read_model_config
 
     model = build_openseed("tiny", num_fg=7)
     save_model(model, tmp_path / "m.safetensors")

@@ -62,7 +62,8 @@ def test_converted_model_config_requires_the_file():
 def test_model_overrides_are_recorded_as_plain_values(tmp_path):
     """Hydra hands lists and dicts over as OmegaConf containers unless converted: the recorded config must be plain
     Python, or model files and checkpoints would not load with weights_only."""
-    from openseed.modeling.checkpoint import load_model, save_model
+    from openseed.modeling.checkpoint import save_model
+    from openseed.modeling.openseed import load_model
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(overrides=["+model=tiny", "+model.encoder_features=[res3,res4,res5]",

@@ -6,8 +6,7 @@ import torch
 
 from openseed.data.datamodule import OpenSeeDDataModule
 from openseed.losses.criterion import SetCriterion
-from openseed.modeling.checkpoint import load_model
-from openseed.modeling.openseed import build_openseed
+from openseed.modeling.openseed import build_openseed, load_model
 from openseed.training.module import OpenSeeDModule, parameter_groups
 
 

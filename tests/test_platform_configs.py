@@ -187,7 +187,7 @@ def test_fsdp_factory_names_unknown_classes_and_clips_by_norm():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fsdp_fit_of_the_tiny_model(synth_shards, tmp_path):
-    from openseed.modeling.checkpoint import load_model
+    from openseed.modeling.openseed import load_model
 
     train(_compose(_synth_overrides(synth_shards, steps=2, val_batches=1) + ["trainer=fsdp", "trainer.devices=1"],
                    tmp_path))

@@ -10,8 +10,8 @@ from pycocotools import mask as mask_utils
 from data_prep.pseudo_masks import main, pseudo_mask_shards
 from openseed.data.datamodule import OpenSeeDDataModule
 from openseed.data.shards import ShardSet, read_shards
-from openseed.modeling.checkpoint import load_model, save_model
-from openseed.modeling.openseed import build_openseed
+from openseed.modeling.checkpoint import save_model
+from openseed.modeling.openseed import build_openseed, load_model
 from tests.conftest import clone_shard_set, read_tar
 
 

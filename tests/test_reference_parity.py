@@ -19,7 +19,7 @@ import torch
 from openseed.convert_checkpoint import convert
 from openseed.core.boxes import model_boxes_to_pixels, targets_to_model_boxes
 from openseed.core.vocabulary import Vocabulary
-from openseed.modeling.checkpoint import load_model
+from openseed.modeling.openseed import load_model
 from openseed.modeling.postprocess import postprocess_batch, resize_masks_to_original
 from openseed.predict import Predictor, load_image
 from tests._reference import (

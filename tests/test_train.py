@@ -166,7 +166,7 @@ def test_csv_run_writes_overlay_pictures(synth_shards, tmp_path):
     assert list(tmp_path.rglob("overlays/synthshapes_det_val_step*.png"))
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     # the checkpoint records the evaluation resize its validation used: later tools evaluate it at 160 px too
-    from openseed.modeling.checkpoint import read_model_config
+    from openseed.modeling.openseed import read_model_config
 
     recorded = read_model_config(tmp_path / "checkpoints" / "last.ckpt")
     assert (recorded.eval_short_edge, recorded.eval_max_size) == (None, 160)

@@ -109,7 +109,7 @@ def stage_box_prompts(out: Path, seeds: list[int], det_val: Path, seg_train: Pat
     from openseed.data.shards import ShardSet
     from openseed.evaluation.box_prompts import evaluate_box_prompts
     from openseed.evaluation.report import add_unseen_class_metrics
-    from openseed.modeling.checkpoint import load_model
+    from openseed.modeling.openseed import load_model
 
     seg_classes = set(ShardSet.open(seg_train).vocabulary.names)
 

@@ -31,7 +31,7 @@ from layout_checkpoint import layout_state_dict  # noqa: E402
 
 from openseed.convert_checkpoint import convert  # noqa: E402
 from openseed.core.vocabulary import Vocabulary  # noqa: E402
-from openseed.modeling.checkpoint import load_model  # noqa: E402
+from openseed.modeling.openseed import load_model  # noqa: E402
 from openseed.predict import Predictor, load_image  # noqa: E402
 
 PHOTO = ROOT.parent / "shared" / "realdata" / "coco_panoptic_sample" / "input_images" / "000000142238.jpg"

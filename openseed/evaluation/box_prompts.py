@@ -156,7 +156,7 @@ def evaluate_box_prompts(model, shards_dir, image_size: int | None = None, batch
 
 def main(argv: Sequence[str] | None = None) -> int:
     from openseed.cli import UsageError, parse_key_values
-    from openseed.modeling.checkpoint import load_model
+    from openseed.modeling.openseed import load_model
 
     defaults = {"ckpt": None, "shards": None, "image_size": None, "batch_size": 8, "device": "cpu", "json": False}
     try:

@@ -197,7 +197,7 @@ def evaluate_shards(model, shards_dir, image_size: int | None = None, batch_size
 
 def main(argv: Sequence[str] | None = None) -> int:
     from openseed.cli import UsageError, parse_key_values, string_list
-    from openseed.modeling.checkpoint import load_model
+    from openseed.modeling.openseed import load_model
 
     defaults = {"ckpt": None, "shards": None, "image_size": None, "batch_size": 4, "device": "cpu",
                 "num_workers": 0, "json": False}

@@ -10,6 +10,8 @@ anything else with a clear error: an unsafe load would execute code stored in th
 pickled ``{"format", "version": 1, "config", "state_dict"}``) and Lightning checkpoints of the training module (weights
 under ``state_dict`` with a ``model.`` prefix, the config under ``hyper_parameters["model_config"]``).
 Keys are mapped explicitly; any missing or unexpected key is an error that lists them (never a silent partial load).
+This module knows the files, not the model: ``openseed.modeling.openseed.load_model`` builds the model a file
+describes and loads its weights with ``load_state_strictly``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from safetensors.torch import save
 from torch import Tensor, nn
 
 from openseed.fileio import atomic_write
-from openseed.modeling.openseed import OpenSeeD, OpenSeeDConfig, build_openseed
 
 FORMAT, VERSION = "openseed-model", 2
 LIGHTNING_PREFIX = "model."
@@ -85,7 +86,7 @@ def _read_safetensors_model(path: Path) -> tuple[dict, dict[str, Tensor]]:
     return config, state
 
 
-def save_model(model: OpenSeeD, path: str | Path) -> None:
+def save_model(model: nn.Module, path: str | Path) -> None:
     """Write the model's config and weights (built with ``build_openseed``, which records ``model.config``)."""
     if not hasattr(model, "config"):
         raise ValueError("the model has no recorded config: build it with build_openseed")
@@ -143,11 +144,6 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                      f"is converted first: python -m openseed.convert_checkpoint SRC --arch ARCH --out OUT)")
 
 
-def read_model_config(path: str | Path) -> OpenSeeDConfig:
-    """The config a model file or training checkpoint records, without building the model."""
-    return OpenSeeDConfig.from_dict(read_checkpoint(path)[0])
-
-
 def load_state_strictly(model: nn.Module, state: dict[str, Tensor], source: str | Path) -> None:
     """``model.load_state_dict(state)`` that names every missing and unexpected key and every shape mismatch."""
     target = model.state_dict()
@@ -161,12 +157,3 @@ def load_state_strictly(model: nn.Module, state: dict[str, Tensor], source: str 
                            f"{' ...' if len(unexpected) > 10 else ''}, shape mismatches {shapes[:10]}"
                            f"{' ...' if len(shapes) > 10 else ''}")
     model.load_state_dict(state, strict=True)
-
-
-def load_model(path: str | Path, **overrides) -> OpenSeeD:
-    """Build the model a checkpoint describes and load its weights strictly (on the CPU).
-
-    ``overrides`` change config fields that do not change the weights' shapes (e.g. ``text_path`` to point the text
-    tower at a local copy).
-    """
-    return build_openseed(None, init_from=path, **overrides)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from openseed.modeling.text_encoder import TextTower
+from openseed.modeling.text_towers import TextTower
 
 CLIP_VOCAB_SIZE = 49408
 START_OF_TEXT = 49406

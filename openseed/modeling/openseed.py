@@ -26,6 +26,7 @@ from openseed.core.conditions import Conditions
 from openseed.core.outputs import Outputs
 from openseed.core.vocabulary import Vocabulary
 from openseed.modeling.backbone import Backbone, build_backbone
+from openseed.modeling.checkpoint import load_state_strictly, read_checkpoint
 from openseed.modeling.decoder import OpenSeeDDecoder
 from openseed.modeling.pixel_decoder import EncoderMemory, PixelDecoder
 from openseed.modeling.text_encoder import TextEncoder, build_text_tower
@@ -322,8 +323,6 @@ def build_openseed(size: str | OpenSeeDConfig | None = "tiny", init_from: str | 
     """
     state = None
     if init_from is not None:
-        from openseed.modeling.checkpoint import read_checkpoint
-
         recorded, state = read_checkpoint(init_from)
         overrides = {**overrides, "backbone_pretrained": False}
         if size is None:
@@ -367,7 +366,19 @@ def build_openseed(size: str | OpenSeeDConfig | None = "tiny", init_from: str | 
     model.text_lr_prefixes = TEXT_LR_SCOPES[config.text_lr_scope]
     model.config = asdict(config)
     if state is not None:
-        from openseed.modeling.checkpoint import load_state_strictly
-
         load_state_strictly(model, state, init_from)
     return model
+
+
+def load_model(path: str | Path, **overrides) -> OpenSeeD:
+    """Build the model a checkpoint describes and load its weights strictly (on the CPU).
+
+    ``overrides`` change config fields that do not change the weights' shapes (e.g. ``text_path`` to point the text
+    tower at a local copy).
+    """
+    return build_openseed(None, init_from=path, **overrides)
+
+
+def read_model_config(path: str | Path) -> OpenSeeDConfig:
+    """The config a model file or training checkpoint records, without building the model."""
+    return OpenSeeDConfig.from_dict(read_checkpoint(path)[0])

@@ -4,11 +4,11 @@ Pieces:
 
 * ``PROMPT_TEMPLATES``: OpenSeeD's 81 templates in its order: the bare ``"{}."``, then CLIP's 80 ImageNet
   templates (``"a photo of a {}."`` first).
-* ``TextTower``: one interface over text models (``forward(input_ids, attention_mask) -> [N, width]``);
-  ``build_text_tower("minilm" | "clip" | "tiny" | "clip_transformer", path, **options)`` makes one. Nothing is
-  downloaded unless the Hub is reachable and ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` are unset; local folders
-  always work. ``clip_transformer`` is the reference OpenSeeD checkpoints' own text transformer
-  (``openseed.modeling.clip_text``), fully offline.
+* ``TextTower`` (``openseed.modeling.text_towers``): one interface over text models (``forward(input_ids,
+  attention_mask) -> [N, width]``); ``build_text_tower("minilm" | "clip" | "tiny" | "clip_transformer", path,
+  **options)`` makes one. Nothing is downloaded unless the Hub is reachable and ``HF_HUB_OFFLINE`` /
+  ``TRANSFORMERS_OFFLINE`` are unset; local folders always work. ``clip_transformer`` is the reference OpenSeeD
+  checkpoints' own text transformer (``openseed.modeling.clip_text``), fully offline.
 * ``TextEncoder``: tower + learned projection into the joint space, prompt sampling for training, prompt
   ensembling (with a cache) for evaluation.
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from openseed.core.vocabulary import NAME_STYLES, Vocabulary
+from openseed.modeling.clip_text import ClipTextTransformer
+from openseed.modeling.text_towers import CLIPTower, MeanPooledTower, TextTower
 
 # OpenSeeD's list (utils/prompt_engineering.py of the reference code): the bare "{}." then CLIP's 80 ImageNet
 # templates (Radford et al. 2021) in CLIP's published order, which starts with "a photo of a {}.".
@@ -125,58 +127,6 @@ _MINILM_MAX_LENGTH = 256
 
 
 # ---------------------------------------------------------------------------------------------------- towers
-class TextTower(nn.Module):
-    """A text model with its tokenizer, pooled to one feature vector per text.
-
-    Attributes:
-        width: size of the pooled features.
-        tokenizer: a Hugging Face tokenizer (any callable with the same call signature that returns ``input_ids``
-            and ``attention_mask`` tensors).
-        max_length: longer texts are truncated to this many tokens.
-    """
-
-    def __init__(self, tokenizer: Callable, width: int, max_length: int):
-        super().__init__()
-        self.tokenizer = tokenizer
-        self.width = width
-        self.max_length = max_length
-
-    def tokenize(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """Texts -> (input_ids, attention_mask), both long [N, L], padded to the longest text (CPU tensors)."""
-        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                               return_tensors="pt")
-        return batch["input_ids"], batch["attention_mask"]
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """input_ids, attention_mask: long [N, L] -> pooled features [N, width] (not normalised)."""
-        raise NotImplementedError
-
-
-class MeanPooledTower(TextTower):
-    """A BERT-style encoder whose token states are averaged over the attention mask (as sentence-transformers
-    pools all-MiniLM-L6-v2)."""
-
-    def __init__(self, model: nn.Module, tokenizer: Callable, max_length: int):
-        super().__init__(tokenizer, model.config.hidden_size, max_length)
-        self.model = model
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [N, L, width]
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-
-
-class CLIPTower(TextTower):
-    """A CLIP text transformer; the pooled feature is the projected end-of-text token state (``text_embeds``)."""
-
-    def __init__(self, model: nn.Module, tokenizer: Callable):
-        super().__init__(tokenizer, model.config.projection_dim, model.config.max_position_embeddings)
-        self.model = model
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).text_embeds
-
-
 def _hub_offline() -> bool:
     """Read at call time (huggingface_hub reads these variables once, at import)."""
     return any(os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
@@ -223,8 +173,6 @@ def build_text_tower(kind: str, path: str | None = None, **options) -> TextTower
     if kind not in TEXT_TOWER_KINDS:
         raise ValueError(f"unknown text tower {kind!r}; known kinds: {', '.join(TEXT_TOWER_KINDS)}")
     if kind == "clip_transformer":
-        from openseed.modeling.clip_text import ClipTextTransformer
-
         unknown = set(options) - {"context_length", "width", "layers", "heads", "vocab_size"}
         if unknown:
             raise ValueError(f"unknown clip_transformer option(s) {sorted(unknown)}; known: context_length, width, "
