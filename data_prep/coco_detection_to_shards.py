@@ -14,8 +14,8 @@ import sys
 from functools import partial
 
 from data_prep._cli import converter_parser, run
+from data_prep.shard_writer import ConversionSummary, encode_detection, write_shards
 from openseed.data.coco import load_coco_detection
-from openseed.data.shards import ConversionSummary, encode_detection, write_shards
 
 
 def convert(json_path, image_dir, out, name, maxcount=1000, workers=0, skip_missing=False, limit=None,
