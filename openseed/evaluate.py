@@ -54,7 +54,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
     from hydra.utils import instantiate
 
     from openseed.config import check_config, check_values
-    from openseed.evaluation.runner import DatasetEvaluator
+    from openseed.evaluation.runner import DatasetEvaluator, evaluate_batches
     from openseed.modeling.openseed import load_model, read_model_config
     from openseed.modeling.postprocess import InferenceConfig
 
@@ -79,12 +79,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
     log.info("evaluating %s on %s", path, ", ".join(s.name for s in datamodule.val_sets))
     results = {}
     for shards, loader in zip(datamodule.val_sets, datamodule.val_dataloader()):
-        evaluator = DatasetEvaluator.for_shards(shards, inference)
-        text = model.embed_vocabulary(shards.vocabulary)
-        for batch in loader:
-            batch = batch.to(device)
-            evaluator.update(model(batch.images, batch.padding_mask, batch.vocabulary, text=text), batch)
-        results[shards.name] = evaluator.compute()
+        results[shards.name] = evaluate_batches(model, loader, DatasetEvaluator.for_shards(shards, inference), device)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     scalars = scalar_metrics(results)

@@ -21,7 +21,7 @@ import json
 import math
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -68,6 +68,14 @@ class DatasetEvaluator:
         return cls(shards.vocabulary, shards.task, shards.mask_format, inference)
 
     # ------------------------------------------------------------------------------------------------ update
+    def score(self, model, batch: Batch, text: torch.Tensor | None = None) -> Outputs:
+        """The one evaluation step (training validation, ``openseed.evaluate``, ``evaluate_batches``): the model's
+        predictions for ``batch`` (``text``: its vocabulary's embeddings, when computed once for the data set),
+        added to the evaluation; returns them."""
+        outputs = model(batch.images, batch.padding_mask, batch.vocabulary, text=text)
+        self.update(outputs, batch)
+        return outputs
+
     def update(self, outputs: Outputs, batch: Batch) -> None:
         """Score one evaluation batch (it must carry ``annotations``: see ``collate(keep_annotations=True)``)."""
         if batch.annotations is None:
@@ -186,12 +194,16 @@ def evaluate_shards(model, shards_dir, image_size: int | None = None, batch_size
     dataset = EvalDataset(shards, batch_size, resize, rank, world_size, pad_to=pad_to)
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
     evaluator = DatasetEvaluator.for_shards(shards, inference or InferenceConfig.for_model(config))
-    model = model.to(device).eval()
-    text = model.embed_vocabulary(shards.vocabulary)
-    for batch in loader:
-        batch = batch.to(device)
-        outputs = model(batch.images, batch.padding_mask, batch.vocabulary, text=text)
-        evaluator.update(outputs, batch)
+    return evaluate_batches(model.to(device).eval(), loader, evaluator, device)
+
+
+@torch.no_grad()
+def evaluate_batches(model, batches: Iterable[Batch], evaluator: DatasetEvaluator, device: str | torch.device) -> dict:
+    """The evaluation loop outside training (``evaluate_shards``, ``openseed.evaluate``): every batch of one data set
+    scored (``DatasetEvaluator.score``) with its vocabulary embedded once; the metrics."""
+    text = model.embed_vocabulary(evaluator.vocabulary)
+    for batch in batches:
+        evaluator.score(model, batch.to(device), text)
     return evaluator.compute()
 
 

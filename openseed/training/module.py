@@ -105,9 +105,7 @@ class OpenSeeDModule(LightningModule):
         self.val_names = [shards.name for shards in datamodule.val_sets]
 
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0):
-        outputs = self.model(batch.images, batch.padding_mask, batch.vocabulary)
-        self.evaluators[dataloader_idx].update(outputs, batch)
-        return outputs  # for callbacks (validation overlays)
+        return self.evaluators[dataloader_idx].score(self.model, batch)  # outputs, for callbacks (overlays)
 
     def on_validation_epoch_end(self) -> None:
         self.val_results = {}
