@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -65,10 +64,10 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
         raise ValueError("the data config has no validation sets (data.val): nothing to evaluate")
     if cfg.eval_resize not in ("auto", "data"):
         raise ValueError(f"eval_resize must be 'auto' or 'data', not {cfg.eval_resize!r}")
-    recorded = asdict(read_model_config(path))  # the file's config only: its weights are not read yet
+    recorded = read_model_config(path)  # the file's config only: its weights are not read yet
     resize = {}
-    if cfg.eval_resize == "auto" and recorded["eval_short_edge"] is not None:
-        resize = {"eval_short_edge": recorded["eval_short_edge"], "eval_max_size": recorded["eval_max_size"]}
+    if cfg.eval_resize == "auto" and recorded.eval_short_edge is not None:
+        resize = {"eval_short_edge": recorded.eval_short_edge, "eval_max_size": recorded.eval_max_size}
         log.info("evaluation resize of the model: shortest edge %s, longest at most %s", *resize.values())
     datamodule = instantiate(cfg.data, seg=None, det=None, **resize)  # the validation sets only
     datamodule.setup()  # missing data stops here, before the model is loaded

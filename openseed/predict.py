@@ -179,7 +179,7 @@ class Predictor:
             from openseed.modeling.openseed import load_model
 
             model = load_model(model)
-        config = getattr(model, "config", {})
+        config = model.config
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.inference = inference or InferenceConfig.for_model(config)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -107,9 +108,9 @@ def record_eval_resize(model, data_cfg: DictConfig) -> None:
     prompts, ``Predictor``) evaluate it as training did, not at their 1024 px fallback. A recorded resize (the
     released presets: 800 / 1333) is kept."""
     config = model.config
-    if config.get("eval_short_edge") is None and config.get("eval_max_size") is None:
-        config["eval_short_edge"] = data_cfg.get("eval_short_edge")
-        config["eval_max_size"] = data_cfg.get("eval_max_size")
+    if config.eval_short_edge is None and config.eval_max_size is None:
+        model.config = replace(config, eval_short_edge=data_cfg.get("eval_short_edge"),
+                               eval_max_size=data_cfg.get("eval_max_size"))
 
 
 def _report(cfg: DictConfig, results: dict, datamodule, module, trainer, loggers: list) -> None:

@@ -1,6 +1,7 @@
 """Model files and training checkpoints load strictly: same weights back, or an error that lists the keys."""
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ def test_round_trip_and_overrides(tmp_path):
     model = build_openseed("tiny", decoupled=False)
     save_model(model, tmp_path / "m.pt")
     loaded = load_model(tmp_path / "m.pt")
-    assert loaded.config["decoupled"] is False and loaded.decoder.num_bg == 0
+    assert loaded.config.decoupled is False and loaded.decoder.num_bg == 0
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
 
@@ -23,7 +24,7 @@ def test_lightning_checkpoint_layout(tmp_path):
     torch.manual_seed(0)
     model = build_openseed("tiny")
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()} | {"criterion.x": torch.ones(1)},
-                "hyper_parameters": {"model_config": model.config}}, tmp_path / "last.ckpt")
+                "hyper_parameters": {"model_config": asdict(model.config)}}, tmp_path / "last.ckpt")
     loaded = load_model(tmp_path / "last.ckpt")
     assert torch.equal(loaded.decoder.class_head.bias, model.decoder.class_head.bias)
 
@@ -33,7 +34,7 @@ def test_mismatched_weights_fail_loudly(tmp_path):
     state = model.state_dict()
     state.pop("decoder.class_head.bias")
     state["decoder.extra"] = torch.zeros(1)
-    torch.save({"format": "openseed-model", "version": 1, "config": model.config, "state_dict": state},
+    torch.save({"format": "openseed-model", "version": 1, "config": asdict(model.config), "state_dict": state},
                tmp_path / "bad.pt")
     with pytest.raises(RuntimeError, match=r"missing \['decoder.class_head.bias'\].*unexpected \['decoder.extra'\]"):
         load_model(tmp_path / "bad.pt")
@@ -75,13 +76,13 @@ def test_unsafe_old_model_file_is_refused_and_safe_one_converts(tmp_path):
             return (open, (str(ran), "w"))
 
     model = build_openseed("tiny")
-    torch.save({"format": "openseed-model", "version": 1, "config": model.config, "state_dict": model.state_dict(),
-                "extra": Payload()}, tmp_path / "unsafe.pt")
+    torch.save({"format": "openseed-model", "version": 1, "config": asdict(model.config),
+                "state_dict": model.state_dict(), "extra": Payload()}, tmp_path / "unsafe.pt")
     with pytest.raises(ValueError, match="unsafe load"):
         load_model(tmp_path / "unsafe.pt")
     assert not ran.exists()
-    torch.save({"format": "openseed-model", "version": 1, "config": model.config, "state_dict": model.state_dict()},
-               tmp_path / "old.pt")
+    torch.save({"format": "openseed-model", "version": 1, "config": asdict(model.config),
+                "state_dict": model.state_dict()}, tmp_path / "old.pt")
     assert main([str(tmp_path / "old.pt"), "--out", str(tmp_path / "new.safetensors")]) == 0
     loaded = load_model(tmp_path / "new.safetensors")
     assert torch.equal(loaded.decoder.class_head.bias, model.decoder.class_head.bias)

@@ -36,7 +36,7 @@ def test_model_configs_build(name):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(overrides=[f"+model={name}", "+model.decoupled=false"])
     model = instantiate(cfg.model)
-    assert model.config["decoupled"] is False and model.decoder.num_bg == 0
+    assert model.config.decoupled is False and model.decoder.num_bg == 0
 
 
 @pytest.mark.parametrize("name", ["swint_nodecouple", "swint_decouple", "swinl_decouple"])
@@ -69,6 +69,6 @@ def test_model_overrides_are_recorded_as_plain_values(tmp_path):
         cfg = compose(overrides=["+model=tiny", "+model.encoder_features=[res3,res4,res5]",
                                  "+model.backbone_options={}"])
     model = instantiate(cfg.model)
-    assert type(model.config["encoder_features"]) is tuple and type(model.config["backbone_options"]) is dict
+    assert type(model.config.encoder_features) is tuple and type(model.config.backbone_options) is dict
     save_model(model, tmp_path / "m.pt")
-    assert load_model(tmp_path / "m.pt").config["encoder_features"] == ("res3", "res4", "res5")
+    assert load_model(tmp_path / "m.pt").config.encoder_features == ("res3", "res4", "res5")

@@ -118,7 +118,7 @@ def test_finetuning_starts_from_a_converted_reference_model(synth_shards, tmp_pa
                    tmp_path)
     _, initial = read_checkpoint(converted)
     model = instantiate(cfg.model)
-    assert model.config["text_tower"] == "clip_transformer" and model.config["level_order"] == "coarse_first"
+    assert model.config.text_tower == "clip_transformer" and model.config.level_order == "coarse_first"
     assert all(torch.equal(value, initial[key]) for key, value in model.state_dict().items())
     train(cfg)
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)

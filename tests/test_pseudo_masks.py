@@ -75,7 +75,7 @@ def test_data_module_uses_pseudo_masks_only_when_switched_on(synth_shards, pseud
 def test_cli_with_a_saved_model(det_small, tmp_path, capsys):
     torch.manual_seed(0)
     save_model(build_openseed("tiny"), tmp_path / "model.pt")
-    assert load_model(tmp_path / "model.pt").config["hidden_dim"] == 64
+    assert load_model(tmp_path / "model.pt").config.hidden_dim == 64
     code = main(["--ckpt", str(tmp_path / "model.pt"), "--shards", str(det_small), "--out", str(tmp_path / "out"),
                  "--image-size", "128", "--device", "cpu"])
     assert code == 0 and "pseudo masks" in capsys.readouterr().out

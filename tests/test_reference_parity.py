@@ -102,9 +102,9 @@ def swint_decouple(tmp_path_factory) -> Run:
 
 def test_converted_config_is_the_architecture(run):
     config = run.model.config
-    assert config["num_bg"] == meta(run.expected)["num_queries_stuff_bg"] and config["num_fg"] == 20
-    assert config["text_context"] == run.expected["text_token_ids"].shape[-1]
-    assert config["num_levels"] == (5 if run.arch == "swinl_decouple" else 4)
+    assert config.num_bg == meta(run.expected)["num_queries_stuff_bg"] and config.num_fg == 20
+    assert config.text_context == run.expected["text_token_ids"].shape[-1]
+    assert config.num_levels == (5 if run.arch == "swinl_decouple" else 4)
 
 
 def test_text_embeddings(run):

@@ -175,16 +175,16 @@ class EvalResize:
         return _finish(sample, items)
 
 
-def eval_resize_for(model_config: dict | None, image_size: int | None = None
-                    ) -> tuple[EvalResize, tuple[int, int] | None]:
+def eval_resize_for(model_config, image_size: int | None = None) -> tuple[EvalResize, tuple[int, int] | None]:
     """(resize, pad_to) for evaluating a model: with ``image_size``, the longer side to it and a square of that size
     (LSJ-trained models); else the resize the model records (``OpenSeeDConfig.eval_short_edge`` / ``eval_max_size``:
     shortest edge, padding to a multiple of 32, i.e. ``pad_to=None`` for ``collate``), else its ``eval_max_size``
     (or 1024) as a square."""
-    config = model_config or {}
-    if image_size is None and config.get("eval_short_edge") is not None:
-        return EvalResize(config["eval_short_edge"], config.get("eval_max_size")), None
-    image_size = image_size or config.get("eval_max_size") or 1024
+    short_edge = getattr(model_config, "eval_short_edge", None)  # model_config: an OpenSeeDConfig or None
+    max_size = getattr(model_config, "eval_max_size", None)
+    if image_size is None and short_edge is not None:
+        return EvalResize(short_edge, max_size), None
+    image_size = image_size or max_size or 1024
     return EvalResize(None, image_size), (image_size, image_size)
 
 

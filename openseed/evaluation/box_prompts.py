@@ -112,7 +112,7 @@ def evaluate_box_prompts(model, shards_dir, image_size: int | None = None, batch
         raise ValueError(f"{shards_dir}: box prompts are scored on a detection data set with masks "
                          f"(task 'det', mask format 'rle'), this one is {source.task!r} / {source.mask_format!r}")
     model = model.to(device).eval()
-    resize, pad_to = eval_resize_for(getattr(model, "config", {}), image_size)
+    resize, pad_to = eval_resize_for(model.config, image_size)
     names = PromptNames(model, source.vocabulary.prompt_names())
     truth = DatasetEvaluator.for_shards(source)
     detections: list[dict] = []

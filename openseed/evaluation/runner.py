@@ -189,7 +189,7 @@ def evaluate_shards(model, shards_dir, image_size: int | None = None, batch_size
 
     shards = ShardSet.open(shards_dir)
     rank, world_size = world()
-    config = getattr(model, "config", {})
+    config = model.config
     resize, pad_to = eval_resize_for(config, image_size)
     dataset = EvalDataset(shards, batch_size, resize, rank, world_size, pad_to=pad_to)
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)

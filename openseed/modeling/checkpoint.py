@@ -16,6 +16,7 @@ describes and loads its weights with ``load_state_strictly``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import struct
@@ -87,10 +88,8 @@ def _read_safetensors_model(path: Path) -> tuple[dict, dict[str, Tensor]]:
 
 
 def save_model(model: nn.Module, path: str | Path) -> None:
-    """Write the model's config and weights (built with ``build_openseed``, which records ``model.config``)."""
-    if not hasattr(model, "config"):
-        raise ValueError("the model has no recorded config: build it with build_openseed")
-    write_model_file(model.config, model.state_dict(), path)
+    """Write the model's config (``OpenSeeD.config``) and weights."""
+    write_model_file(dataclasses.asdict(model.config), model.state_dict(), path)
 
 
 def load_weights_only(path: str | Path, map_location: str | torch.device = "cpu"):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from openseed.core.boxes import targets_to_model_boxes
 from openseed.core.conditions import Conditions
 from openseed.core.outputs import Outputs
 from openseed.core.vocabulary import Vocabulary
-from openseed.modeling.backbone import Backbone, build_backbone
+from openseed.modeling.backbone import build_backbone
 from openseed.modeling.checkpoint import load_state_strictly, read_checkpoint
 from openseed.modeling.decoder import OpenSeeDDecoder
 from openseed.modeling.pixel_decoder import EncoderMemory, PixelDecoder
@@ -153,26 +153,52 @@ MODEL_SIZES: dict[str, OpenSeeDConfig] = {
 
 
 class OpenSeeD(nn.Module):
-    """The model. Modules are built outside (``build_openseed``) and passed in.
+    """The model, built from its config, which it keeps (``config``: what a model file records).
 
-    Args:
-        backbone: multi-scale image encoder. pixel_decoder, decoder: see their modules. text_encoder: class names
-            -> [K, text_dim] embeddings. seed: seed of the synonym/template draws in training.
-        fp32_encoder_decoder: run the pixel decoder (the deformable encoder) and the decoder in float32 even under
-            mixed precision (autocast off, inputs cast up), as the reference does; the backbone and the text tower
-            follow the autocast setting.
+    Parts: ``backbone`` (multi-scale image encoder), ``pixel_decoder``, ``decoder`` (see their modules),
+    ``text_encoder`` (class names -> [K, text_dim] embeddings). ``seed``: of the synonym/template draws in training.
+    ``config.fp32_encoder_decoder`` runs the pixel decoder (the deformable encoder) and the decoder in float32 even
+    under mixed precision (autocast off, inputs cast up), as the reference does; the backbone and the text tower
+    follow the autocast setting. ``build_openseed`` makes one from a size name, overrides or a model file.
     """
 
-    def __init__(self, backbone: Backbone, pixel_decoder: PixelDecoder, decoder: OpenSeeDDecoder,
-                 text_encoder: TextEncoder, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD, seed: int = 0,
-                 fp32_encoder_decoder: bool = True):
+    def __init__(self, config: OpenSeeDConfig, seed: int = 0):
         super().__init__()
-        self.fp32_encoder_decoder = fp32_encoder_decoder
+        if config.text_lr_scope not in TEXT_LR_SCOPES:
+            raise ValueError(f"text_lr_scope must be one of {sorted(TEXT_LR_SCOPES)}, got {config.text_lr_scope!r}")
+        self.config = config
+        self.fp32_encoder_decoder = config.fp32_encoder_decoder
+        backbone = build_backbone(config.backbone, pretrained=config.backbone_pretrained,
+                                  drop_path_rate=config.drop_path_rate, options=config.backbone_options)
+        pixel_decoder = PixelDecoder(backbone.channels, backbone.strides, config.encoder_features,
+                                     config.num_levels, config.hidden_dim, config.encoder_layers, config.num_heads,
+                                     config.num_points, config.ffn_dim, config.dropout, config.mask_dim,
+                                     mask_padding=config.mask_padding)
+        decoder = OpenSeeDDecoder(config.hidden_dim, config.text_dim, config.mask_dim, config.num_levels,
+                                  config.num_fg, config.num_bg, config.decoder_layers,
+                                  config.decoder_num_heads or config.num_heads, config.num_points, config.ffn_dim,
+                                  config.dropout, config.decoupled, config.conditioned, config.cond_budget,
+                                  config.box_noise_scale, class_bias=config.class_bias,
+                                  level_order=config.level_order, box_noise=config.box_noise,
+                                  cond_over_budget=config.cond_over_budget, bg_training=config.bg_training)
+        tower_options = {}
+        if config.text_tower == "clip_transformer":
+            tower_options = dict(context_length=config.text_context, width=config.text_width,
+                                 layers=config.text_layers, heads=config.text_heads)
+        tower = build_text_tower(config.text_tower, path=config.text_path, **tower_options)
+        text_encoder = TextEncoder(tower, config.text_dim, trainable=config.text_trainable,
+                                   lr_multiplier=config.text_lr_multiplier, name_style=config.name_cleaning)
         self.backbone, self.pixel_decoder, self.decoder = backbone, pixel_decoder, decoder
         self.text_encoder = text_encoder
+        pixel_mean, pixel_std = IMAGENET_MEAN, IMAGENET_STD
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
         self.rng = random.Random(seed)
+
+    @property
+    def text_lr_prefixes(self) -> tuple[str, ...]:
+        """Parameter-name prefixes trained at the text tower's lr multiplier (``config.text_lr_scope``)."""
+        return TEXT_LR_SCOPES[self.config.text_lr_scope]
 
     def embed_vocabulary(self, vocabulary: Vocabulary) -> Tensor:
         """[K, text_dim]: one random template and synonym per class in training, the prompt ensemble otherwise."""
@@ -340,31 +366,7 @@ def build_openseed(size: str | OpenSeeDConfig | None = "tiny", init_from: str | 
     if unknown:
         raise ValueError(f"unknown model option(s) {sorted(unknown)}; known: {sorted(known)}")
     config = replace(config, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
-    backbone = build_backbone(config.backbone, pretrained=config.backbone_pretrained,
-                              drop_path_rate=config.drop_path_rate, options=config.backbone_options)
-    pixel_decoder = PixelDecoder(backbone.channels, backbone.strides, config.encoder_features, config.num_levels,
-                                 config.hidden_dim, config.encoder_layers, config.num_heads, config.num_points,
-                                 config.ffn_dim, config.dropout, config.mask_dim, mask_padding=config.mask_padding)
-    decoder = OpenSeeDDecoder(config.hidden_dim, config.text_dim, config.mask_dim, config.num_levels, config.num_fg,
-                              config.num_bg, config.decoder_layers, config.decoder_num_heads or config.num_heads,
-                              config.num_points, config.ffn_dim, config.dropout, config.decoupled,
-                              config.conditioned, config.cond_budget, config.box_noise_scale,
-                              class_bias=config.class_bias, level_order=config.level_order,
-                              box_noise=config.box_noise, cond_over_budget=config.cond_over_budget,
-                              bg_training=config.bg_training)
-    tower_options = {}
-    if config.text_tower == "clip_transformer":
-        tower_options = dict(context_length=config.text_context, width=config.text_width, layers=config.text_layers,
-                             heads=config.text_heads)
-    tower = build_text_tower(config.text_tower, path=config.text_path, **tower_options)
-    text_encoder = TextEncoder(tower, config.text_dim, trainable=config.text_trainable,
-                               lr_multiplier=config.text_lr_multiplier, name_style=config.name_cleaning)
-    model = OpenSeeD(backbone, pixel_decoder, decoder, text_encoder,
-                     fp32_encoder_decoder=config.fp32_encoder_decoder)
-    if config.text_lr_scope not in TEXT_LR_SCOPES:
-        raise ValueError(f"text_lr_scope must be one of {sorted(TEXT_LR_SCOPES)}, got {config.text_lr_scope!r}")
-    model.text_lr_prefixes = TEXT_LR_SCOPES[config.text_lr_scope]
-    model.config = asdict(config)
+    model = OpenSeeD(config)
     if state is not None:
         load_state_strictly(model, state, init_from)
     return model

@@ -114,11 +114,11 @@ class InferenceConfig:
             raise ValueError(f"semantic_class_probs must be 'softmax' or 'sigmoid', not {self.semantic_class_probs!r}")
 
     @classmethod
-    def for_model(cls, model_config: dict | None, **overrides) -> InferenceConfig:
-        """The defaults a model records (``OpenSeeDConfig.test_top_k`` and ``clip_boxes``), then ``overrides``."""
-        config = model_config or {}
-        recorded = {key: config[name] for key, name in (("top_k", "test_top_k"), ("clip_boxes", "clip_boxes"))
-                    if name in config}
+    def for_model(cls, model_config, **overrides) -> InferenceConfig:
+        """The defaults a model records (its ``OpenSeeDConfig``'s ``test_top_k`` and ``clip_boxes``; None: the
+        reference's), then ``overrides``."""
+        recorded = {} if model_config is None else {"top_k": model_config.test_top_k,
+                                                     "clip_boxes": model_config.clip_boxes}
         return cls(**{**recorded, **overrides})
 
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 
 import torch
 from lightning import LightningModule
@@ -73,7 +74,7 @@ class OpenSeeDModule(LightningModule):
         self.model, self.criterion = model, criterion
         self.inference = inference or InferenceConfig()
         self.save_hyperparameters(ignore=["model", "criterion", "inference"])
-        self.hparams["model_config"] = dict(getattr(model, "config", {}))
+        self.hparams["model_config"] = asdict(model.config)  # a training checkpoint is a model file too
         self.evaluators: list[DatasetEvaluator] = []
 
     # ------------------------------------------------------------------------------------------------ steps
@@ -122,7 +123,7 @@ class OpenSeeDModule(LightningModule):
         text_multiplier = getattr(self.model.text_encoder, "lr_multiplier", 0.1)
         groups = parameter_groups(self.model, self.hparams.lr, self.hparams.weight_decay,
                                   self.hparams.backbone_lr_multiplier, text_multiplier,
-                                  getattr(self.model, "text_lr_prefixes", ("text_encoder.tower.",)))
+                                  self.model.text_lr_prefixes)
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         milestones = [int(f * total) for f in self.hparams.lr_milestones]
