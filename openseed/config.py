@@ -73,7 +73,7 @@ def _check(value, hint, key: str) -> list[str]:
             for arm in args:
                 if dataclasses.is_dataclass(arm):  # a mapping where a dataclass is taken: checked as that dataclass
                     return _check(value, arm, key)
-        if any(not _check(value, arm, key) for arm in args):
+        if any(_fits_arm(value, arm, key) for arm in args):
             return []
         return [f"{key}: expected {_describe(hint)}, got {_shown(value)}"]
     if origin is typing.Literal:
@@ -106,6 +106,19 @@ def _check(value, hint, key: str) -> list[str]:
     else:
         return []  # a type the checker does not know: the target checks it
     return [] if fits else [f"{key}: expected {_describe(hint)}, got {_shown(value)}"]
+
+
+def _fits_arm(value, arm, key: str) -> bool:
+    """Whether ``value`` fits one arm of a union. A class the checker does not know (``torch.Tensor`` in
+    ``float | Tensor``) takes only its own instances, which a config value never is: the union's other arms decide."""
+    if isinstance(arm, type) and not _check(value, arm, key) and _is_unknown_class(arm):
+        return isinstance(value, arm)
+    return not _check(value, arm, key)
+
+
+def _is_unknown_class(arm: type) -> bool:
+    known = (bool, int, float, str, type(None), list, tuple, dict, PurePath, os.PathLike)
+    return not (arm in known or issubclass(arm, PurePath) or dataclasses.is_dataclass(arm))
 
 
 def _hints(target) -> dict:

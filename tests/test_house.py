@@ -1,4 +1,5 @@
-"""The layout's rules (README, "Layout"), read from the code's imports: the ground floor imports nothing above it."""
+"""The layout's rules (docs/architecture.md), read from the code's imports: the ground floor imports nothing above
+it."""
 
 import ast
 from pathlib import Path

@@ -1,5 +1,7 @@
 """The training module: parameter groups, a joint fast_dev_run on synthshapes with validation, resume state."""
 
+from functools import partial
+
 import lightning as L
 import pytest
 import torch
@@ -8,6 +10,8 @@ from openseed.data.datamodule import OpenSeeDDataModule
 from openseed.losses.criterion import SetCriterion
 from openseed.modeling.openseed import build_openseed, load_model
 from openseed.training.module import OpenSeeDModule, parameter_groups
+
+ADAMW = partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.05)
 
 
 def test_parameter_groups_multipliers_and_no_decay():
@@ -44,7 +48,8 @@ def _trainer(tmp_path, **kw):
 
 def test_joint_training_and_validation_per_data_set(datamodule, tmp_path):
     torch.manual_seed(0)
-    module = OpenSeeDModule(build_openseed("tiny"), SetCriterion(num_points=256, mask_assistance="online"), lr=1e-3)
+    module = OpenSeeDModule(build_openseed("tiny"), SetCriterion(num_points=256, mask_assistance="online"),
+                            optimizer=ADAMW)
     trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=2, num_sanity_val_steps=0, val_check_interval=3)
     trainer.fit(module, datamodule=datamodule)
     metrics = trainer.callback_metrics
@@ -59,14 +64,14 @@ def test_joint_training_and_validation_per_data_set(datamodule, tmp_path):
 
 def test_checkpoint_resumes_step_and_optimizer_and_loads_as_a_model(datamodule, tmp_path):
     torch.manual_seed(0)
-    module = OpenSeeDModule(build_openseed("tiny"), SetCriterion(num_points=256), lr=1e-3)
+    module = OpenSeeDModule(build_openseed("tiny"), SetCriterion(num_points=256), optimizer=ADAMW)
     trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0)
     trainer.fit(module, datamodule=datamodule)
     path = tmp_path / "step2.ckpt"
     trainer.save_checkpoint(path)
     state = torch.load(path, weights_only=False)
     assert state["global_step"] == 2 and state["optimizer_states"][0]["state"]
-    resumed = OpenSeeDModule(build_openseed("tiny"), SetCriterion(num_points=256), lr=1e-3)
+    resumed = OpenSeeDModule(build_openseed("tiny"), SetCriterion(num_points=256), optimizer=ADAMW)
     trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=0)
     trainer.fit(resumed, datamodule=datamodule, ckpt_path=path)
     assert trainer.global_step == 3
@@ -100,7 +105,7 @@ def test_ddp_training_on_two_cpu_processes_keeps_ranks_identical(synth_shards, t
     datamodule = OpenSeeDDataModule(seg={"path": str(synth_shards["seg_train"]), "batch_size": 2},
                                     det={"path": str(synth_shards["det_train"]), "batch_size": 2},
                                     image_size=96, num_workers=0)
-    module = OpenSeeDModule(build_openseed("tiny"), SetCriterion(num_points=128), lr=1e-3)
+    module = OpenSeeDModule(build_openseed("tiny"), SetCriterion(num_points=128), optimizer=ADAMW)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                         limit_val_batches=0, use_distributed_sampler=False, default_root_dir=tmp_path,
@@ -109,3 +114,24 @@ def test_ddp_training_on_two_cpu_processes_keeps_ranks_identical(synth_shards, t
     ranks = json.loads((tmp_path / "sums.json").read_text())
     assert [r["steps"] for r in ranks] == [3, 3]
     assert ranks[0]["sums"] == ranks[1]["sums"]
+
+
+def test_step_with_warmup_schedule_and_the_optimizer_partial():
+    from openseed.training.schedules import step_with_warmup
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    schedule = step_with_warmup(optimizer, total_steps=100, milestones=(0.5, 0.8), gamma=0.1, warmup_steps=10)
+    lrs = []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[0] == pytest.approx(0.01) and lrs[5] == pytest.approx(0.01 + 0.99 * 0.5) and lrs[10] == 1.0
+    assert lrs[49] == 1.0 and lrs[50] == pytest.approx(0.1) and lrs[79] == pytest.approx(0.1)
+    assert lrs[80] == pytest.approx(0.01)
+    module = OpenSeeDModule(build_openseed("tiny"), SetCriterion(num_points=64), optimizer=ADAMW)
+    assert module.hparams["optimizer"] == {"target": "torch.optim.adamw.AdamW", "lr": 1e-3, "weight_decay": 0.05}
+    assert module.hparams["scheduler"]["target"] == "openseed.training.schedules.step_with_warmup"
+    with pytest.raises(TypeError, match="optimizer must be a functools.partial"):
+        OpenSeeDModule(build_openseed("tiny"), SetCriterion(num_points=64), optimizer=torch.optim.AdamW)

@@ -85,8 +85,10 @@ def test_paper_presets_follow_the_spec(experiment, tmp_path):
     assert [v["path"].rsplit("/", 1)[-1] for v in data["val"]] == ["coco_panoptic_val2017"]
     assert data["image_size"] == 1024 and data["scale_range"] == [0.1, 2.0] and data["eval_max_size"] == 1024
     assert 8 * data["seg"]["batch_size"] == 32 and 8 * data["det"]["batch_size"] == 64  # per step on 8 GPUs
-    assert module["lr"] == 1e-4 and module["weight_decay"] == 0.05 and module["backbone_lr_multiplier"] == 0.1
-    assert module["lr_milestones"] == [0.9, 0.95] and module["lr_gamma"] == 0.1
+    optimizer, scheduler = module["optimizer"], module["scheduler"]
+    assert optimizer["_target_"] == "torch.optim.AdamW" and optimizer["_partial_"] is True
+    assert optimizer["lr"] == 1e-4 and optimizer["weight_decay"] == 0.05 and module["backbone_lr_multiplier"] == 0.1
+    assert scheduler["milestones"] == [0.9, 0.95] and scheduler["gamma"] == 0.1 and scheduler["warmup_steps"] == 0
     assert MODEL_SIZES[size].text_lr_multiplier == 0.1
     assert trainer["max_epochs"] == 30 and trainer["precision"] == "bf16-mixed" and trainer["strategy"] == "ddp"
     assert set(cfg["logger"]) == {"wandb"} and cfg["prepare_synthshapes"] is False

@@ -26,7 +26,7 @@ from tests.test_train import _compose, _short_run_overrides
 
 @pytest.mark.parametrize(("override", "message"), [
     ("data.seg.batch_size=abc", r"data.seg.batch_size: expected int, got 'abc'"),
-    ("module.lr=abc", r"module.lr: expected float, got 'abc'"),
+    ("module.optimizer.lr=abc", r"module.optimizer.lr: expected float.*got 'abc'"),
     ("trainer.max_epochs=abc", r"trainer.max_epochs: expected int or None, got 'abc'"),
     ("data.val.1.batch_size=2.5", r"data.val\[1\].batch_size: expected int, got 2.5"),
     ("seed=x", r"seed: expected int, got 'x'"),

@@ -57,7 +57,7 @@ def test_fast_dev_run_on_synthshapes(synth_shards, tmp_path, capsys):
 
 def test_the_crowded_experiment_reads_the_variant_it_prepares(tmp_path):
     cfg = _compose(["experiment=synthshapes_crowded"], tmp_path)
-    assert cfg.synthshapes_variant == "crowded" and cfg.model.size == "small" and cfg.module.lr == 5e-4
+    assert cfg.synthshapes_variant == "crowded" and cfg.model.size == "small" and cfg.module.optimizer.lr == 5e-4
     assert all("/synthshapes_crowded/shards/" in p for p in (cfg.data.seg.path, cfg.data.det.path,
                                                             cfg.data.val[0].path, cfg.data.val[1].path))
 

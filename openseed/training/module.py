@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 
 import torch
 from lightning import LightningModule
@@ -23,6 +25,7 @@ from openseed.evaluation.runner import DatasetEvaluator
 from openseed.losses.criterion import SetCriterion
 from openseed.modeling.openseed import OpenSeeD
 from openseed.modeling.postprocess import InferenceConfig
+from openseed.training.schedules import step_with_warmup
 
 NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "pos_embed", "level_embed", "logit_scale")
 FINAL_TERMS = ("loss_class", "loss_bbox", "loss_giou", "loss_mask", "loss_dice")
@@ -58,22 +61,33 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float, backbone_
 
 class OpenSeeDModule(LightningModule):
     """Args:
-        model: the ``OpenSeeD`` network (built with ``build_openseed``, whose config is saved in the checkpoint).
+        model: the ``OpenSeeD`` network (its config is saved in the checkpoint).
         criterion: the set criterion.
-        lr, weight_decay: AdamW settings (SPEC: 1e-4, 0.05).
+        optimizer: the optimizer without its parameters (a ``functools.partial``, e.g. Hydra's ``_partial_``; default
+            AdamW with the paper's lr 1e-4 and weight decay 0.05). Its ``lr`` and ``weight_decay`` set the parameter
+            groups' (``parameter_groups``).
         backbone_lr_multiplier: lr factor of the backbone (0.1). The text tower uses its own encoder's multiplier.
-        lr_milestones: fractions of the training steps where the lr is multiplied by ``lr_gamma``.
-        warmup_steps: linear warm-up from 1% of the lr.
+        scheduler: the lr schedule without its optimizer and length (a partial taking ``(optimizer,
+            total_steps)``; default ``schedules.step_with_warmup``), stepped every optimizer step.
         inference: post-processing thresholds for validation.
     """
 
-    def __init__(self, model: OpenSeeD, criterion: SetCriterion, lr: float = 1e-4, weight_decay: float = 0.05,
-                 backbone_lr_multiplier: float = 0.1, lr_milestones: Sequence[float] = (0.9, 0.95),
-                 lr_gamma: float = 0.1, warmup_steps: int = 0, inference: InferenceConfig | None = None):
+    def __init__(self, model: OpenSeeD, criterion: SetCriterion, optimizer: Callable | None = None,
+                 backbone_lr_multiplier: float = 0.1, scheduler: Callable | None = None,
+                 inference: InferenceConfig | None = None):
         super().__init__()
         self.model, self.criterion = model, criterion
+        self.optimizer = optimizer or partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.05)
+        self.scheduler = scheduler or partial(step_with_warmup)
+        for name, made in (("optimizer", self.optimizer), ("scheduler", self.scheduler)):
+            if not isinstance(made, partial):
+                raise TypeError(f"{name} must be a functools.partial (a config with _partial_: true), got "
+                                f"{type(made).__name__}")
         self.inference = inference or InferenceConfig()
-        self.save_hyperparameters(ignore=["model", "criterion", "inference"])
+        self.save_hyperparameters(ignore=["model", "criterion", "inference", "optimizer", "scheduler"])
+        # the checkpoint's hyper-parameters stay plain data (torch.load(weights_only=True) reads them)
+        self.hparams["optimizer"] = _describe(self.optimizer)
+        self.hparams["scheduler"] = _describe(self.scheduler)
         self.hparams["model_config"] = asdict(model.config)  # a training checkpoint is a model file too
         self.evaluators: list[DatasetEvaluator] = []
 
@@ -120,20 +134,23 @@ class OpenSeeDModule(LightningModule):
 
     # ------------------------------------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        text_multiplier = getattr(self.model.text_encoder, "lr_multiplier", 0.1)
-        groups = parameter_groups(self.model, self.hparams.lr, self.hparams.weight_decay,
-                                  self.hparams.backbone_lr_multiplier, text_multiplier,
-                                  self.model.text_lr_prefixes)
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        milestones = [int(f * total) for f in self.hparams.lr_milestones]
-        gamma, warmup = self.hparams.lr_gamma, self.hparams.warmup_steps
-
-        def factor(step: int) -> float:
-            scale = gamma ** sum(step >= m for m in milestones)
-            if warmup and step < warmup:
-                scale *= 0.01 + 0.99 * step / warmup
-            return scale
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        lr, weight_decay = _setting(self.optimizer, "lr"), _setting(self.optimizer, "weight_decay")
+        groups = parameter_groups(self.model, lr, weight_decay, self.hparams.backbone_lr_multiplier,
+                                  self.model.text_encoder.lr_multiplier, self.model.text_lr_prefixes)
+        optimizer = self.optimizer(groups)
+        scheduler = self.scheduler(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _describe(made: partial) -> dict:
+    """A partial as plain data: ``{"target": "module.name", **keywords}`` (lists for sequences)."""
+    func = made.func
+    keywords = {k: list(v) if isinstance(v, tuple) else v for k, v in made.keywords.items()}
+    return {"target": f"{func.__module__}.{func.__qualname__}", **keywords}
+
+
+def _setting(made: partial, name: str):
+    """A partial's keyword, else its function's default for it."""
+    if name in made.keywords:
+        return made.keywords[name]
+    return inspect.signature(made.func).parameters[name].default
