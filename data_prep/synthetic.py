@@ -104,6 +104,12 @@ def get_variant(name: str) -> Variant:
     return VARIANTS[name]
 
 
+def folder_name(variant: str) -> str:
+    """The folder of a variant under the data dir, as training prepares it: ``synthshapes`` (standard) or
+    ``synthshapes_<variant>``."""
+    return "synthshapes" if get_variant(variant).name == "standard" else f"synthshapes_{variant}"
+
+
 # Nominal fill colour of each thing colour family (jittered per object).
 _FAMILY_RGB = {
     "red": (214, 34, 34),

@@ -85,11 +85,11 @@ def _prepare_synthshapes(cfg: DictConfig) -> None:
     (standard) or ``<data_dir>/synthshapes_<variant>``. A data config reading another synthshapes folder of the
     data dir is an error naming both keys (it would train on a set this run did not make or check)."""
     from data_prep.prepare_synthshapes import prepare_synthshapes
-    from data_prep.synthetic import get_variant
+    from data_prep.synthetic import folder_name
 
-    variant = get_variant(cfg.synthshapes_variant).name  # an unknown name stops here, listing the known ones
+    variant = cfg.synthshapes_variant
     data_dir = Path(cfg.paths.data_dir).resolve()
-    root = data_dir / ("synthshapes" if variant == "standard" else f"synthshapes_{variant}")
+    root = data_dir / folder_name(variant)  # an unknown variant stops here, listing the known ones
     seg_path = (cfg.data.get("seg") or {}).get("path")
     if seg_path:
         read = Path(seg_path).resolve()

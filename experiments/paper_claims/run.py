@@ -35,15 +35,16 @@ import sys
 import time
 from pathlib import Path
 
+from data_prep.synthetic import VARIANTS, folder_name
+
 ROOT = Path(__file__).resolve().parents[2]
 ABLATIONS = ("baseline", "no_decoupled", "no_mask_assistance", "no_conditioned")
 STAGES = ("ablations", "box_prompts", "offline")
-DATA_VARIANTS = ("standard", "crowded")  # data_prep.synthetic.VARIANTS
 
 
 def data_folder(variant: str) -> Path:
     """Where the training prepares the variant's shards (openseed.train, ``synthshapes_variant``)."""
-    return ROOT / "data" / ("synthshapes" if variant == "standard" else f"synthshapes_{variant}") / "shards"
+    return ROOT / "data" / folder_name(variant) / "shards"
 
 
 class StudyError(RuntimeError):
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variant", choices=DATA_VARIANTS, default="standard",
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="standard",
                         help="the synthshapes variant (data_prep.synthetic): standard, or crowded")
     parser.add_argument("--out", type=Path, default=None,
                         help="default runs/paper_claims (runs/paper_claims_crowded for the crowded variant)")
