@@ -74,6 +74,48 @@ def test_tables_give_mean_and_sample_std_over_seeds(fake_study, tmp_path):
     assert (tmp_path / "out" / "claims.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_records_carry_a_study_across_machines(fake_study, tmp_path, capsys):
+    first = tmp_path / "first"
+    assert gather.main([str(fake_study), "--out", str(first)]) == 0
+    records = json.loads((first / "records.json").read_text())
+    assert {r["name"] for r in records["runs"]} == {"baseline-s0", "baseline-s1", "baseline-s2", "no_decoupled-s0",
+                                                    "no_decoupled-s1", "offline-s0", "offline-s1"}
+    # the records alone give the same tables (the run folders are gone)
+    capsys.readouterr()
+    assert gather.main(["--records", str(first / "records.json"), "--out", str(tmp_path / "again")]) == 0
+    again = (tmp_path / "again" / "results.md").read_text()
+    assert again.split("## Every run")[0] == (first / "results.md").read_text().split("## Every run")[0]
+    assert "From records, not run folders here" in again and "box prompts of baseline-s1" in again
+    # a new machine reruns one seed: its run folder replaces the record, and a changed figure is printed
+    later = tmp_path / "later"
+    _fake_run(later / "runs" / "baseline-s2", ["ablation=baseline", "seed=2"], {"PQ": 0.47},
+              {"mask_AP": 0.2, "mask_AP_unseen": 0.14})
+    _fake_run(later / "runs" / "no_conditioned-s0", ["ablation=no_conditioned", "seed=0"], {"PQ": 0.41}, {})
+    capsys.readouterr()
+    assert gather.main([str(later), "--records", str(first / "records.json"), "--out", str(tmp_path / "all")]) == 0
+    err = capsys.readouterr().err
+    assert "baseline-s2: run folder replaces the record" in err and "seg_val/PQ 48.00 -> 47.00" in err
+    merged = json.loads((tmp_path / "all" / "records.json").read_text())
+    by_name = {r["name"]: r for r in merged["runs"]}
+    assert len(by_name) == 8 and by_name["baseline-s2"]["metrics"]["seg_val"]["PQ"] == 0.47
+    assert str(later / "runs" / "no_conditioned-s0") in by_name["no_conditioned-s0"]["source"]
+    table9 = {row[0]: row for row in _section((tmp_path / "all" / "results.md").read_text(), "Table 9")[2:]}
+    assert table9["baseline"][3] == "43.7 ± 3.5" and table9["no_conditioned"][1:4] == ["0", "500", "41.0"]
+
+
+def test_records_rounded_in_a_table_compare_within_their_rounding(capsys):
+    record = {"resolution": 0.001, ("seg_val", "PQ"): 0.458}
+    assert gather.differences(record, {("seg_val", "PQ"): 0.45812}, [("seg_val", "PQ")]) == []
+    assert gather.differences(record, {("seg_val", "PQ"): 0.4592}, [("seg_val", "PQ")]) == ["seg_val/PQ 45.80 -> 45.92"]
+
+
+def test_a_broken_records_file_is_an_error_naming_it(tmp_path):
+    bad = tmp_path / "records.json"
+    bad.write_text(json.dumps({"runs": [{"name": "baseline-s0"}]}))
+    with pytest.raises(SystemExit, match=f"{bad}: not a records file"):
+        gather.main(["--records", str(bad)])
+
+
 def test_the_variant_comes_from_the_overrides_not_the_folder_name(tmp_path):
     _fake_run(tmp_path / "7", ["ablation=no_mask_assistance", "seed=4"], {}, {})
     _fake_run(tmp_path / "8", [], {}, {})

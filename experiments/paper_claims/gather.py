@@ -9,6 +9,17 @@ variant (``ablation=NAME``; ``offline`` for a baseline trained with ``data.det_m
 ``<out>/results.md`` (Tables 1, 9 and 7 in miniature, then every run's figures) and, with matplotlib installed,
 ``<out>/claims.png``. Runs without ``metrics.json`` (unfinished or crashed) are listed, never skipped silently.
 Metrics x100; ``std`` is the sample standard deviation over seeds (n - 1 in the denominator).
+
+Run folders do not outlive the machine they ran on, so the study's figures are also kept as **records**:
+``<out>/records.json`` holds every gathered run's and box-prompt score's metrics, and ``--records FILE`` (repeatable)
+reads earlier records back, so a study run in parts on different machines is gathered whole:
+
+    python experiments/paper_claims/gather.py runs/paper_claims --records experiments/paper_claims/records.json \
+        --out experiments/paper_claims
+
+A run folder replaces the record of the same name; where both hold a figure and they differ (beyond the record's
+``resolution``, the rounding of figures transcribed from a table) the difference is printed, which makes a rerun on
+another machine a reproducibility check.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ import json
 import math
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -41,6 +53,10 @@ def describe(run: Path) -> tuple[str, int]:
     return variant, int(values.get("seed", 0))
 
 
+def _date(path: Path) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(path.stat().st_mtime))
+
+
 def collect(study: Path) -> tuple[list[dict], list[str], list[dict]]:
     """(runs, unfinished, box_prompts): one dict per finished training {"variant", "seed", "step", "name",
     (data set, key): value}; the names of unfinished ones; one dict per box-prompt score file."""
@@ -53,7 +69,8 @@ def collect(study: Path) -> tuple[list[dict], list[str], list[dict]]:
             continue
         data = json.loads(metrics_file.read_text())
         variant, seed = describe(folder)
-        row = {"variant": variant, "seed": seed, "step": data["step"], "name": folder.name}
+        row = {"variant": variant, "seed": seed, "step": data["step"], "name": folder.name,
+               "source": f"{folder} ({_date(metrics_file)})"}
         by_role = {role: values for name, values in data["metrics"].items() for role in (SEG, DET)
                    if name.endswith(role)}
         for role, key, _ in COLUMNS:
@@ -61,9 +78,90 @@ def collect(study: Path) -> tuple[list[dict], list[str], list[dict]]:
         runs.append(row)
     order = {v: i for i, v in enumerate(VARIANTS)}
     runs.sort(key=lambda r: (order.get(r["variant"], len(order)), r["variant"], r["seed"]))
-    prompts = [json.loads(p.read_text()) for p in sorted((study / "box_prompts").glob("*.json"))] \
-        if (study / "box_prompts").is_dir() else []
+    prompts = [{**json.loads(p.read_text()), "source": f"{p} ({_date(p)})"}
+               for p in sorted((study / "box_prompts").glob("*.json"))] if (study / "box_prompts").is_dir() else []
     return runs, unfinished, prompts
+
+
+def _metrics_of(row: dict) -> dict:
+    metrics: dict = {}
+    for role, key, _ in COLUMNS:
+        if row.get((role, key)) is not None:
+            metrics.setdefault(role, {})[key] = row[role, key]
+    return metrics
+
+
+def to_records(runs: list[dict], prompts: list[dict]) -> dict:
+    """The JSON form of gathered runs and box-prompt scores (``records.json``)."""
+    return {
+        "runs": [{"name": r["name"], "variant": r["variant"], "seed": r["seed"], "step": r["step"],
+                  "source": r["source"], "resolution": r.get("resolution", 0.0),
+                  "metrics": _metrics_of(r)} for r in runs],
+        "box_prompts": [{key: score[key] for key in ("run", "mask_AP", "mask_AP_unseen", "mIoU", "source",
+                                                     "resolution") if key in score} for score in prompts],
+    }
+
+
+def read_records(path: Path) -> tuple[list[dict], list[dict]]:
+    """(runs, box_prompts) from a ``records.json``, in ``collect``'s form."""
+    try:
+        data = json.loads(path.read_text())
+        runs = []
+        for record in data["runs"]:
+            row = {key: record[key] for key in ("name", "variant", "seed", "step")}
+            row["source"] = record.get("source", str(path))
+            row["record"] = str(path)
+            row["resolution"] = float(record.get("resolution", 0.0))
+            for role, key, _ in COLUMNS:
+                row[role, key] = record["metrics"].get(role, {}).get(key)
+            runs.append(row)
+        prompts = [{"source": str(path), **score, "record": str(path)} for score in data.get("box_prompts", [])]
+        for score in prompts:
+            if not {"run", "mask_AP", "mIoU"} <= score.keys():
+                raise KeyError(f"a box_prompts record lacks run, mask_AP or mIoU: {score}")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"{path}: not a records file of this study ({type(err).__name__}: {err})") from err
+    return runs, prompts
+
+
+def differences(record: dict, fresh: dict, keys) -> list[str]:
+    """The figures where a fresh result and an earlier record of the same run differ beyond the record's rounding."""
+    tolerance = float(record.get("resolution", 0.0)) / 2 + 1e-9
+    out = []
+    for key in keys:
+        old, new = record.get(key), fresh.get(key)
+        if old is not None and new is not None and abs(old - new) > tolerance:
+            label = "/".join(key) if isinstance(key, tuple) else key
+            out.append(f"{label} {100 * old:.2f} -> {100 * new:.2f}")
+    return out
+
+
+def merge(records: tuple[list[dict], list[dict]], runs: list[dict], prompts: list[dict]) \
+        -> tuple[list[dict], list[dict]]:
+    """Earlier records plus this gathering's results; a fresh result replaces the record of the same run, and
+    where they disagree it is printed (to stderr) rather than hidden."""
+    fresh_runs = {r["name"]: r for r in runs}
+    fresh_prompts = {s["run"]: s for s in prompts}
+    kept_runs, kept_prompts = [], []
+    for record in records[0]:
+        fresh = fresh_runs.get(record["name"])
+        if fresh is None:
+            kept_runs.append(record)
+            continue
+        changed = differences(record, fresh, [(role, key) for role, key, _ in COLUMNS])
+        print(f"{record['name']}: run folder replaces the record from {record['source']}"
+              + (f"; they differ: {', '.join(changed)}" if changed else "; same figures"), file=sys.stderr)
+    for record in records[1]:
+        fresh = fresh_prompts.get(record["run"])
+        if fresh is None:
+            kept_prompts.append(record)
+            continue
+        changed = differences(record, fresh, ["mask_AP", "mask_AP_unseen", "mIoU"])
+        print(f"box prompts of {record['run']}: the score file replaces the record from {record['source']}"
+              + (f"; they differ: {', '.join(changed)}" if changed else "; same figures"), file=sys.stderr)
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    all_runs = sorted(kept_runs + runs, key=lambda r: (order.get(r["variant"], len(order)), r["variant"], r["seed"]))
+    return all_runs, sorted(kept_prompts + prompts, key=lambda s: s["run"])
 
 
 def prompt_seed(score: dict) -> int:
@@ -158,6 +256,15 @@ def markdown(runs: list[dict], unfinished: list[str], prompts: list[dict]) -> st
              "## Table 9 analogue: ablations (mean ± std over seeds)", "", *table9(runs), "",
              "## Table 7 analogue: offline mask assistance (pseudo masks for det_train)", "", *table7(runs), "",
              "## Every run", "", *every_run(runs)]
+    sources: dict[str, list[str]] = {}
+    for r in runs:
+        if "record" in r:
+            sources.setdefault(r["source"], []).append(r["name"])
+    for s in prompts:
+        if "record" in s:
+            sources.setdefault(s["source"], []).append(f"box prompts of {s['run']}")
+    for source, names in sources.items():
+        parts += ["", f"From records, not run folders here ({source}): " + ", ".join(names)]
     if unfinished:
         parts += ["", "Runs without metrics.json (unfinished or crashed): " + ", ".join(unfinished)]
     return "\n".join(parts) + "\n"
@@ -221,21 +328,32 @@ def plot(runs: list[dict], prompts: list[dict], path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("study", type=Path, help="run.py's --out folder, or a Hydra multirun folder")
-    parser.add_argument("--out", type=Path, help="write results.md (and claims.png) here")
+    parser.add_argument("study", type=Path, nargs="?",
+                        help="run.py's --out folder, or a Hydra multirun folder (optional with --records)")
+    parser.add_argument("--records", type=Path, action="append", default=[],
+                        help="an earlier records.json to include (repeatable); run folders replace its entries")
+    parser.add_argument("--out", type=Path, help="write results.md, records.json (and claims.png) here")
     args = parser.parse_args(argv)
-    if not args.study.is_dir():
-        print(f"no such study folder: {args.study}", file=sys.stderr)
-        return 2
-    runs, unfinished, prompts = collect(args.study)
+    if args.study is None and not args.records:
+        parser.error("give a study folder, --records, or both")
+    runs, unfinished, prompts = [], [], []
+    if args.study is not None:
+        if not args.study.is_dir():
+            print(f"no such study folder: {args.study}", file=sys.stderr)
+            return 2
+        runs, unfinished, prompts = collect(args.study)
+    for path in args.records:
+        runs, prompts = merge(read_records(path), runs, prompts)
     if not runs and not unfinished:
-        print(f"no training runs under {args.study}", file=sys.stderr)
+        print(f"no training runs under {args.study}" + (f" or in {', '.join(map(str, args.records))}"
+                                                          if args.records else ""), file=sys.stderr)
         return 2
     text = markdown(runs, unfinished, prompts)
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.md").write_text(text)
+        (args.out / "records.json").write_text(json.dumps(to_records(runs, prompts), indent=1) + "\n")
         if not plot(runs, prompts, args.out / "claims.png"):
             print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
     return 0

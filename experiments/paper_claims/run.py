@@ -2,7 +2,8 @@
 
     python experiments/paper_claims/run.py [--variant crowded] [--out runs/paper_claims] [--seeds 0 1 2] \
         [--model tiny] [--stages ablations,box_prompts,offline] [--only NAME ...] [-- extra Hydra overrides]
-    python experiments/paper_claims/gather.py runs/paper_claims --out experiments/paper_claims
+    python experiments/paper_claims/gather.py runs/paper_claims --records experiments/paper_claims/records.json \
+        --out experiments/paper_claims
 
 Stages (README.md of this folder says what each measures):
 
