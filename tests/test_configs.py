@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from openseed.data.datamodule import OpenSeeDDataModule
 
@@ -52,6 +53,34 @@ def test_full_size_model_configs_name_the_released_architectures(name):
     assert not config.mask_padding and config.level_order == "coarse_first" and not config.class_bias
 
 
+@pytest.mark.parametrize("name", ["tiny", "small", "swint_nodecouple", "swint_decouple", "swinl_decouple"])
+def test_model_configs_show_their_presets_sizes(name):
+    """conf/model/<size>.yaml lists the architecture's sizes, each equal to the preset's (MODEL_SIZES), so reading
+    the file tells what is built and building from it builds the preset."""
+    from dataclasses import fields
+
+    from openseed.modeling.openseed import MODEL_SIZES
+
+    listed = OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{name}.yaml"))
+    preset = MODEL_SIZES[name]
+    sizes = {k: v for k, v in listed.items() if k not in ("_target_", "_convert_", "size", "init_from")}
+    for required in ("backbone", "hidden_dim", "encoder_layers", "decoder_layers", "num_fg", "num_bg", "text_tower"):
+        assert required in sizes
+    known = {f.name for f in fields(preset)}
+    for key, value in sizes.items():
+        assert key in known
+        assert (tuple(value) if isinstance(value, list) else value) == getattr(preset, key), key
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(overrides=[f"+model={name}"])
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if not k.startswith("_")}
+    size = kwargs.pop("size")
+    kwargs.pop("init_from")
+    from dataclasses import replace
+
+    assert replace(MODEL_SIZES[size], **{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}) \
+        == preset
+
+
 def test_converted_model_config_requires_the_file():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(overrides=["+model=converted"])
@@ -66,7 +95,7 @@ def test_model_overrides_are_recorded_as_plain_values(tmp_path):
     from openseed.modeling.openseed import load_model
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(overrides=["+model=tiny", "+model.encoder_features=[res3,res4,res5]",
+        cfg = compose(overrides=["+model=tiny", "model.encoder_features=[res3,res4,res5]",
                                  "+model.backbone_options={}"])
     model = instantiate(cfg.model)
     assert type(model.config.encoder_features) is tuple and type(model.config.backbone_options) is dict

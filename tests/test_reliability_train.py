@@ -30,7 +30,7 @@ from tests.test_train import _compose, _short_run_overrides
     ("trainer.max_epochs=abc", r"trainer.max_epochs: expected int or None, got 'abc'"),
     ("data.val.1.batch_size=2.5", r"data.val\[1\].batch_size: expected int, got 2.5"),
     ("seed=x", r"seed: expected int, got 'x'"),
-    ("+model.num_fg=many", r"model.num_fg: expected int, got 'many'"),
+    ("model.num_fg=many", r"model.num_fg: expected int, got 'many'"),
     ("+model.hidden_dimm=3", r"model.hidden_dimm: .*build_openseed takes no such option"),
 ])
 def test_wrong_typed_config_values_name_the_key_before_any_work(override, message, tmp_path):
