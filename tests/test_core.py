@@ -64,3 +64,15 @@ def test_box_conventions():
     torch.testing.assert_close(model_boxes_to_pixels(model, (64, 128)), pixels)
     assert xyxy_to_xywh(pixels)[1].tolist() == [10.0, 20.0, 20.0, 40.0]
     assert stored_box_xywh({"bbox": [0.1, 0.2, 0.4, 0.8]}) == [0.1, 0.2, 0.4 - 0.1, 0.8 - 0.2]  # float64 exact
+
+
+def test_tight_boxes_of_masks_in_pixel_and_coco_form():
+    from openseed.core.boxes import tight_box_xywh, tight_boxes
+
+    masks = torch.zeros(2, 6, 8, dtype=torch.bool)
+    masks[0, 1:4, 2:7] = True  # rows 1-3, columns 2-6
+    masks[1, 5, 0] = True
+    assert tight_boxes(masks).tolist() == [[2.0, 1.0, 7.0, 4.0], [0.0, 5.0, 1.0, 6.0]]
+    assert tight_boxes(masks[:0]).shape == (0, 4)
+    assert tight_box_xywh(masks[0]) == [2, 1, 5, 3] and tight_box_xywh(masks[1]) == [0, 5, 1, 1]
+    assert tight_box_xywh(torch.zeros(4, 4, dtype=torch.bool)) == [0, 0, 0, 0]

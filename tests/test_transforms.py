@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+from openseed.core.boxes import tight_boxes
 from openseed.data.shards import read_shards
-from openseed.data.transforms import EvalResize, LargeScaleJitter, collate, tight_boxes
+from openseed.data.transforms import EvalResize, LargeScaleJitter, collate
 from tests._reference import ARCHITECTURES, IMAGE, load_npz
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_convert
+from torchvision.ops import box_convert, masks_to_boxes
 
 
 def _scale(padded_size: tuple[int, int], like: Tensor) -> Tensor:
@@ -39,3 +39,18 @@ def xyxy_to_xywh(boxes: Tensor) -> Tensor:
 def stored_box_xywh(obj: dict) -> list[float]:
     """The COCO box of a stored object (a shard's JSON ``bbox``: pixel xyxy at the original size), in float64."""
     return xyxy_to_xywh(torch.tensor(obj["bbox"], dtype=torch.float64)).tolist()
+
+
+def tight_boxes(masks: Tensor) -> Tensor:
+    """Masks [N, H, W] bool -> their tight pixel boxes [N, 4] xyxy (exclusive max: ``[xmin, ymin, xmax + 1,
+    ymax + 1]``), float32; every mask must be non-empty."""
+    if masks.shape[0] == 0:
+        return torch.zeros((0, 4), dtype=torch.float32, device=masks.device)
+    return masks_to_boxes(masks) + torch.tensor([0.0, 0.0, 1.0, 1.0], device=masks.device)
+
+
+def tight_box_xywh(mask: Tensor) -> list[int]:
+    """One mask [H, W] -> its COCO box ``[x, y, w, h]`` in whole pixels (``[0, 0, 0, 0]`` for an empty mask)."""
+    if not mask.any():
+        return [0, 0, 0, 0]
+    return [int(v) for v in xyxy_to_xywh(tight_boxes(mask[None].bool()))[0].tolist()]

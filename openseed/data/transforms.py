@@ -17,21 +17,13 @@ import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torchvision import tv_tensors
-from torchvision.ops import masks_to_boxes
 
 from openseed.core.batch import Batch, Targets
+from openseed.core.boxes import tight_boxes
 from openseed.core.vocabulary import Vocabulary
 from openseed.data.shards import CROWD_INDEX, Sample
 
 MIN_BOX_SIDE = 1.0  # pixels; a detection box thinner than this after cropping is dropped
-
-
-def tight_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """[N, H, W] bool -> [N, 4] xyxy with exclusive max (pixel i covers [i, i+1)); masks must be non-empty."""
-    if masks.shape[0] == 0:
-        return torch.zeros((0, 4), dtype=torch.float32)
-    boxes = masks_to_boxes(masks)
-    return boxes + torch.tensor([0.0, 0.0, 1.0, 1.0])
 
 
 def segment_map_boxes(segment_map: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import box_convert
 
-from openseed.core.boxes import xyxy_to_xywh
+from openseed.core.boxes import tight_box_xywh, xyxy_to_xywh
 from openseed.core.codecs import encode_rle
 from openseed.core.outputs import Outputs
 
@@ -307,7 +307,7 @@ def _panoptic(logits: Tensor, mask_logits: Tensor, size: Size, is_thing: Sequenc
     for segment in segments:
         region = panoptic_seg == segment["id"]
         segment["area"] = int(region.sum())
-        segment["bbox"] = _tight_box_xywh(region)
+        segment["bbox"] = tight_box_xywh(region)
     return panoptic_seg, segments
 
 
@@ -552,12 +552,3 @@ def _as_bool_list(flags: Sequence[bool] | Tensor, length: int, name: str) -> lis
     if len(values) != length:
         raise ValueError(f"{name} has {len(values)} entries for {length} classes")
     return values
-
-
-def _tight_box_xywh(region: Tensor) -> list[int]:
-    rows = torch.nonzero(region.any(dim=1)).flatten()
-    cols = torch.nonzero(region.any(dim=0)).flatten()
-    if rows.numel() == 0:
-        return [0, 0, 0, 0]
-    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
-    return [x0, y0, x1 - x0 + 1, y1 - y0 + 1]
