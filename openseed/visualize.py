@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 
 def colour(index: int) -> tuple[int, int, int]:
@@ -14,34 +16,39 @@ def colour(index: int) -> tuple[int, int, int]:
 
 def draw_overlay(image: np.ndarray, masks: np.ndarray | None = None, boxes: np.ndarray | None = None,
                  labels: list[str] | None = None, ignore: np.ndarray | None = None, alpha: float = 0.5) -> Image.Image:
-    """The picture of one image with its objects.
+    """The picture of one image with its objects (torchvision's ``draw_segmentation_masks`` and
+    ``draw_bounding_boxes``).
 
     Args:
         image: uint8 [H, W, 3] RGB.
-        masks: bool [N, H, W] or None. boxes: [N, 4] xyxy pixels (exclusive max) or None.
+        masks: bool [N, H, W] or None, each blended in over the ones before it (overlaps keep the later colour
+            mixed with the earlier, not blacked out). boxes: [N, 4] xyxy pixels (exclusive max) or None.
         labels: N texts drawn at the boxes' corners (or at the masks' first pixels without boxes).
         ignore: bool [H, W] regions drawn greyed out (crowd / void).
     """
-    canvas = image.astype(np.float32)
+    canvas = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255
     if ignore is not None:
-        canvas[ignore] = canvas[ignore] * 0.3 + 128 * 0.7
+        canvas = draw_segmentation_masks(canvas, torch.from_numpy(np.asarray(ignore, dtype=bool)), alpha=0.7,
+                                         colors=(128, 128, 128))
     count = len(masks) if masks is not None else len(boxes) if boxes is not None else 0
     if masks is not None:
+        for i, mask in enumerate(torch.from_numpy(np.asarray(masks, dtype=bool))):
+            if mask.any():
+                canvas = draw_segmentation_masks(canvas, mask, alpha=alpha, colors=colour(i))
+    canvas = (canvas * 255).round().clamp(0, 255).to(torch.uint8)
+    if boxes is not None and count:
+        corners = torch.as_tensor(np.asarray(boxes, dtype=np.float64)).reshape(-1, 4)
+        # inclusive pixel corners for the outline (the boxes' max is exclusive)
+        corners[:, 2:] = torch.maximum(corners[:, :2], corners[:, 2:] - 1)
+        canvas = draw_bounding_boxes(canvas, corners, labels=list(labels) if labels is not None else None,
+                                     colors=[colour(i) for i in range(count)], label_colors="white")
+    picture = Image.fromarray(canvas.permute(1, 2, 0).numpy())
+    if boxes is None and masks is not None and labels is not None:  # labels without boxes: at each mask's corner
+        draw = ImageDraw.Draw(picture)
         for i, mask in enumerate(masks):
-            canvas[mask] = canvas[mask] * (1 - alpha) + np.array(colour(i)) * alpha
-    picture = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(picture)
-    for i in range(count):
-        anchor = None
-        if boxes is not None:
-            x0, y0, x1, y1 = (float(v) for v in boxes[i])
-            draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=colour(i))
-            anchor = (x0 + 2, y0 + 1)
-        elif masks is not None and masks[i].any():
-            ys, xs = np.nonzero(masks[i])
-            anchor = (float(xs[0]), float(ys[0]))
-        if labels is not None and anchor is not None:
-            draw.text(anchor, labels[i], fill=(255, 255, 255))
+            if mask.any():
+                ys, xs = np.nonzero(mask)
+                draw.text((float(xs[0]), float(ys[0])), labels[i], fill=(255, 255, 255))
     return picture
 
 
