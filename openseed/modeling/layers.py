@@ -25,6 +25,13 @@ class MLP(nn.Module):
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """``log(x / (1 - x))`` with numerator and denominator each floored at ``eps``, as the reference computes it.
+
+    Not ``torch.logit(x, eps)``: that clamps ``x`` itself to ``[eps, 1 - eps]``, which gives another value wherever
+    ``x`` is within ``eps`` of 0 or 1 (``log((1 - eps) / eps)`` instead of ``log(x / eps)``), and boxes whose
+    sigmoid saturates (a width or height of the whole image) are exactly such inputs; parity with the reference
+    (../shared/reference) needs this form.
+    """
     x = x.clamp(0, 1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
