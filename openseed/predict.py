@@ -36,11 +36,12 @@ import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from openseed.core.coco import box_prompt_to_coco, instances_to_coco
 from openseed.core.codecs import id_to_rgb
 from openseed.core.vocabulary import Vocabulary
 from openseed.data.transforms import EvalResize, eval_resize_for
 from openseed.modeling.openseed import OpenSeeD
-from openseed.modeling.postprocess import InferenceConfig, box_prompt_to_coco, instances_to_coco, postprocess_batch
+from openseed.modeling.postprocess import InferenceConfig, postprocess_batch
 from openseed.visualize import draw_overlay
 
 TASKS = ("panoptic", "instance", "semantic")

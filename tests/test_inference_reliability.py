@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from openseed import Predictor
+from openseed.core.coco import box_prompt_to_coco
 from openseed.core.outputs import Outputs, Prediction
 from openseed.core.vocabulary import Vocabulary
 from openseed.evaluation.instances import EvaluationInputError, InstanceEvaluator, evaluate_coco
@@ -23,7 +24,6 @@ from openseed.modeling.openseed import build_openseed
 from openseed.modeling.postprocess import (
     MASK_MEMORY_BYTES,
     InferenceConfig,
-    box_prompt_to_coco,
     instance_inference,
     panoptic_inference,
     postprocess_batch,

@@ -15,13 +15,12 @@ from PIL import Image
 
 from openseed.core.batch import Targets
 from openseed.core.boxes import targets_to_model_boxes
+from openseed.core.coco import box_prompt_to_coco, instances_to_coco
 from openseed.core.outputs import Outputs, Prediction
 from openseed.core.vocabulary import Category, Vocabulary
 from openseed.modeling.postprocess import (
     InferenceConfig,
-    box_prompt_to_coco,
     instance_inference,
-    instances_to_coco,
     model_boxes_to_original,
     panoptic_class_probs,
     panoptic_inference,

@@ -28,6 +28,7 @@ import torch
 
 from openseed.core.batch import Batch
 from openseed.core.boxes import stored_box_xywh
+from openseed.core.coco import instances_to_coco
 from openseed.core.codecs import decode_panoptic_png, encode_rle
 from openseed.core.outputs import Outputs
 from openseed.core.vocabulary import Vocabulary
@@ -36,7 +37,7 @@ from openseed.evaluation.common import gather_to_all
 from openseed.evaluation.instances import evaluate_coco
 from openseed.evaluation.panoptic import PanopticEvaluator
 from openseed.evaluation.semantic import SemanticEvaluator
-from openseed.modeling.postprocess import InferenceConfig, instances_to_coco, postprocess_batch
+from openseed.modeling.postprocess import InferenceConfig, postprocess_batch
 
 IGNORE = 255
 

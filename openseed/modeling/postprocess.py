@@ -1,7 +1,8 @@
 """Inference post-processing: model outputs -> panoptic / instance / semantic results at the original image size.
 
-Pure torch / numpy (pycocotools for RLE). The rules are those of the authors' OpenSeeD inference code, held to the
-recorded reference outputs (``tests/test_reference_postprocess.py``, ``../shared/reference``):
+Pure torch / numpy (results as COCO records: ``openseed.core.coco``). The rules are those of the authors' OpenSeeD
+inference code, held to the recorded reference outputs (``tests/test_reference_postprocess.py``,
+``../shared/reference``):
 
 - Masks: logits bilinear (align_corners False) to the padded size, the valid region cropped, then bicubic with
   antialias (align_corners False) to the original size (``resize_masks_to_original``).
@@ -38,8 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import box_convert
 
-from openseed.core.boxes import tight_box_xywh, xyxy_to_xywh
-from openseed.core.codecs import encode_rle
+from openseed.core.boxes import tight_box_xywh
 from openseed.core.outputs import Outputs
 
 Size = tuple[int, int]
@@ -52,9 +52,7 @@ MASK_MEMORY_BYTES = 256 * 2**20
 __all__ = [
     "MASK_MEMORY_BYTES",
     "InferenceConfig",
-    "box_prompt_to_coco",
     "instance_inference",
-    "instances_to_coco",
     "model_boxes_to_original",
     "panoptic_class_probs",
     "panoptic_inference",
@@ -387,24 +385,6 @@ def instance_inference(logits: Tensor, mask_logits: Tensor | None, boxes_xyxy: T
     return {"scores": scores, "labels": labels, "queries": query, "boxes": boxes_xyxy[query].float(), "masks": masks}
 
 
-def instances_to_coco(result: dict[str, Any], image_id: int, category_ids: Sequence[int] | None = None) -> list[dict]:
-    """``instance_inference`` output -> COCO result dicts (image_id, category_id in the data set's ids, bbox
-    [x, y, w, h], score, and segmentation as compressed RLE when masks are present)."""
-    labels = result["labels"].tolist()
-    scores = result["scores"].tolist()
-    boxes = xyxy_to_xywh(result["boxes"].detach().float().cpu()).tolist()
-    rles = encode_rle(result["masks"]) if result.get("masks") is not None else None
-    records = []
-    for i, (label, score, box) in enumerate(zip(labels, scores, boxes)):
-        record = {"image_id": int(image_id),
-                  "category_id": int(category_ids[label]) if category_ids is not None else int(label),
-                  "bbox": box, "score": float(score)}
-        if rles is not None:
-            record["segmentation"] = rles[i]
-        records.append(record)
-    return records
-
-
 # ---------------------------------------------------------------------------------------------------------- semantic
 def semantic_inference(logits: Tensor, mask_logits: Tensor, class_probs: SemanticClassProbs = "softmax",
                        temperature: float = 0.06) -> Tensor:
@@ -430,23 +410,6 @@ def semantic_labels(semantic_scores: Tensor, category_ids: Sequence[int] | None 
     if category_ids is not None:
         labels = torch.as_tensor(list(category_ids), dtype=torch.long, device=labels.device)[labels]
     return labels
-
-
-# ---------------------------------------------------------------------------------------------------------- box prompts
-def box_prompt_to_coco(masks: Tensor, boxes_xyxy: Tensor, names: Sequence[str], image_id: int,
-                       scores: Tensor | Sequence[float] | None = None) -> list[dict]:
-    """Box-prompted (conditioned) masks -> COCO-style records, one per box: image_id, category_name, bbox [x, y, w, h]
-    (the prompt box), score (1.0 when not given), area (mask pixels), segmentation (compressed RLE, str counts)."""
-    num = masks.shape[0]
-    if boxes_xyxy.shape[0] != num or len(names) != num:
-        raise ValueError(f"{num} masks, {boxes_xyxy.shape[0]} boxes and {len(names)} names must match")
-    score_list = [1.0] * num if scores is None else [float(s) for s in (scores.tolist() if isinstance(scores, Tensor)
-                                                                         else scores)]
-    areas = masks.flatten(1).sum(dim=1).tolist()
-    return [{"image_id": int(image_id), "category_name": str(name), "bbox": box, "score": score, "area": int(area),
-             "segmentation": rle}
-            for name, box, score, area, rle in zip(names, xyxy_to_xywh(boxes_xyxy.detach().float().cpu()).tolist(),
-                                                   score_list, areas, encode_rle(masks))]
 
 
 # ---------------------------------------------------------------------------------------------------------- batches
