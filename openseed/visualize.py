@@ -26,7 +26,8 @@ def draw_overlay(image: np.ndarray, masks: np.ndarray | None = None, boxes: np.n
         labels: N texts drawn at the boxes' corners (or at the masks' first pixels without boxes).
         ignore: bool [H, W] regions drawn greyed out (crowd / void).
     """
-    canvas = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255
+    # a copy (np.array): arrays read from PIL images are read-only, which torch.from_numpy warns about
+    canvas = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float() / 255
     if ignore is not None:
         canvas = draw_segmentation_masks(canvas, torch.from_numpy(np.asarray(ignore, dtype=bool)), alpha=0.7,
                                          colors=(128, 128, 128))
