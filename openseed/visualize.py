@@ -31,18 +31,17 @@ def draw_overlay(image: np.ndarray, masks: np.ndarray | None = None, boxes: np.n
     if ignore is not None:
         canvas = draw_segmentation_masks(canvas, torch.from_numpy(np.asarray(ignore, dtype=bool)), alpha=0.7,
                                          colors=(128, 128, 128))
-    count = len(masks) if masks is not None else len(boxes) if boxes is not None else 0
     if masks is not None:
         for i, mask in enumerate(torch.from_numpy(np.asarray(masks, dtype=bool))):
             if mask.any():
                 canvas = draw_segmentation_masks(canvas, mask, alpha=alpha, colors=colour(i))
     canvas = (canvas * 255).round().clamp(0, 255).to(torch.uint8)
-    if boxes is not None and count:
+    if boxes is not None and len(boxes):
         corners = torch.as_tensor(np.asarray(boxes, dtype=np.float64)).reshape(-1, 4)
         # inclusive pixel corners for the outline (the boxes' max is exclusive)
         corners[:, 2:] = torch.maximum(corners[:, :2], corners[:, 2:] - 1)
         canvas = draw_bounding_boxes(canvas, corners, labels=list(labels) if labels is not None else None,
-                                     colors=[colour(i) for i in range(count)], label_colors="white")
+                                     colors=[colour(i) for i in range(len(corners))], label_colors="white")
     picture = Image.fromarray(canvas.permute(1, 2, 0).numpy())
     if boxes is None and masks is not None and labels is not None:  # labels without boxes: at each mask's corner
         draw = ImageDraw.Draw(picture)

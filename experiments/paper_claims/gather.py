@@ -76,11 +76,15 @@ def collect(study: Path) -> tuple[list[dict], list[str], list[dict]]:
         for role, key, _ in COLUMNS:
             row[role, key] = by_role.get(role, {}).get(key)
         runs.append(row)
-    order = {v: i for i, v in enumerate(VARIANTS)}
-    runs.sort(key=lambda r: (order.get(r["variant"], len(order)), r["variant"], r["seed"]))
     prompts = [{**json.loads(p.read_text()), "source": f"{p} ({_date(p)})"}
                for p in sorted((study / "box_prompts").glob("*.json"))] if (study / "box_prompts").is_dir() else []
-    return runs, unfinished, prompts
+    return sorted_runs(runs), unfinished, prompts
+
+
+def sorted_runs(runs: list[dict]) -> list[dict]:
+    """Runs in the tables' order: by variant (``VARIANTS`` first, others after by name), then seed."""
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    return sorted(runs, key=lambda r: (order.get(r["variant"], len(order)), r["variant"], r["seed"]))
 
 
 def _metrics_of(row: dict) -> dict:
@@ -140,28 +144,22 @@ def merge(records: tuple[list[dict], list[dict]], runs: list[dict], prompts: lis
         -> tuple[list[dict], list[dict]]:
     """Earlier records plus this gathering's results; a fresh result replaces the record of the same run, and
     where they disagree it is printed (to stderr) rather than hidden."""
-    fresh_runs = {r["name"]: r for r in runs}
-    fresh_prompts = {s["run"]: s for s in prompts}
-    kept_runs, kept_prompts = [], []
-    for record in records[0]:
-        fresh = fresh_runs.get(record["name"])
-        if fresh is None:
-            kept_runs.append(record)
-            continue
-        changed = differences(record, fresh, [(role, key) for role, key, _ in COLUMNS])
-        print(f"{record['name']}: run folder replaces the record from {record['source']}"
-              + (f"; they differ: {', '.join(changed)}" if changed else "; same figures"), file=sys.stderr)
-    for record in records[1]:
-        fresh = fresh_prompts.get(record["run"])
-        if fresh is None:
-            kept_prompts.append(record)
-            continue
-        changed = differences(record, fresh, ["mask_AP", "mask_AP_unseen", "mIoU"])
-        print(f"box prompts of {record['run']}: the score file replaces the record from {record['source']}"
-              + (f"; they differ: {', '.join(changed)}" if changed else "; same figures"), file=sys.stderr)
-    order = {v: i for i, v in enumerate(VARIANTS)}
-    all_runs = sorted(kept_runs + runs, key=lambda r: (order.get(r["variant"], len(order)), r["variant"], r["seed"]))
-    return all_runs, sorted(kept_prompts + prompts, key=lambda s: s["run"])
+    def kept(recorded: list[dict], fresh: list[dict], name: str, keys: list, what: str) -> list[dict]:
+        by_name = {item[name]: item for item in fresh}
+        out = []
+        for record in recorded:
+            if record[name] not in by_name:
+                out.append(record)
+                continue
+            changed = differences(record, by_name[record[name]], keys)
+            print(f"{what.format(record[name])} replaces the record from {record['source']}"
+                  + (f"; they differ: {', '.join(changed)}" if changed else "; same figures"), file=sys.stderr)
+        return out
+
+    kept_runs = kept(records[0], runs, "name", [(role, key) for role, key, _ in COLUMNS], "{}: run folder")
+    kept_prompts = kept(records[1], prompts, "run", ["mask_AP", "mask_AP_unseen", "mIoU"],
+                        "box prompts of {}: the score file")
+    return sorted_runs(kept_runs + runs), sorted(kept_prompts + prompts, key=lambda s: s["run"])
 
 
 def prompt_seed(score: dict) -> int:
