@@ -19,7 +19,7 @@ Python::
     from openseed import Predictor
     predictor = Predictor("model.safetensors")
     result = predictor("photo.jpg", ["dog", "frisbee", "grass"], task="panoptic", stuff=["grass"])
-    predictor.save(result, "predictions")
+    result.save("predictions")          # overlay PNG + COCO-style JSON (+ the id / label PNG)
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import math
 import numbers
 import sys
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ from PIL import Image, UnidentifiedImageError
 
 from openseed.core.coco import box_prompt_to_coco, instances_to_coco
 from openseed.core.codecs import id_to_rgb
+from openseed.core.predictions import BoxPromptMasks, Instances, PanopticSegmentation, SemanticSegmentation
 from openseed.core.vocabulary import Vocabulary
 from openseed.data.transforms import EvalResize, eval_resize_for
 from openseed.modeling.openseed import OpenSeeD
@@ -206,7 +208,7 @@ class Predictor:
 
     @torch.no_grad()
     def __call__(self, image, vocabulary: Sequence[str] | Vocabulary, task: str = "panoptic",
-                 stuff: Sequence[str] = ()) -> dict:
+                 stuff: Sequence[str] = ()) -> PanopticResult | InstanceResult | SemanticResult:
         """Panoptic, instance or semantic segmentation of one image against ``vocabulary`` (instances: thing
         classes only, stuff pairs dropped after the top-k, as the reference)."""
         if task not in TASKS:
@@ -214,13 +216,13 @@ class Predictor:
         array, path = load_image(image)
         vocab = make_vocabulary(vocabulary, stuff)
         images, padding, size, orig = self._prepare(array)
-        outputs = self.model(images, padding, vocab)
-        (result,) = postprocess_batch(outputs, [(size, orig)], vocab, tuple(images.shape[-2:]), task, self.inference,
-                                      things_only=task == "instance")
-        return {"task": task, "image": path, "array": array, "vocabulary": vocab, **result}
+        outputs = self.model.forward_images(images, padding, vocab)
+        (prediction,) = postprocess_batch(outputs, [(size, orig)], vocab, tuple(images.shape[-2:]), task,
+                                          self.inference, things_only=task == "instance")
+        return RESULTS[task](**vars(prediction), image=path, array=array, vocabulary=vocab)
 
     @torch.no_grad()
-    def segment_boxes(self, image, boxes: Sequence[Sequence[float]], names: Sequence[str]) -> dict:
+    def segment_boxes(self, image, boxes: Sequence[Sequence[float]], names: Sequence[str]) -> BoxPromptResult:
         """One mask per box (xyxy pixels of the original image) for the given class names (one per box; a name may
         repeat). Boxes are checked by ``box_prompts``: a non-finite, empty, inverted or entirely outside box is a
         ValueError naming it; a box partly outside is clipped to the image, and ``boxes`` in the result are the
@@ -234,60 +236,112 @@ class Predictor:
         scale = torch.tensor([size[1] / orig[1], size[0] / orig[0]] * 2)
         (masks,) = self.model.segment_boxes(images, padding, [(boxes * scale).to(self.device)], [list(names)])
         masks = F.resize(masks[None].float(), list(orig), interpolation=F.InterpolationMode.NEAREST)[0].bool().cpu()
-        return {"task": "boxes", "image": path, "array": array, "masks": masks, "boxes": boxes, "names": list(names)}
+        return BoxPromptResult(masks=masks, boxes=boxes, names=list(names), image=path, array=array)
 
-    @staticmethod
-    def save(result: dict, out_dir: str | Path, stem: str | None = None, score_threshold: float = 0.5) -> list[Path]:
-        """Write the overlay PNG and the COCO-style JSON of a result (and the panoptic / semantic label PNG)."""
+
+# ------------------------------------------------------------------------------------------------------------ results
+@dataclass(kw_only=True)
+class _ImageResult:
+    """What every ``Predictor`` result adds to its prediction: the image, and ``save``.
+
+    Attributes:
+        image: the path the image was read from (None for an array or a PIL image).
+        array: uint8 [H, W, 3] RGB, the image as read (EXIF orientation applied).
+    """
+
+    image: str | None
+    array: np.ndarray
+
+    def save(self, out_dir: str | Path, stem: str | None = None, score_threshold: float = 0.5) -> list[Path]:
+        """Write ``<stem>_<task>.png`` (the overlay), ``<stem>_<task>.json`` (COCO style) and the task's label PNG
+        if it has one, into ``out_dir``; ``stem`` defaults to the image file's. Returns the paths written."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        stem = stem or (Path(result["image"]).stem if result.get("image") else "image")
-        task, array = result["task"], result["array"]
-        height, width = array.shape[:2]
-        header = {"image": result.get("image"), "height": height, "width": width}
-        written = []
-        if task == "panoptic":
-            names = dict(zip(result["vocabulary"].ids, result["vocabulary"].prompt_names()))
-            ids = result["panoptic_seg"].cpu().numpy().astype(np.uint32)
-            Image.fromarray(id_to_rgb(ids)).save(out_dir / f"{stem}_panoptic_ids.png")
-            segments = [{**s, "category_name": names[s["category_id"]]} for s in result["segments_info"]]
-            payload = {**header, "file_name": f"{stem}_panoptic_ids.png", "segments_info": segments}
-            masks = np.stack([ids == s["id"] for s in segments]) if segments else None
-            picture = draw_overlay(array, masks, None, [s["category_name"] for s in segments])
-            written.append(out_dir / f"{stem}_panoptic_ids.png")
-        elif task == "instance":
-            vocab = result["vocabulary"]
-            names = dict(zip(vocab.ids, vocab.prompt_names()))
-            records = [{**r, "category_name": names[r["category_id"]]}
-                       for r in instances_to_coco(result, image_id=0, category_ids=vocab.ids)]
-            payload = {**header, "annotations": records}
-            keep = (result["scores"] >= score_threshold).cpu()
-            masks = None if result["masks"] is None else result["masks"][keep].cpu().numpy()
-            labels = [f"{vocab.prompt_names()[int(label)]} {float(score):.2f}"
-                      for label, score in zip(result["labels"][keep], result["scores"][keep])]
-            picture = draw_overlay(array, masks, result["boxes"][keep].cpu().numpy(), labels)
-        elif task == "semantic":
-            vocab = result["vocabulary"]
-            labels = result["sem_seg"].cpu().numpy()
-            Image.fromarray(labels.astype(np.uint16 if len(vocab) > 255 else np.uint8)).save(
-                out_dir / f"{stem}_semantic_labels.png")
-            counts = np.bincount(labels.ravel(), minlength=len(vocab))
-            payload = {**header, "file_name": f"{stem}_semantic_labels.png",
-                       "classes": [{"label": i, "category_id": c.id, "name": n, "pixels": int(counts[i])}
-                                   for i, (c, n) in enumerate(zip(vocab.categories, vocab.prompt_names()))]}
-            present = [i for i in range(len(vocab)) if counts[i]]
-            picture = draw_overlay(array, np.stack([labels == i for i in present]) if present else None, None,
-                                   [vocab.prompt_names()[i] for i in present])
-            written.append(out_dir / f"{stem}_semantic_labels.png")
-        elif task == "boxes":
-            records = box_prompt_to_coco(result["masks"], result["boxes"], result["names"], image_id=0)
-            payload = {**header, "annotations": records}
-            picture = draw_overlay(array, result["masks"].numpy(), result["boxes"].numpy(), result["names"])
-        else:
-            raise ValueError(f"unknown result task {task!r}")
+        stem = stem or (Path(self.image).stem if self.image else "image")
+        height, width = self.array.shape[:2]
+        header = {"image": self.image, "height": height, "width": width}
+        picture, payload, written = self._render(out_dir, stem, score_threshold)
+        task = self.task  # type: ignore[attr-defined]  (each result's prediction type names its task)
         picture.save(out_dir / f"{stem}_{task}.png")
-        (out_dir / f"{stem}_{task}.json").write_text(json.dumps(payload, indent=1))
+        (out_dir / f"{stem}_{task}.json").write_text(json.dumps({**header, **payload}, indent=1))
         return [out_dir / f"{stem}_{task}.png", out_dir / f"{stem}_{task}.json", *written]
+
+    def _render(self, out_dir: Path, stem: str, score_threshold: float) -> tuple[Image.Image, dict, list[Path]]:
+        """The overlay, the JSON payload (beside the header) and the other files written (label PNGs)."""
+        raise NotImplementedError
+
+
+@dataclass(kw_only=True)
+class PanopticResult(_ImageResult, PanopticSegmentation):
+    """``Predictor(..., task="panoptic")``: a ``PanopticSegmentation`` of the image against ``vocabulary``. ``save``
+    also writes the id map as ``<stem>_panoptic_ids.png`` (COCO panoptic colours) and names each segment's class."""
+
+    vocabulary: Vocabulary
+
+    def _render(self, out_dir: Path, stem: str, score_threshold: float) -> tuple[Image.Image, dict, list[Path]]:
+        names = dict(zip(self.vocabulary.ids, self.vocabulary.prompt_names()))
+        ids = self.panoptic_seg.cpu().numpy().astype(np.uint32)
+        Image.fromarray(id_to_rgb(ids)).save(out_dir / f"{stem}_panoptic_ids.png")
+        segments = [{**s, "category_name": names[s["category_id"]]} for s in self.segments_info]
+        masks = np.stack([ids == s["id"] for s in segments]) if segments else None
+        picture = draw_overlay(self.array, masks, None, [s["category_name"] for s in segments])
+        payload = {"file_name": f"{stem}_panoptic_ids.png", "segments_info": segments}
+        return picture, payload, [out_dir / f"{stem}_panoptic_ids.png"]
+
+
+@dataclass(kw_only=True)
+class InstanceResult(_ImageResult, Instances):
+    """``Predictor(..., task="instance")``: the image's ``Instances`` (thing classes of ``vocabulary``). ``save``
+    writes every detection as a COCO result record (with its class name) and draws those scoring at least
+    ``score_threshold``."""
+
+    vocabulary: Vocabulary
+
+    def _render(self, out_dir: Path, stem: str, score_threshold: float) -> tuple[Image.Image, dict, list[Path]]:
+        prompt_names = self.vocabulary.prompt_names()
+        names = dict(zip(self.vocabulary.ids, prompt_names))
+        records = [{**r, "category_name": names[r["category_id"]]}
+                   for r in instances_to_coco(self, image_id=0, category_ids=self.vocabulary.ids)]
+        shown = self.cpu()[self.scores.cpu() >= score_threshold]
+        labels = [f"{prompt_names[int(label)]} {float(score):.2f}" for label, score in zip(shown.labels, shown.scores)]
+        picture = draw_overlay(self.array, None if shown.masks is None else shown.masks.numpy(), shown.boxes.numpy(),
+                               labels)
+        return picture, {"annotations": records}, []
+
+
+@dataclass(kw_only=True)
+class SemanticResult(_ImageResult, SemanticSegmentation):
+    """``Predictor(..., task="semantic")``: a ``SemanticSegmentation`` against ``vocabulary``. ``save`` also writes the
+    labels as ``<stem>_semantic_labels.png`` (8-bit, 16-bit past 255 classes) and each class's pixel count."""
+
+    vocabulary: Vocabulary
+
+    def _render(self, out_dir: Path, stem: str, score_threshold: float) -> tuple[Image.Image, dict, list[Path]]:
+        vocab, names = self.vocabulary, self.vocabulary.prompt_names()
+        labels = self.sem_seg.cpu().numpy()
+        Image.fromarray(labels.astype(np.uint16 if len(vocab) > 255 else np.uint8)).save(
+            out_dir / f"{stem}_semantic_labels.png")
+        counts = np.bincount(labels.ravel(), minlength=len(vocab))
+        payload = {"file_name": f"{stem}_semantic_labels.png",
+                   "classes": [{"label": i, "category_id": c.id, "name": n, "pixels": int(counts[i])}
+                               for i, (c, n) in enumerate(zip(vocab.categories, names))]}
+        present = [i for i in range(len(vocab)) if counts[i]]
+        picture = draw_overlay(self.array, np.stack([labels == i for i in present]) if present else None, None,
+                               [names[i] for i in present])
+        return picture, payload, [out_dir / f"{stem}_semantic_labels.png"]
+
+
+@dataclass(kw_only=True)
+class BoxPromptResult(_ImageResult, BoxPromptMasks):
+    """``Predictor.segment_boxes``: ``BoxPromptMasks``, one mask per given box and name. ``save`` writes one COCO-style
+    record per box (its class name, the prompt box, the mask's area and RLE)."""
+
+    def _render(self, out_dir: Path, stem: str, score_threshold: float) -> tuple[Image.Image, dict, list[Path]]:
+        picture = draw_overlay(self.array, self.masks.numpy(), self.boxes.numpy(), self.names)
+        return picture, {"annotations": box_prompt_to_coco(self, image_id=0)}, []
+
+
+RESULTS = {cls.task: cls for cls in (PanopticResult, InstanceResult, SemanticResult)}
 
 
 CLI_KEYS = {"ckpt": None, "images": None, "vocabulary": None, "task": "panoptic", "stuff": [], "boxes": None,
@@ -328,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result = predictor.segment_boxes(image, boxes, vocabulary)
             else:
                 result = predictor(image, vocabulary, task=args["task"], stuff=stuff)
-            for path in Predictor.save(result, args["out"], score_threshold=score_threshold):
+            for path in result.save(args["out"], score_threshold=score_threshold):
                 print(path)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)

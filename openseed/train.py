@@ -155,7 +155,7 @@ def write_prediction_overlays(model, val_sets, out_dir: Path, image_size: int) -
         array = sample.image.permute(1, 2, 0).cpu().numpy()
         task = "panoptic" if shards.task == "seg" else "instance"
         result = predictor(array, shards.vocabulary, task=task)
-        written.append(Predictor.save(result, out_dir, stem=f"prediction_{shards.name}", score_threshold=0.3)[0])
+        written.append(result.save(out_dir, stem=f"prediction_{shards.name}", score_threshold=0.3)[0])
     return written
 
 

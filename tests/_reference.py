@@ -53,7 +53,7 @@ def assert_panoptic_matches(result: dict, expected: dict[str, np.ndarray], near_
     differing pixels [N, 2] and returns which of them are near-ties (README "Tolerances": a discrete result may flip
     where two candidates are within the tolerance); every differing pixel must be one.
     """
-    seg, segments = result["panoptic_seg"].cpu().numpy(), result["segments_info"]
+    seg, segments = result.panoptic_seg.cpu().numpy(), result.segments_info
     assert seg.dtype == np.int32
     differing = np.argwhere(seg != expected["panoptic_seg"])
     if len(differing) and near_ties is not None:
@@ -89,8 +89,8 @@ def assert_instances_match(result: dict, expected: dict[str, np.ndarray], top_k:
     ``mask_logits``: for results of our own forward pass, a function query -> our mask logits [H0, W0] at the output
     size; a mask pixel may then differ where that logit is within ``tolerance`` of the threshold 0 (a near-tie).
     """
-    classes, scores = result["labels"].cpu().numpy(), result["scores"].cpu().numpy()
-    boxes, masks = result["boxes"].cpu().numpy(), result["masks"].cpu().numpy()
+    classes, scores = result.labels.cpu().numpy(), result.scores.cpu().numpy()
+    boxes, masks = result.boxes.cpu().numpy(), result.masks.cpu().numpy()
     ref_classes, ref_scores = expected["instances_classes"], expected["instances_scores"]
     ref_boxes, ref_masks = expected["instances_boxes"], expected["instances_masks"].astype(bool)
     ranked = fg_logits.sigmoid().flatten().sort(descending=True).values
@@ -108,7 +108,7 @@ def assert_instances_match(result: dict, expected: dict[str, np.ndarray], top_k:
         used.add(close[0])
         differing = np.argwhere(masks[close[0]] != ref_masks[j])
         if len(differing) and mask_logits is not None:
-            logits = mask_logits(int(result["queries"][close[0]]))[differing[:, 0], differing[:, 1]]
+            logits = mask_logits(int(result.queries[close[0]]))[differing[:, 0], differing[:, 1]]
             assert bool((logits.abs() <= tolerance).all()), \
                 f"mask of reference instance {j}: pixels {differing.tolist()[:5]} differ, logits {logits.tolist()[:5]}"
         else:

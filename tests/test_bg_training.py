@@ -17,8 +17,8 @@ from openseed.modeling.openseed import MODEL_SIZES, build_openseed
 
 def _run(model, criterion, batch, seed=1):
     torch.manual_seed(seed)
-    outputs = model(batch.images, batch.padding_mask, batch.vocabulary, batch.targets)
-    losses = criterion(outputs, batch.targets, batch.task, tuple(batch.images.shape[-2:]))
+    outputs = model(batch)
+    losses = criterion(outputs, batch)
     return outputs, losses
 
 
@@ -185,7 +185,7 @@ def test_inference_is_the_same_with_either_setting(seg_batch):
         torch.manual_seed(0)
         model = build_openseed("tiny", bg_training=setting).eval()
         with torch.no_grad():
-            outputs.append(model(seg_batch.images, seg_batch.padding_mask, seg_batch.vocabulary))
+            outputs.append(model.forward_images(seg_batch.images, seg_batch.padding_mask, seg_batch.vocabulary))
     plain, reference = outputs
     for ours, theirs in [(plain.final, reference.final), (plain.proposals, reference.proposals),
                          *zip(plain.aux, reference.aux, strict=True)]:

@@ -5,7 +5,6 @@ more targets than the budget."""
 import pytest
 import torch
 
-from openseed.core.boxes import targets_to_model_boxes
 from openseed.core.conditions import Conditions
 from openseed.losses.criterion import SetCriterion
 from openseed.modeling import decoder as decoder_module
@@ -26,12 +25,11 @@ def test_assistance_masks_come_from_the_clean_boxes(det_batch, monkeypatch):
         return real(boxes, scale)
 
     monkeypatch.setattr(decoder_module, "jitter_boxes", recording)
-    padded = tuple(det_batch.images.shape[-2:])
-    clean = [targets_to_model_boxes(t.boxes, padded) for t in det_batch.targets]
+    clean = det_batch.model_boxes()
     conditions = Conditions(labels=[t.labels for t in det_batch.targets], boxes=clean, num_groups=2,
                             clean_group=True)
     with torch.no_grad():
-        outputs = model(det_batch.images, det_batch.padding_mask, det_batch.vocabulary, conditions=conditions)
+        outputs = model(det_batch, conditions=conditions)
     cond = outputs.conditioned
     assert cond.clean_group and cond.num_groups == 3  # one clean + two noisy groups
     for image, boxes in zip(seen, clean):  # only the noisy groups' boxes were jittered
@@ -39,12 +37,12 @@ def test_assistance_masks_come_from_the_clean_boxes(det_batch, monkeypatch):
     # the clean group decodes exactly what box-prompted decoding (one group, no noise) decodes from the same boxes
     prompt = Conditions(labels=conditions.labels, boxes=clean, add_noise=False, num_groups=1)
     with torch.no_grad():
-        prompted = model(det_batch.images, det_batch.padding_mask, det_batch.vocabulary, conditions=prompt)
+        prompted = model(det_batch, conditions=prompt)
     slots = cond.slots_per_group
     torch.testing.assert_close(cond.predictions[-1].masks[:, :slots], prompted.conditioned.predictions[-1].masks,
                                rtol=1e-4, atol=1e-4)
     criterion = SetCriterion(num_points=256, mask_assistance="online")
-    prepared = [criterion._prepare(t, padded, torch.device("cpu")) for t in det_batch.targets]
+    prepared = [criterion._prepare(t, boxes, torch.device("cpu")) for t, boxes in zip(det_batch.targets, clean)]
     masks = criterion._assistance_masks(cond, prepared)
     for b, target in enumerate(det_batch.targets):
         index = cond.target_index[b, :slots]
@@ -60,9 +58,8 @@ def test_clean_group_is_not_supervised_and_only_requested_for_assistance(det_bat
     online = SetCriterion(num_points=256, mask_assistance="online")
     assert online.wants_clean_group("det") and not online.wants_clean_group("seg")
     assert not SetCriterion(num_points=256).wants_clean_group("det")
-    outputs = model(det_batch.images, det_batch.padding_mask, det_batch.vocabulary, det_batch.targets,
-                    clean_group=True)
-    losses = online(outputs, det_batch.targets, "det", tuple(det_batch.images.shape[-2:]))
+    outputs = model(det_batch, clean_group=True)
+    losses = online(outputs, det_batch)
     cond = outputs.conditioned
     slots = cond.slots_per_group
     logits = [p.logits for p in cond.predictions]
@@ -71,7 +68,7 @@ def test_clean_group_is_not_supervised_and_only_requested_for_assistance(det_bat
         assert grad is not None and float(grad[:, :slots].abs().sum()) == 0.0
         assert float(grad[:, slots:].abs().sum()) > 0.0
     without = SetCriterion(num_points=256, mask_assistance="none")
-    plain = model(det_batch.images, det_batch.padding_mask, det_batch.vocabulary, det_batch.targets)
+    plain = model(det_batch)
     assert not plain.conditioned.clean_group
     assert without._assistance_masks(plain.conditioned, []) is None  # jittered masks never assist
 
@@ -95,16 +92,14 @@ def test_over_budget_batches_get_no_denoising_queries_as_the_reference(det_batch
     torch.manual_seed(0)
     most = max(len(t) for t in det_batch.targets)
     kept = build_openseed("tiny", cond_budget=most - 1)  # one_group: still one noisy group
-    outputs = kept(det_batch.images, det_batch.padding_mask, det_batch.vocabulary, det_batch.targets)
+    outputs = kept(det_batch)
     assert outputs.conditioned.num_groups == 1
     dropped = build_openseed("tiny", cond_budget=most - 1, cond_over_budget="none")
-    outputs = dropped(det_batch.images, det_batch.padding_mask, det_batch.vocabulary, det_batch.targets)
+    outputs = dropped(det_batch)
     assert outputs.conditioned is None
-    outputs = dropped(det_batch.images, det_batch.padding_mask, det_batch.vocabulary, det_batch.targets,
-                      clean_group=True)
+    outputs = dropped(det_batch, clean_group=True)
     assert outputs.conditioned.num_groups == 1 and outputs.conditioned.clean_group  # assistance keeps its group
-    losses = SetCriterion(num_points=256, mask_assistance="online")(outputs, det_batch.targets, "det",
-                                                                    tuple(det_batch.images.shape[-2:]))
+    losses = SetCriterion(num_points=256, mask_assistance="online")(outputs, det_batch)
     assert all(torch.isfinite(v) for v in losses.values())
     assert float(losses["loss_class_cond0"].detach()) == 0.0  # nothing supervised in the clean group
     assert MODEL_SIZES["swinl_decouple"].cond_over_budget == "none"
@@ -130,10 +125,9 @@ def test_reference_scale_of_the_conditioned_class_loss(det_batch):
     classes."""
     torch.manual_seed(0)
     model = build_openseed("tiny")
-    outputs = model(det_batch.images, det_batch.padding_mask, det_batch.vocabulary, det_batch.targets)
-    padded = tuple(det_batch.images.shape[-2:])
-    ours = SetCriterion(num_points=256)(outputs, det_batch.targets, "det", padded)
-    theirs = SetCriterion(num_points=256, cond_class_loss="reference")(outputs, det_batch.targets, "det", padded)
+    outputs = model(det_batch)
+    ours = SetCriterion(num_points=256)(outputs, det_batch)
+    theirs = SetCriterion(num_points=256, cond_class_loss="reference")(outputs, det_batch)
     cond = outputs.conditioned
     slots = cond.slots_per_group
     factor = slots * cond.num_groups / len(det_batch.vocabulary)
@@ -171,15 +165,15 @@ def test_encoder_and_decoder_run_in_float32_under_autocast(det_batch):
     model = build_openseed("tiny").eval()
     with torch.no_grad():  # without autocast the switch changes nothing
         model.fp32_encoder_decoder = False
-        a = model(det_batch.images, det_batch.padding_mask, det_batch.vocabulary)
+        a = model.forward_images(det_batch.images, det_batch.padding_mask, det_batch.vocabulary)
         model.fp32_encoder_decoder = True
-        b = model(det_batch.images, det_batch.padding_mask, det_batch.vocabulary)
+        b = model.forward_images(det_batch.images, det_batch.padding_mask, det_batch.vocabulary)
     assert torch.equal(a.final.logits, b.final.logits)
     seen = {}
     model.pixel_decoder.register_forward_hook(lambda m, i, o: seen.__setitem__("memory", o.memory.dtype))
     model.decoder.register_forward_hook(lambda m, i, o: seen.__setitem__("logits", o.final.logits.dtype))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        model(det_batch.images, det_batch.padding_mask, det_batch.vocabulary)
+        model.forward_images(det_batch.images, det_batch.padding_mask, det_batch.vocabulary)
     assert seen == {"memory": torch.float32, "logits": torch.float32}
     model.fp32_encoder_decoder = False  # the switch off: the deformable encoder follows autocast
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

@@ -66,6 +66,31 @@ def test_box_conventions():
     assert stored_box_xywh({"bbox": [0.1, 0.2, 0.4, 0.8]}) == [0.1, 0.2, 0.4 - 0.1, 0.8 - 0.2]  # float64 exact
 
 
+def test_a_batch_converts_its_boxes_to_the_model_convention_once():
+    from openseed.core.batch import Batch, Targets
+    from openseed.core.vocabulary import Vocabulary
+
+    def targets(boxes):
+        n = len(boxes)
+        return Targets(labels=torch.zeros(n, dtype=torch.long), boxes=torch.tensor(boxes).reshape(n, 4), masks=None,
+                       is_thing=torch.ones(n, dtype=torch.bool), mask_is_pseudo=torch.zeros(n, dtype=torch.bool),
+                       has_mask=torch.zeros(n, dtype=torch.bool), ignore_mask=None, image_id=i, orig_size=(64, 100),
+                       image_size=(64, 100))
+
+    i = 0
+    batch = Batch(images=torch.zeros(2, 3, 64, 128, dtype=torch.uint8),
+                  padding_mask=torch.zeros(2, 64, 128, dtype=torch.bool),
+                  targets=[targets([[0.0, 0.0, 64.0, 32.0]]), targets([])],
+                  vocabulary=Vocabulary.from_names(["a"]), task="det", dataset="test")
+    assert batch.padded_size == (64, 128)
+    first = batch.model_boxes()
+    assert first[0].tolist() == [[0.25, 0.25, 0.5, 0.5]] and first[1].shape == (0, 4)
+    assert batch.model_boxes() is first  # converted once, for the model and the losses alike
+    moved = batch.to("cpu")
+    assert moved.model_boxes() is not first and torch.equal(moved.model_boxes()[0], first[0])  # a new batch converts
+    assert moved == batch  # the kept conversion is not part of the batch's value
+
+
 def test_tight_boxes_of_masks_in_pixel_and_coco_form():
     from openseed.core.boxes import tight_box_xywh, tight_boxes
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from openseed.core.batch import Targets
+from openseed.core.batch import Batch, Targets
 from openseed.core.boxes import targets_to_model_boxes
 from openseed.core.outputs import ConditionedOutputs, Outputs, Prediction
+from openseed.core.vocabulary import Vocabulary
 from openseed.losses.criterion import BASE_KEYS, SetCriterion
 from openseed.losses.matcher import HungarianMatcher
 from openseed.losses.point_sampling import uncertain_points_with_randomness
@@ -41,6 +42,13 @@ def _targets(rects: list[tuple[int, int, int, int]], labels: list[int], things: 
         orig_size=PADDED,
         image_size=PADDED,
     )
+
+
+def _batch(targets: list[Targets], task: str) -> Batch:
+    """A batch of blank PADDED images around ``targets`` (the criterion reads its targets, task and padded size)."""
+    return Batch(images=torch.zeros(len(targets), 3, *PADDED, dtype=torch.uint8),
+                 padding_mask=torch.zeros(len(targets), *PADDED, dtype=torch.bool), targets=targets,
+                 vocabulary=Vocabulary.from_names([f"class{i}" for i in range(K)]), task=task, dataset="test")
 
 
 def seg_targets() -> list[Targets]:
@@ -168,7 +176,7 @@ def test_keys_finite_and_weighted(task, conditioned, empty):
         targets = [empty_targets(with_masks=task == "seg")] * 2
     outputs = make_outputs(targets, task, perfect=False, conditioned=conditioned)
     crit = criterion()
-    losses = crit(outputs, targets, task, PADDED)
+    losses = crit(outputs, _batch(targets, task))
     expected = crit.expected_keys(NUM_AUX, True, NUM_COND_LAYERS if conditioned else 0)
     assert sorted(losses) == sorted(expected)
     assert len(expected) == len(BASE_KEYS) * (1 + NUM_AUX + 1 + (NUM_COND_LAYERS if conditioned else 0))
@@ -188,8 +196,8 @@ def test_perfect_predictions_give_small_losses():
     torch.manual_seed(0)
     for task, targets in (("seg", seg_targets()), ("det", det_targets())):
         crit = criterion()
-        good = crit(make_outputs(targets, task, perfect=True, conditioned=True), targets, task, PADDED)
-        bad = crit(make_outputs(targets, task, perfect=False, conditioned=True, seed=1), targets, task, PADDED)
+        good = crit(make_outputs(targets, task, perfect=True, conditioned=True), _batch(targets, task))
+        bad = crit(make_outputs(targets, task, perfect=False, conditioned=True, seed=1), _batch(targets, task))
         for key, value in good.items():
             if key.startswith(("loss_bbox", "loss_giou")):
                 assert value.item() < 1e-4, (task, key, value.item())
@@ -209,7 +217,7 @@ def test_gradients_reach_every_prediction_on_seg():
     targets = seg_targets()
     outputs = make_outputs(targets, "seg", perfect=False, conditioned=True)
     crit = criterion()
-    crit.total_loss(crit(outputs, targets, "seg", PADDED)).backward()
+    crit.total_loss(crit(outputs, _batch(targets, "seg"))).backward()
     for name, pred in _all_predictions(outputs).items():
         for field in ("logits", "boxes", "masks"):
             grad = getattr(pred, field).grad
@@ -223,7 +231,7 @@ def test_det_batch_bg_queries_and_masks_get_no_gradient():
     targets = det_targets()
     outputs = make_outputs(targets, "det", perfect=False, conditioned=True)
     crit = criterion()
-    losses = crit(outputs, targets, "det", PADDED)
+    losses = crit(outputs, _batch(targets, "det"))
     # mask keys are present on detection data (documented): zero and connected when the targets have no masks
     for key, value in losses.items():
         if key.startswith(("loss_mask", "loss_dice")):
@@ -247,7 +255,7 @@ def test_det_with_masks_gets_mask_losses():
     targets[0].has_mask = torch.tensor([True, True, False])
     targets[1].masks = torch.zeros(1, *PADDED, dtype=torch.bool)  # has_mask stays False
     outputs = make_outputs(targets, "det", perfect=False)
-    losses = criterion()(outputs, targets, "det", PADDED)
+    losses = criterion()(outputs, _batch(targets, "det"))
     assert losses["loss_mask"].item() > 0 and losses["loss_dice"].item() > 0
 
 
@@ -264,7 +272,7 @@ def test_online_mask_assistance_feeds_only_the_matcher():
             return super().forward(pred, match_targets, groups, use_masks)
 
     crit = SetCriterion(Recording(num_points=512), num_points=512, mask_assistance="online")
-    losses = crit(outputs, targets, "det", PADDED)
+    losses = crit(outputs, _batch(targets, "det"))
     assert len(seen) == 1 + NUM_AUX + 1
     last = outputs.conditioned.predictions[-1].masks
     for masks in seen:
@@ -303,7 +311,7 @@ def test_decoupling_follows_the_outputs():
     crit = SetCriterion(num_points=256)  # defaults, as conf/criterion/default.yaml builds it
     calls = _recorded_matches(crit)
     torch.manual_seed(0)
-    losses = crit(coupled, targets, "seg", PADDED)
+    losses = crit(coupled, _batch(targets, "seg"))
     assert all(bool(torch.isfinite(v)) for v in losses.values())
     assert len(calls) == 1 + NUM_AUX + 1
     for call in calls:  # final, aux layers and proposals alike: all 3 + 3 targets, stuff included
@@ -315,7 +323,7 @@ def test_decoupling_follows_the_outputs():
 
     calls.clear()
     torch.manual_seed(0)
-    crit(decoupled, targets, "seg", PADDED)
+    crit(decoupled, _batch(targets, "seg"))
     for call in calls[:-1]:  # final and aux: things -> fg queries, stuff -> bg queries, every target matched
         for (queries, matched), t in zip(call, targets, strict=True):
             assert sorted(matched.tolist()) == list(range(len(t)))
@@ -364,7 +372,7 @@ def test_conditioned_normalisation():
     torch.manual_seed(0)
     targets = seg_targets()
     outputs = make_outputs(targets, "seg", perfect=False, conditioned=True)
-    losses = criterion()(outputs, targets, "seg", PADDED)
+    losses = criterion()(outputs, _batch(targets, "seg"))
     pred = outputs.conditioned.predictions[0]
     index = outputs.conditioned.target_index
     l1 = 0.0
@@ -408,7 +416,7 @@ def test_crowd_regions_do_not_count_in_mask_losses():
 
     def mask_terms(image0: Targets) -> dict[str, float]:
         torch.manual_seed(0)
-        losses = criterion()(outputs, [image0, targets[1]], "seg", PADDED)
+        losses = criterion()(outputs, _batch([image0, targets[1]], "seg"))
         return {k: v.item() for k, v in losses.items() if k.startswith(("loss_mask", "loss_dice"))}
 
     penalised = mask_terms(targets[0])

@@ -83,23 +83,23 @@ def test_chunked_postprocessing_equals_unchunked(orig):
     whole = InferenceConfig(mask_memory_bytes=10**12, chunk_size=10**6, **common)
     (a,) = postprocess_batch(outputs, sizes, vocabulary, (96, 128), "instance", chunked)
     (b,) = postprocess_batch(outputs, sizes, vocabulary, (96, 128), "instance", whole)
-    assert a["masks"].dtype == torch.bool and a["masks"].shape == (30, *orig)
+    assert a.masks.dtype == torch.bool and a.masks.shape == (30, *orig)
     for key in ("scores", "labels", "queries", "boxes", "masks"):
-        assert torch.equal(a[key], b[key]), key
+        assert torch.equal(getattr(a, key), getattr(b, key)), key
     (a,) = postprocess_batch(outputs, sizes, vocabulary, (96, 128), "panoptic", chunked)
     (b,) = postprocess_batch(outputs, sizes, vocabulary, (96, 128), "panoptic", whole)
-    assert torch.equal(a["panoptic_seg"], b["panoptic_seg"]) and a["segments_info"] == b["segments_info"]
-    assert len(a["segments_info"]) == 4  # things and stuff: the overlap rule had something to decide
+    assert torch.equal(a.panoptic_seg, b.panoptic_seg) and a.segments_info == b.segments_info
+    assert len(a.segments_info) == 4  # things and stuff: the overlap rule had something to decide
     # semantic scores are sums over the chunks: equal to float rounding, the argmax equal here
     (a,) = postprocess_batch(outputs, sizes, vocabulary, (96, 128), "semantic", chunked, return_semantic_scores=True)
     (b,) = postprocess_batch(outputs, sizes, vocabulary, (96, 128), "semantic", whole, return_semantic_scores=True)
-    torch.testing.assert_close(a["scores"], b["scores"], rtol=0, atol=1e-5)
-    assert torch.equal(a["sem_seg"], b["sem_seg"])
+    torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-5)
+    assert torch.equal(a.sem_seg, b.sem_seg)
     # the functions that take masks already at the output size chunk the same way
     full = resize_masks_to_original(outputs.final.masks[0], (96, 128), *sizes[0])
     logits, boxes = outputs.final.logits[0], torch.rand(12, 4) * 50
     one, all_ = instance_inference(logits, full, boxes, chunked), instance_inference(logits, full, boxes, whole)
-    assert all(torch.equal(one[key], all_[key]) for key in ("scores", "labels", "boxes", "masks"))
+    assert all(torch.equal(getattr(one, key), getattr(all_, key)) for key in ("scores", "labels", "boxes", "masks"))
     seg_one, info_one = panoptic_inference(logits, full, vocabulary.is_thing, vocabulary.ids, chunked)
     seg_all, info_all = panoptic_inference(logits, full, vocabulary.is_thing, vocabulary.ids, whole)
     assert torch.equal(seg_one, seg_all) and info_one == info_all
@@ -123,11 +123,11 @@ def test_largest_float_allocation_stays_within_the_budget():
             (result,) = postprocess_batch(outputs, [(padded, orig)], vocabulary, padded, task, cfg)
         assert 0 < largest.bytes <= budget, (task, largest.bytes / MiB, largest.op)
         if task == "instance":
-            assert result["masks"].dtype == torch.bool and result["masks"].shape == (8, *orig)
+            assert result.masks.dtype == torch.bool and result.masks.shape == (8, *orig)
         elif task == "panoptic":
-            assert result["panoptic_seg"].shape == orig and len(result["segments_info"]) == 8
+            assert result.panoptic_seg.shape == orig and len(result.segments_info) == 8
         else:
-            assert result["sem_seg"].shape == orig
+            assert result.sem_seg.shape == orig
 
 
 def test_queries_per_chunk_for_a_6000_x_4000_photo():
@@ -167,9 +167,9 @@ def test_bad_box_prompts_are_errors(predictor, box, message):
 
 def test_boxes_partly_outside_are_clipped(predictor):
     result = predictor.segment_boxes(IMAGE, [[-10, 5, 60, 20], [40, 25, 55, 40]], ["a", "a"])
-    assert result["boxes"].tolist() == [[0, 5, 50, 20], [40, 25, 50, 30]]
-    assert result["masks"].shape == (2, 30, 50)
-    records = box_prompt_to_coco(result["masks"], result["boxes"], result["names"], image_id=0)
+    assert result.boxes.tolist() == [[0, 5, 50, 20], [40, 25, 50, 30]]
+    assert result.masks.shape == (2, 30, 50)
+    records = box_prompt_to_coco(result, image_id=0)
     assert [r["bbox"] for r in records] == [[0, 5, 50, 15], [40, 25, 10, 5]]
     # the same checks without an image (the command line checks before loading anything)
     assert box_prompts([1, 2, 3, 4]).tolist() == [[1, 2, 3, 4]]

@@ -11,8 +11,8 @@ from openseed.modeling.openseed import MODEL_SIZES, build_openseed
 
 
 def _losses(model, criterion, batch):
-    outputs = model(batch.images, batch.padding_mask, batch.vocabulary, batch.targets)
-    losses = criterion(outputs, batch.targets, batch.task, tuple(batch.images.shape[-2:]))
+    outputs = model(batch)
+    losses = criterion(outputs, batch)
     return outputs, losses
 
 
@@ -64,10 +64,9 @@ def test_matching_queries_never_see_conditioned_queries(seg_batch):
     torch.manual_seed(0)
     model = build_openseed("tiny").eval()
     with torch.no_grad():
-        a = model(seg_batch.images, seg_batch.padding_mask, seg_batch.vocabulary, conditions=_conditions(seg_batch))
-        b = model(seg_batch.images, seg_batch.padding_mask, seg_batch.vocabulary,
-                  conditions=_conditions(seg_batch, labels_shift=3, box_shift=0.05))
-        none = model(seg_batch.images, seg_batch.padding_mask, seg_batch.vocabulary)
+        a = model(seg_batch, conditions=_conditions(seg_batch))
+        b = model(seg_batch, conditions=_conditions(seg_batch, labels_shift=3, box_shift=0.05))
+        none = model.forward_images(seg_batch.images, seg_batch.padding_mask, seg_batch.vocabulary)
     assert torch.equal(a.final.logits, b.final.logits)  # bit for bit
     assert torch.equal(a.final.boxes, b.final.boxes)
     assert torch.equal(a.final.masks, b.final.masks)
@@ -92,7 +91,7 @@ def test_conditioned_groups_are_independent(seg_batch, monkeypatch):
         conditions = _conditions(seg_batch)
         conditions.add_noise, conditions.num_groups = True, 2
         with torch.no_grad():
-            return model(seg_batch.images, seg_batch.padding_mask, seg_batch.vocabulary, conditions=conditions)
+            return model(seg_batch, conditions=conditions)
 
     first, second = run(0.02), run(-0.04)
     slots = first.conditioned.target_index.shape[1] // 2
@@ -130,7 +129,7 @@ def test_ablation_switches(seg_batch, det_batch):
     outputs, losses = _losses(coupled, criterion, seg_batch)
     assert outputs.num_fg == 15 and outputs.num_bg == 0 and all(torch.isfinite(v) for v in losses.values())
     plain = build_openseed("tiny", conditioned=False)
-    outputs = plain(seg_batch.images, seg_batch.padding_mask, seg_batch.vocabulary, seg_batch.targets)
+    outputs = plain(seg_batch)
     assert outputs.conditioned is None
     assert not any("cond" in name for name, _ in plain.named_parameters())
     online = SetCriterion(num_points=256, mask_assistance="online")

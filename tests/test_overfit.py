@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou
 
-from openseed.core.boxes import model_boxes_to_pixels, targets_to_model_boxes
+from openseed.core.boxes import model_boxes_to_pixels
 from openseed.data.shards import ShardSet, read_shards
 from openseed.data.transforms import collate
 from openseed.losses.criterion import SetCriterion
@@ -20,11 +20,11 @@ STEPS = 400
 def _matched_ious(model, criterion, batch):
     model.eval()
     with torch.no_grad():
-        outputs = model(batch.images, batch.padding_mask, batch.vocabulary)
+        outputs = model.forward_images(batch.images, batch.padding_mask, batch.vocabulary)
     model.train()
     padded = tuple(batch.images.shape[-2:])
-    prepared = [{"labels": t.labels, "boxes": targets_to_model_boxes(t.boxes, padded), "masks": t.masks}
-                for t in batch.targets]
+    prepared = [{"labels": t.labels, "boxes": boxes, "masks": t.masks}
+                for t, boxes in zip(batch.targets, batch.model_boxes())]
     groups = build_match_groups([t.is_thing for t in batch.targets], "seg", outputs.num_fg, outputs.num_bg)
     matches = criterion.matcher(outputs.final, prepared, groups)
     masks = F.interpolate(outputs.final.masks, size=padded, mode="bilinear", align_corners=False) > 0
@@ -51,8 +51,8 @@ def test_tiny_model_overfits_two_images(synth_shards):
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, [int(0.75 * STEPS)], gamma=0.1)
     first = None
     for _ in range(STEPS):
-        outputs = model(batch.images, batch.padding_mask, batch.vocabulary, batch.targets)
-        loss = criterion.total_loss(criterion(outputs, batch.targets, "seg", tuple(batch.images.shape[-2:])))
+        outputs = model(batch)
+        loss = criterion.total_loss(criterion(outputs, batch))
         first = loss.item() if first is None else first
         optimizer.zero_grad()
         loss.backward()

@@ -28,7 +28,7 @@ def _close(actual, expected) -> None:
 def test_inference_outputs_are_pinned(seg_batch):
     model = _tiny_model().eval()
     with torch.no_grad():
-        out = model(seg_batch.images, seg_batch.padding_mask, seg_batch.vocabulary)
+        out = model.forward_images(seg_batch.images, seg_batch.padding_mask, seg_batch.vocabulary)
     final = out.final
     _close(final.logits[0, :3, :4], LOGITS)
     _close(final.boxes[0, :3], BOXES)

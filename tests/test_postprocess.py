@@ -17,6 +17,7 @@ from openseed.core.batch import Targets
 from openseed.core.boxes import targets_to_model_boxes
 from openseed.core.coco import box_prompt_to_coco, instances_to_coco
 from openseed.core.outputs import Outputs, Prediction
+from openseed.core.predictions import BoxPromptMasks
 from openseed.core.vocabulary import Category, Vocabulary
 from openseed.modeling.postprocess import (
     InferenceConfig,
@@ -226,23 +227,23 @@ def test_instance_topk_fg_only_rescoring_and_boxes():
     logits, masks, boxes = _instance_case()
     result = instance_inference(logits, masks, boxes, InferenceConfig(top_k=4), num_fg=3)
     # top 4 of sigmoid over fg queries x classes: (2,2)=3.0, (0,0)=2.0, (1,1)=1.0, (2,0)=0.5
-    assert result["labels"].tolist() == [2, 0, 1, 0]
-    assert torch.equal(result["boxes"], boxes[[2, 0, 1, 2]])
+    assert result.labels.tolist() == [2, 0, 1, 0]
+    assert torch.equal(result.boxes, boxes[[2, 0, 1, 2]])
     raw = torch.tensor([3.0, 2.0, 1.0, 0.5]).sigmoid()
     mean_prob = torch.tensor([torch.tensor(10.0).sigmoid().item(), 0.825, 0.0, torch.tensor(10.0).sigmoid().item()])
-    assert torch.allclose(result["scores"], raw * mean_prob, atol=1e-6)
-    assert result["masks"].dtype == torch.bool and result["masks"].shape == (4, 6, 8)
-    assert torch.equal(result["masks"][1], masks[0] > 0) and not result["masks"][2].any()
+    assert torch.allclose(result.scores, raw * mean_prob, atol=1e-6)
+    assert result.masks.dtype == torch.bool and result.masks.shape == (4, 6, 8)
+    assert torch.equal(result.masks[1], masks[0] > 0) and not result.masks[2].any()
     # top-k is capped at fg queries x classes; the bg query (20.0 everywhere) never appears
     everything = instance_inference(logits, masks, boxes, InferenceConfig(top_k=100), num_fg=3)
-    assert len(everything["scores"]) == 9
-    assert not any(torch.equal(b, boxes[3]) for b in everything["boxes"])
+    assert len(everything.scores) == 9
+    assert not any(torch.equal(b, boxes[3]) for b in everything.boxes)
     # with instance_from_fg_only=False the bg query wins
     with_bg = instance_inference(logits, masks, boxes, InferenceConfig(top_k=3, instance_from_fg_only=False), 3)
-    assert torch.equal(with_bg["boxes"], boxes[[3, 3, 3]]) and with_bg["labels"].tolist() == [0, 1, 2]
+    assert torch.equal(with_bg.boxes, boxes[[3, 3, 3]]) and with_bg.labels.tolist() == [0, 1, 2]
     # boxes only
     no_masks = instance_inference(logits, None, boxes, InferenceConfig(top_k=2), num_fg=3)
-    assert no_masks["masks"] is None and torch.allclose(no_masks["scores"], torch.tensor([3.0, 2.0]).sigmoid())
+    assert no_masks.masks is None and torch.allclose(no_masks.scores, torch.tensor([3.0, 2.0]).sigmoid())
 
 
 def test_instance_stuff_labels_dropped_after_the_topk():
@@ -251,12 +252,12 @@ def test_instance_stuff_labels_dropped_after_the_topk():
     is_thing = [True, False, True]
     result = instance_inference(logits, masks, boxes, InferenceConfig(top_k=4), num_fg=3, is_thing=is_thing)
     # top 4: (2,2)=3.0, (0,0)=2.0, (1,1)=1.0 (stuff: dropped), (2,0)=0.5
-    assert result["labels"].tolist() == [2, 0, 0]
-    assert torch.equal(result["boxes"], boxes[[2, 0, 2]]) and result["masks"].shape == (3, 6, 8)
+    assert result.labels.tolist() == [2, 0, 0]
+    assert torch.equal(result.boxes, boxes[[2, 0, 2]]) and result.masks.shape == (3, 6, 8)
     everything = instance_inference(logits, masks, boxes, InferenceConfig(top_k=4), num_fg=3)
-    assert torch.equal(result["scores"], everything["scores"][[0, 1, 3]])
+    assert torch.equal(result.scores, everything.scores[[0, 1, 3]])
     # dropping before the top-k would have let a fourth thing pair in: (0, 2) at sigmoid(0)
-    assert torch.tensor(is_thing)[everything["labels"]].sum() == 3
+    assert torch.tensor(is_thing)[everything.labels].sum() == 3
 
 
 def test_instances_to_coco_round_trip():
@@ -265,8 +266,8 @@ def test_instances_to_coco_round_trip():
     records = instances_to_coco(result, image_id=42, category_ids=[11, 22, 33])
     assert len(records) == 4
     json.loads(json.dumps(records))
-    for record, mask, box, label, score in zip(records, result["masks"], result["boxes"], result["labels"],
-                                               result["scores"]):
+    for record, mask, box, label, score in zip(records, result.masks, result.boxes, result.labels,
+                                               result.scores):
         assert record["image_id"] == 42 and record["category_id"] == [11, 22, 33][label]
         assert record["score"] == pytest.approx(score.item())
         x0, y0, x1, y1 = box.tolist()
@@ -382,56 +383,58 @@ def test_postprocess_batch_all_tasks():
     outputs, vocab = _outputs()
     targets = [_targets(IMAGE, ORIG, 7), _targets(IMAGE, (96, 128), 8)]
     pan = postprocess_batch(outputs, targets, vocab, PADDED, "panoptic")
-    assert [r["image_id"] for r in pan] == [7, 8]
-    seg, info = pan[0]["panoptic_seg"], pan[0]["segments_info"]
+    assert [r.image_id for r in pan] == [7, 8]
+    seg, info = pan[0].panoptic_seg, pan[0].segments_info
     assert seg.shape == ORIG
     assert [(s["category_id"], s["isthing"]) for s in info] == [(1, True), (5, True), (90, False)]
     assert (seg[:12] == 1).all() and (seg[12:, :19] == 2).all() and (seg[12:, 21:] == 3).all()
     assert ((seg[12:, 19:21] == 2) | (seg[12:, 19:21] == 3)).all()  # the bilinear seam: either neighbour
-    assert pan[1]["panoptic_seg"].shape == (96, 128)
+    assert pan[1].panoptic_seg.shape == (96, 128)
     # padded_size inferred from the mask size; explicit sizes instead of targets
     pan_sizes = postprocess_batch(outputs, [(IMAGE, ORIG), (IMAGE, (96, 128))], vocab, None, "panoptic")
-    assert torch.equal(pan_sizes[0]["panoptic_seg"], seg) and pan_sizes[0]["image_id"] is None
+    assert torch.equal(pan_sizes[0].panoptic_seg, seg) and pan_sizes[0].image_id is None
 
     inst = postprocess_batch(outputs, targets, vocab, PADDED, "instance", InferenceConfig(top_k=3))
     first = inst[0]
     # fg queries 0 and 1 only: the bg query's 30.0 never appears; the third pick is a tie at sigmoid(-10), broken by
     # (query, class) order -> query 0, class 1
-    assert first["labels"].tolist() == [0, 1, 1]
-    assert torch.equal(first["boxes"][2], first["boxes"][0])
-    assert torch.allclose(first["boxes"][0], torch.tensor([0.0, 0.0, ORIG[1], ORIG[0]]), atol=1e-4)
-    assert torch.allclose(first["boxes"][1], torch.tensor([0.0, 0.0, 20.0, 12.0]), atol=1e-4)
-    assert first["masks"].shape == (3, *ORIG)
-    assert first["masks"][0][:12].all() and not first["masks"][0][12:].any()
+    assert first.labels.tolist() == [0, 1, 1]
+    assert torch.equal(first.boxes[2], first.boxes[0])
+    assert torch.allclose(first.boxes[0], torch.tensor([0.0, 0.0, ORIG[1], ORIG[0]]), atol=1e-4)
+    assert torch.allclose(first.boxes[1], torch.tensor([0.0, 0.0, 20.0, 12.0]), atol=1e-4)
+    assert first.masks.shape == (3, *ORIG)
+    assert first.masks[0][:12].all() and not first.masks[0][12:].any()
     direct = instance_inference(outputs.final.logits[0],
                                 resize_masks_to_original(outputs.final.masks[0], PADDED, IMAGE, ORIG),
                                 model_boxes_to_original(outputs.final.boxes[0], PADDED, IMAGE, ORIG),
                                 InferenceConfig(top_k=3), outputs.num_fg)
     for key in ("scores", "labels", "boxes", "masks"):
-        assert torch.allclose(first[key].float(), direct[key].float())
+        assert torch.allclose(getattr(first, key).float(), getattr(direct, key).float())
+    with pytest.raises(TypeError, match=r"fields are attributes \(instances\.boxes\)"):
+        first["boxes"]  # the dict results of earlier versions: a clear error, not a tensor-indexing one
     # things_only drops the stuff pairs after the top-k; clip_boxes=False leaves boxes past the image as they are
     inst_things = postprocess_batch(outputs, targets, vocab, PADDED, "instance", InferenceConfig(top_k=3),
                                     things_only=True)
-    assert inst_things[0]["labels"].tolist() == [0, 1, 1]  # no stuff among the top 3 here: unchanged
+    assert inst_things[0].labels.tolist() == [0, 1, 1]  # no stuff among the top 3 here: unchanged
     # with the bg query too, the top 4 are (3, 4), (0, 0), (1, 1), (2, 2): the last is stuff and goes afterwards
     with_bg = InferenceConfig(top_k=4, instance_from_fg_only=False)
     kept = postprocess_batch(outputs, targets, vocab, PADDED, "instance", with_bg, things_only=True)
-    assert kept[0]["labels"].tolist() == [4, 0, 1]
+    assert kept[0].labels.tolist() == [4, 0, 1]
     unclipped = postprocess_batch(outputs, targets, vocab, PADDED, "instance",
                                   InferenceConfig(top_k=4, instance_from_fg_only=False, clip_boxes=False))
     clipped = postprocess_batch(outputs, targets, vocab, PADDED, "instance", with_bg)
-    assert unclipped[0]["labels"].tolist() == [4, 0, 1, 2] and clipped[0]["labels"].tolist() == [4, 0, 1, 2]
+    assert unclipped[0].labels.tolist() == [4, 0, 1, 2] and clipped[0].labels.tolist() == [4, 0, 1, 2]
     # query 2's box covers the padded frame (96 x 64): 60 x 32 in the original, clipped to 40 x 24
-    assert torch.allclose(unclipped[0]["boxes"][3], torch.tensor([0.0, 0.0, 60.0, 32.0]), atol=1e-4)
-    assert torch.allclose(clipped[0]["boxes"][3], torch.tensor([0.0, 0.0, 40.0, 24.0]), atol=1e-4)
+    assert torch.allclose(unclipped[0].boxes[3], torch.tensor([0.0, 0.0, 60.0, 32.0]), atol=1e-4)
+    assert torch.allclose(clipped[0].boxes[3], torch.tensor([0.0, 0.0, 40.0, 24.0]), atol=1e-4)
 
     sem = postprocess_batch(outputs, targets, vocab, PADDED, "semantic", InferenceConfig(chunk_size=3),
                             return_semantic_scores=True)
-    assert sem[0]["sem_seg"].shape == ORIG and sem[0]["scores"].shape == (K, *ORIG)
+    assert sem[0].sem_seg.shape == ORIG and sem[0].scores.shape == (K, *ORIG)
     expected = semantic_inference(outputs.final.logits[0],
                                   resize_masks_to_original(outputs.final.masks[0], PADDED, IMAGE, ORIG))
-    assert torch.allclose(sem[0]["scores"], expected, atol=1e-5)
-    assert torch.equal(sem[0]["sem_seg"], semantic_labels(expected))
+    assert torch.allclose(sem[0].scores, expected, atol=1e-5)
+    assert torch.equal(sem[0].sem_seg, semantic_labels(expected))
 
     with pytest.raises(ValueError):
         postprocess_batch(outputs, targets, vocab, PADDED, "bogus")  # type: ignore[arg-type]
@@ -442,7 +445,8 @@ def test_box_prompt_records():
     generator = torch.Generator().manual_seed(0)
     masks = torch.rand(3, 10, 12, generator=generator) > 0.5
     boxes = torch.tensor([[0.0, 0.0, 5.0, 5.0], [2.0, 3.0, 12.0, 10.0], [1.5, 1.0, 2.5, 4.0]])
-    records = box_prompt_to_coco(masks, boxes, ["cat", "dog", "sky"], image_id=3, scores=torch.tensor([0.9, 0.8, 0.7]))
+    prompted = BoxPromptMasks(masks, boxes, ["cat", "dog", "sky"])
+    records = box_prompt_to_coco(prompted, image_id=3, scores=torch.tensor([0.9, 0.8, 0.7]))
     assert len(records) == 3
     json.loads(json.dumps(records))
     for record, mask, name in zip(records, masks, ["cat", "dog", "sky"]):
@@ -451,5 +455,7 @@ def test_box_prompt_records():
         assert record["area"] == int(mask.sum())
     assert records[1]["bbox"] == pytest.approx([2.0, 3.0, 10.0, 7.0])
     assert records[2]["score"] == pytest.approx(0.7)
-    assert box_prompt_to_coco(masks[:1], boxes[:1], ["cat"], 3)[0]["score"] == 1.0
-    assert box_prompt_to_coco(masks[:0], boxes[:0], [], 3) == []
+    assert box_prompt_to_coco(BoxPromptMasks(masks[:1], boxes[:1], ["cat"]), 3)[0]["score"] == 1.0
+    assert box_prompt_to_coco(BoxPromptMasks(masks[:0], boxes[:0], []), 3) == []
+    with pytest.raises(ValueError, match="3 masks, 2 boxes and 3 names must match"):
+        box_prompt_to_coco(BoxPromptMasks(masks, boxes[:2], ["cat", "dog", "sky"]), 3)

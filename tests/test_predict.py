@@ -9,10 +9,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from openseed import Predictor
+from openseed.core.predictions import Instances
 from openseed.modeling.checkpoint import save_model
 from openseed.modeling.openseed import build_openseed
 from openseed.modeling.postprocess import InferenceConfig
-from openseed.predict import load_image, main
+from openseed.predict import InstanceResult, load_image, main
 from tests._reference import load_npz
 from tests.conftest import PANOPTIC
 
@@ -38,9 +39,9 @@ def test_panoptic_files_and_formats(checkpoint, tmp_path):
     keep_all = InferenceConfig(object_mask_threshold=0.0, overlap_threshold=0.0)
     predictor = Predictor(checkpoint, device="cpu", image_size=256, inference=keep_all)
     result = predictor(PHOTO, ["person", "horse", "grass"], task="panoptic", stuff=["grass"])
-    assert result["panoptic_seg"].shape == (427, 640)
-    assert len(result["segments_info"]) >= 2
-    paths = Predictor.save(result, tmp_path)
+    assert result.panoptic_seg.shape == (427, 640)
+    assert len(result.segments_info) >= 2
+    paths = result.save(tmp_path)
     assert {p.name for p in paths} == {"000000142238_panoptic.png", "000000142238_panoptic.json",
                                        "000000142238_panoptic_ids.png"}
     assert Image.open(tmp_path / "000000142238_panoptic.png").size == (640, 427)
@@ -56,7 +57,7 @@ def test_panoptic_files_and_formats(checkpoint, tmp_path):
 
 def test_instance_json_is_valid_coco(predictor, tmp_path):
     result = predictor(PHOTO, ["person", "horse"], task="instance")
-    Predictor.save(result, tmp_path, score_threshold=0.0)
+    result.save(tmp_path, score_threshold=0.0)
     payload = json.loads((tmp_path / "000000142238_instance.json").read_text())
     assert payload["height"] == 427 and payload["width"] == 640 and payload["annotations"]
     for record in payload["annotations"]:
@@ -66,12 +67,35 @@ def test_instance_json_is_valid_coco(predictor, tmp_path):
         assert 0 <= x <= x + w <= 640 and 0 <= y <= y + h <= 427
 
 
+def test_instance_results_are_typed_and_select_together(predictor, tmp_path):
+    result = predictor(PHOTO, ["person", "horse"], task="instance")
+    assert isinstance(result, InstanceResult) and isinstance(result, Instances) and result.task == "instance"
+    assert result.image == str(PHOTO) and result.array.shape == (427, 640, 3)
+    n = len(result)
+    assert n > 2 and result.labels.shape == result.queries.shape == (n,) and result.boxes.shape == (n, 4)
+    assert result.masks.shape == (n, 427, 640) and result.masks.dtype == torch.bool
+    # a selection keeps each detection's fields together, and the image and vocabulary with them
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[[0, 2]] = True
+    chosen = result[keep]
+    assert isinstance(chosen, InstanceResult) and len(chosen) == 2 and chosen.vocabulary is result.vocabulary
+    for field in ("scores", "labels", "queries", "boxes", "masks"):
+        assert torch.equal(getattr(chosen, field), getattr(result, field)[[0, 2]]), field
+    # the JSON holds every detection whatever the drawing threshold
+    threshold = float(result.scores.median())
+    result.save(tmp_path, score_threshold=threshold)
+    records = json.loads((tmp_path / "000000142238_instance.json").read_text())["annotations"]
+    assert len(records) == n
+    assert [r["score"] for r in records] == pytest.approx(result.scores.tolist())
+    assert [r["category_name"] for r in records] == [["person", "horse"][int(i)] for i in result.labels]
+
+
 def test_semantic(predictor, tmp_path):
     result = predictor(PHOTO, ["person", "grass", "sky"], task="semantic")
-    Predictor.save(result, tmp_path)
+    result.save(tmp_path)
     labels = np.asarray(Image.open(tmp_path / "000000142238_semantic_labels.png"))
     payload = json.loads((tmp_path / "000000142238_semantic.json").read_text())
-    assert labels.shape == (427, 640) and np.array_equal(labels, result["sem_seg"].numpy())
+    assert labels.shape == (427, 640) and np.array_equal(labels, result.sem_seg.numpy())
     assert [c["name"] for c in payload["classes"]] == ["person", "grass", "sky"]
     for entry in payload["classes"]:  # each count is its label's pixels in the PNG
         assert entry["pixels"] == int((labels == entry["label"]).sum())
@@ -80,10 +104,10 @@ def test_semantic(predictor, tmp_path):
 def test_box_prompts_give_one_mask_per_box(predictor, tmp_path):
     boxes = [[100, 100, 300, 400], [10, 10, 50, 60], [0, 0, 640, 427]]
     result = predictor.segment_boxes(PHOTO, boxes, ["person", "horse", "grass"])
-    assert result["masks"].shape == (3, 427, 640)
+    assert result.masks.shape == (3, 427, 640)
     again = predictor.segment_boxes(PHOTO, boxes, ["person", "horse", "grass"])
-    assert torch.equal(result["masks"], again["masks"])
-    Predictor.save(result, tmp_path)
+    assert torch.equal(result.masks, again.masks)
+    result.save(tmp_path)
     records = json.loads((tmp_path / "000000142238_boxes.json").read_text())["annotations"]
     assert [r["category_name"] for r in records] == ["person", "horse", "grass"]
     assert [r["bbox"] for r in records] == [[100, 100, 200, 300], [10, 10, 40, 50], [0, 0, 640, 427]]
@@ -108,7 +132,7 @@ def test_reference_preprocessing(checkpoint):
     small = Predictor(predictor.model, device="cpu", short_edge=100)
     result = small(PHOTO, ["person", "grass"], task="semantic")
     assert small._prepare(load_image(PHOTO)[0])[0].shape == (1, 3, 128, 160)  # 100 x 150 padded to 32s
-    assert result["sem_seg"].shape == (427, 640)
+    assert result.sem_seg.shape == (427, 640)
     with pytest.raises(ValueError, match="max_size caps short_edge"):
         Predictor(predictor.model, device="cpu", max_size=1333)
 

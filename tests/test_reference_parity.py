@@ -214,7 +214,7 @@ def test_predictor_on_the_photo_gives_the_reference_results(run):
                            mask_logits=lambda q: resize_masks_to_original(run.outputs.final.masks[0, q: q + 1],
                                                                           *sizes)[0])
     with torch.no_grad():
-        outputs = run.model(images, padding, run.vocabulary)
+        outputs = run.model.forward_images(images, padding, run.vocabulary)
     (semantic,) = postprocess_batch(outputs, [(size, orig)], run.vocabulary, tuple(images.shape[-2:]), "semantic",
                                     predictor.inference, return_semantic_scores=True)
-    assert_semantic_matches(semantic["scores"], expected)
+    assert_semantic_matches(semantic.scores, expected)

@@ -65,7 +65,7 @@ def test_panoptic_matches_the_reference(arch, name):
     (result,) = postprocess_batch(outputs, sizes, vocabulary, padded, "panoptic", cfg)
     assert_panoptic_matches(result, expected)
     if name.startswith("expected_postprocess_synthetic_head"):  # the case that exercises the rules
-        segments = result["segments_info"]
+        segments = result.segments_info
         assert len(segments) == 16
         stuff = [s["category_id"] for s in segments if not s["isthing"]]
         kept = outputs.final.logits[0].sigmoid().max(-1).values > cfg.object_mask_threshold
@@ -77,9 +77,9 @@ def test_panoptic_matches_the_reference(arch, name):
 def test_semantic_matches_the_reference(arch, name):
     expected, outputs, vocabulary, padded, sizes, cfg = _setup(arch, name)
     (result,) = postprocess_batch(outputs, sizes, vocabulary, padded, "semantic", cfg, return_semantic_scores=True)
-    assert result["scores"].shape == (10, 427, 640)
-    assert_semantic_matches(result["scores"], expected)
-    assert torch.equal(result["sem_seg"], result["scores"].argmax(0))
+    assert result.scores.shape == (10, 427, 640)
+    assert_semantic_matches(result.scores, expected)
+    assert torch.equal(result.sem_seg, result.scores.argmax(0))
 
 
 @pytest.mark.parametrize(("arch", "name"), CASES, ids=IDS)

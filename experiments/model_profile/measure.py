@@ -54,9 +54,9 @@ def parameter_table() -> None:
 
 def joint_step(model, criterion, batch) -> torch.Tensor:
     total = 0
-    for task, part in batch.items():
-        outputs = model(part.images, part.padding_mask, part.vocabulary, part.targets)
-        losses = criterion(outputs, part.targets, task, tuple(part.images.shape[-2:]))
+    for part in batch.values():
+        outputs = model(part)
+        losses = criterion(outputs, part)
         total = total + criterion.total_loss(losses)
     total.backward()
     return total

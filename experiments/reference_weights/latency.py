@@ -78,7 +78,7 @@ def main(argv=None) -> int:
         figures["backbone_s"], features = timed(lambda: model.backbone(pixels), args.repeats)
         figures["pixel_decoder_s"], memory = timed(lambda: model.pixel_decoder(features, padding), args.repeats)
         figures["decoder_s"], _ = timed(lambda: model.decoder(memory, text), args.repeats)
-        figures["forward_s"], _ = timed(lambda: model(images, padding, vocabulary), args.repeats)
+        figures["forward_s"], _ = timed(lambda: model.forward_images(images, padding, vocabulary), args.repeats)
         generator = torch.Generator().manual_seed(0)
         corner = torch.rand(10, 2, generator=generator) * torch.tensor([size[1] * 0.7, size[0] * 0.7])
         extent = torch.rand(10, 2, generator=generator) * torch.tensor([size[1] * 0.3, size[0] * 0.3]) + 8

@@ -7,5 +7,7 @@ imports nothing of openseed's outside itself.
 - ``boxes``: the pixel, COCO and model box conventions and their conversions;
 - ``conditions``: ``Conditions``, the boxes the conditioned queries decode (training targets or box prompts);
 - ``outputs``: ``Outputs``, ``Prediction``, ``ConditionedOutputs`` (model -> losses and post-processing);
+- ``predictions``: ``Instances``, ``PanopticSegmentation``, ``SemanticSegmentation``, ``BoxPromptMasks`` (one image's
+  post-processed results -> evaluators, the predictor, the tools);
 - ``codecs``: panoptic id maps <-> PNG colours, masks <-> COCO RLE.
 """

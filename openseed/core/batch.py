@@ -1,7 +1,8 @@
 """What crosses the data -> model seam: a padded ``Batch`` of images with one ``Targets`` per image.
 
 Pure torch: the model imports this, never Lightning or webdataset. Boxes are pixel boxes (``openseed.core.boxes``:
-xyxy in pixels of the transformed, unpadded image); the model converts them to its own convention.
+xyxy in pixels of the transformed, unpadded image); ``Batch.model_boxes`` converts them to the model's convention once
+per batch, for the model (conditioned queries) and the losses alike.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from openseed.core.boxes import targets_to_model_boxes
 from openseed.core.vocabulary import Vocabulary
 
 Task = Literal["seg", "det"]
@@ -76,9 +78,22 @@ class Batch:
     task: Task
     dataset: str
     annotations: list[dict] | None = None
+    _model_boxes: list[Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+    @property
+    def padded_size(self) -> tuple[int, int]:
+        """(H, W) of the padded images: the size model boxes are normalised by."""
+        return int(self.images.shape[-2]), int(self.images.shape[-1])
+
+    def model_boxes(self) -> list[Tensor]:
+        """Per image, the targets' boxes in the model's convention (float32 [N, 4] cxcywh normalised by
+        ``padded_size``, ``openseed.core.boxes.targets_to_model_boxes``), converted on the first call and kept."""
+        if self._model_boxes is None:
+            self._model_boxes = [targets_to_model_boxes(t.boxes.float(), self.padded_size) for t in self.targets]
+        return self._model_boxes
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return replace(self, images=self.images.to(device, non_blocking=non_blocking),

@@ -1,7 +1,7 @@
 """Results as COCO records (the JSON objects of a COCO results file), written once for the evaluators, the predictor
 and the tools.
 
-- ``instances_to_coco``: instance detections (``openseed.modeling.postprocess.instance_inference``'s result) ->
+- ``instances_to_coco``: instance detections (``openseed.core.predictions.Instances``) ->
   ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"[, "segmentation": compressed RLE]}``.
 - ``box_prompt_to_coco``: masks decoded from given boxes (box prompts) -> records that name their class
   (``category_name``) and carry the prompt box, a score, the mask's ``area`` and its RLE.
@@ -13,21 +13,21 @@ Boxes are pixel xyxy in (``openseed.core.boxes``), COCO ``[x, y, w, h]`` out; RL
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from torch import Tensor
 
 from openseed.core.boxes import xyxy_to_xywh
 from openseed.core.codecs import encode_rle
+from openseed.core.predictions import BoxPromptMasks, Instances
 
 
-def instances_to_coco(result: dict[str, Any], image_id: int, category_ids: Sequence[int] | None = None) -> list[dict]:
-    """``instance_inference`` output -> COCO result dicts (image_id, category_id in the data set's ids, bbox
-    [x, y, w, h], score, and segmentation as compressed RLE when masks are present)."""
-    labels = result["labels"].tolist()
-    scores = result["scores"].tolist()
-    boxes = xyxy_to_xywh(result["boxes"].detach().float().cpu()).tolist()
-    rles = encode_rle(result["masks"]) if result.get("masks") is not None else None
+def instances_to_coco(instances: Instances, image_id: int, category_ids: Sequence[int] | None = None) -> list[dict]:
+    """Detections -> COCO result dicts (image_id, category_id in the data set's ids, bbox [x, y, w, h], score, and
+    segmentation as compressed RLE when masks are present)."""
+    labels = instances.labels.tolist()
+    scores = instances.scores.tolist()
+    boxes = xyxy_to_xywh(instances.boxes.detach().float().cpu()).tolist()
+    rles = encode_rle(instances.masks) if instances.masks is not None else None
     records = []
     for i, (label, score, box) in enumerate(zip(labels, scores, boxes)):
         record = {"image_id": int(image_id),
@@ -39,10 +39,11 @@ def instances_to_coco(result: dict[str, Any], image_id: int, category_ids: Seque
     return records
 
 
-def box_prompt_to_coco(masks: Tensor, boxes_xyxy: Tensor, names: Sequence[str], image_id: int,
+def box_prompt_to_coco(prompted: BoxPromptMasks, image_id: int,
                        scores: Tensor | Sequence[float] | None = None) -> list[dict]:
     """Box-prompted (conditioned) masks -> COCO-style records, one per box: image_id, category_name, bbox [x, y, w, h]
     (the prompt box), score (1.0 when not given), area (mask pixels), segmentation (compressed RLE, str counts)."""
+    masks, boxes_xyxy, names = prompted.masks, prompted.boxes, prompted.names
     num = masks.shape[0]
     if boxes_xyxy.shape[0] != num or len(names) != num:
         raise ValueError(f"{num} masks, {boxes_xyxy.shape[0]} boxes and {len(names)} names must match")

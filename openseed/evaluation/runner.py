@@ -73,7 +73,7 @@ class DatasetEvaluator:
         """The one evaluation step (training validation, ``openseed.evaluate``, ``evaluate_batches``): the model's
         predictions for ``batch`` (``text``: its vocabulary's embeddings, when computed once for the data set),
         added to the evaluation; returns them."""
-        outputs = model(batch.images, batch.padding_mask, batch.vocabulary, text=text)
+        outputs = model.forward_images(batch.images, batch.padding_mask, batch.vocabulary, text=text)
         self.update(outputs, batch)
         return outputs
 
@@ -98,11 +98,11 @@ class DatasetEvaluator:
                 gt_ids = decode_panoptic_png(annotation["panoptic_png"])
                 segments = [{"id": o["segment_id"], "category_id": o["category_id"], "iscrowd": o["iscrowd"]}
                             for o in meta["objects"]]
-                self.panoptic.update(gt_ids, segments, panoptic[i]["panoptic_seg"].cpu().numpy(),
-                                     panoptic[i]["segments_info"], image_id=image_id)
-                self.semantic.update(semantic[i]["sem_seg"].cpu().numpy(), self._semantic_truth(gt_ids, meta))
+                self.panoptic.update(gt_ids, segments, panoptic[i].panoptic_seg.cpu().numpy(),
+                                     panoptic[i].segments_info, image_id=image_id)
+                self.semantic.update(semantic[i].sem_seg.cpu().numpy(), self._semantic_truth(gt_ids, meta))
             self.add_instance_truth(meta, gt_ids)
-            records = instances_to_coco(_to_cpu(instances[i]), image_id, self.vocabulary.ids)
+            records = instances_to_coco(instances[i].cpu(), image_id, self.vocabulary.ids)
             # a diverged model's NaN / infinite scores or boxes cannot be scored (the COCO evaluator refuses them):
             # they are left out, counted, and reported with a warning by compute()
             finite = [r for r in records if math.isfinite(r["score"]) and all(math.isfinite(v) for v in r["bbox"])]
@@ -166,10 +166,6 @@ class DatasetEvaluator:
         annotations = gather_to_all(self.gt_annotations)
         return {"images": list(images.values()), "categories": [c for c in self.categories if c["isthing"]],
                 "annotations": [{**a, "id": k + 1} for k, a in enumerate(annotations)]}
-
-
-def _to_cpu(result: dict) -> dict:
-    return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in result.items()}
 
 
 @torch.no_grad()

@@ -50,8 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
-from openseed.core.batch import Targets
-from openseed.core.boxes import targets_to_model_boxes
+from openseed.core.batch import Batch, Targets
 from openseed.core.outputs import ConditionedOutputs, Outputs, Prediction
 from openseed.losses.matcher import SPEC_WEIGHTS, HungarianMatcher, MatchTarget, build_match_groups
 from openseed.losses.point_sampling import (
@@ -218,33 +217,30 @@ class SetCriterion(nn.Module):
         return torch.stack(terms).sum()
 
     # ------------------------------------------------------------------ forward
-    def forward(self, outputs: Outputs, targets: list[Targets], task: Literal["seg", "det"],
-                padded_size: tuple[int, int]) -> dict[str, Tensor]:
+    def forward(self, outputs: Outputs, batch: Batch) -> dict[str, Tensor]:
         """Unweighted loss terms (see the module docstring for keys and rules).
 
         Args:
-            outputs: the decoder's outputs for the batch.
-            targets: one ``Targets`` per image (boxes in pixel xyxy, masks at the padded size or None).
-            task: "seg" or "det".
-            padded_size: (H, W) of the padded batch images.
+            outputs: the model's outputs for ``batch``.
+            batch: the data batch: its ``targets`` (one ``Targets`` per image: labels, masks at the padded size or
+                None), its ``task`` ("seg" or "det") and its boxes in the model's convention (``model_boxes``).
         """
-        if task not in ("seg", "det"):
-            raise ValueError(f"task must be 'seg' or 'det', got {task!r}")
+        if batch.task not in ("seg", "det"):
+            raise ValueError(f"task must be 'seg' or 'det', got {batch.task!r}")
         # Losses in float32 even under mixed precision (the predictions are cast where they are used).
         with torch.autocast(device_type=outputs.final.logits.device.type, enabled=False), \
                 torch.profiler.record_function("criterion"):
-            losses = self._forward(outputs, targets, task, padded_size)
+            losses = self._forward(outputs, batch)
         for key in losses:
             self.weight_dict.setdefault(key, self.weight_for(key))
         return losses
 
-    def _forward(self, outputs: Outputs, targets: list[Targets], task: str,
-                 padded_size: tuple[int, int]) -> dict[str, Tensor]:
-        batch = outputs.final.logits.shape[0]
-        if len(targets) != batch:
-            raise ValueError(f"{len(targets)} targets for a batch of {batch}")
+    def _forward(self, outputs: Outputs, batch: Batch) -> dict[str, Tensor]:
+        size, task = outputs.final.logits.shape[0], batch.task
+        if len(batch.targets) != size:
+            raise ValueError(f"{len(batch.targets)} targets for a batch of {size}")
         device = outputs.final.logits.device
-        prepared = [self._prepare(t, padded_size, device) for t in targets]
+        prepared = [self._prepare(t, boxes, device) for t, boxes in zip(batch.targets, batch.model_boxes())]
         num_boxes = self._num_boxes(prepared, device)
 
         assistance = None
@@ -273,11 +269,10 @@ class SetCriterion(nn.Module):
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def _prepare(t: Targets, padded_size: tuple[int, int], device: torch.device) -> _Prepared:
-        boxes = t.boxes.to(device=device, dtype=torch.float32)
+    def _prepare(t: Targets, model_boxes: Tensor, device: torch.device) -> _Prepared:
         return _Prepared(
             labels=t.labels.to(device=device, dtype=torch.long),
-            boxes=targets_to_model_boxes(boxes, padded_size),
+            boxes=model_boxes.to(device=device, dtype=torch.float32),
             masks=None if t.masks is None else t.masks.to(device),
             has_mask=t.has_mask.to(device=device, dtype=torch.bool),
             is_thing=t.is_thing.to(device=device, dtype=torch.bool),

@@ -1,7 +1,9 @@
 """OpenSeeD as one plain ``nn.Module``: backbone -> pixel decoder -> decoder, classified against text embeddings.
 
     model = build_openseed("tiny")    # or "small" (CPU default), "swint_nodecouple", "swint_decouple", "swinl_decouple"
-    outputs = model(batch.images, batch.padding_mask, batch.vocabulary, batch.targets)   # training
+    outputs = model(batch)                                       # a data Batch (in training: conditioned queries
+                                                                 # from its targets)
+    outputs = model.forward_images(images, padding_mask, vocabulary)                  # images without ground truth
     masks = model.segment_boxes(images, padding_mask, boxes=[...], names=[...])        # box-prompted
 
 Sizes live in ``MODEL_SIZES`` (the three released architectures, which compute what the reference computes, and two
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-from openseed.core.batch import Targets
+from openseed.core.batch import Batch
 from openseed.core.boxes import targets_to_model_boxes
 from openseed.core.conditions import Conditions
 from openseed.core.outputs import Outputs
@@ -231,31 +233,41 @@ class OpenSeeD(nn.Module):
         with self._full_precision(text):
             return self.decoder(memory, text.float() if self.fp32_encoder_decoder else text, conditions)
 
-    def forward(self, images: Tensor, padding_mask: Tensor, vocabulary: Vocabulary,
-                targets: list[Targets] | None = None, conditions: Conditions | None = None,
-                text: Tensor | None = None, clean_group: bool = False) -> Outputs:
-        """Predictions for a batch.
+    def forward(self, batch: Batch, conditions: Conditions | None = None, text: Tensor | None = None,
+                clean_group: bool = False) -> Outputs:
+        """Predictions for a data batch (``openseed.core.batch.Batch``: its images, padding and vocabulary).
+
+        In training, with conditioned decoding on, the conditioned queries are built from the batch's targets (all of
+        them: things and stuff on segmentation data, boxes on detection data; boxes from ``Batch.model_boxes``, which
+        the losses read too). Out of training the targets are not read.
+
+        Args:
+            batch: the data batch.
+            conditions: explicit conditions instead of the targets' (box prompts).
+            text: precomputed [K, text_dim] embeddings of the batch's vocabulary (skips the text encoder).
+            clean_group: in training, add a conditioned group built from the boxes without noise
+                (``Conditions.clean_group``: the masks online mask assistance matches with).
+        """
+        if conditions is None and self.training and self.decoder.conditioned:
+            conditions = Conditions(labels=[t.labels for t in batch.targets], boxes=batch.model_boxes(),
+                                    clean_group=clean_group)
+        return self.forward_images(batch.images, batch.padding_mask, batch.vocabulary, conditions, text)
+
+    def forward_images(self, images: Tensor, padding_mask: Tensor, vocabulary: Vocabulary,
+                       conditions: Conditions | None = None, text: Tensor | None = None) -> Outputs:
+        """Predictions for images without ground truth (the predictor, the tools; ``forward`` for data batches).
 
         Args:
             images: [B, 3, H, W] RGB 0-255 (uint8 as the data pipeline gives them), zero-padded.
             padding_mask: [B, H, W] bool, True on padding.
-            vocabulary: the classes to score (``Batch.vocabulary``).
-            targets: ground truth; in training (with conditioned decoding on) the conditioned queries are built
-                from it (all targets: things and stuff on segmentation data, boxes on detection data).
-            conditions: explicit conditions instead (box prompts); overrides ``targets`` for the conditioned queries.
+            vocabulary: the classes to score.
+            conditions: boxes the conditioned queries decode (box prompts), or None.
             text: precomputed [K, text_dim] embeddings of ``vocabulary`` (skips the text encoder).
-            clean_group: with ``targets`` in training, add a conditioned group built from the boxes without noise
-                (``Conditions.clean_group``: the masks online mask assistance matches with).
         """
         if text is None:
             with record_function("text_encoder"):
                 text = self.embed_vocabulary(vocabulary)
         memory = self.encode_images(images, padding_mask)
-        if conditions is None and targets is not None and self.training and self.decoder.conditioned:
-            padded = tuple(images.shape[-2:])
-            conditions = Conditions(labels=[t.labels for t in targets],
-                                    boxes=[targets_to_model_boxes(t.boxes, padded) for t in targets],
-                                    clean_group=clean_group)
         with record_function("decoder"):
             return self._decode(memory, text, conditions)
 

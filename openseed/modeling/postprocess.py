@@ -1,6 +1,7 @@
 """Inference post-processing: model outputs -> panoptic / instance / semantic results at the original image size.
 
-Pure torch / numpy (results as COCO records: ``openseed.core.coco``). The rules are those of the authors' OpenSeeD
+Pure torch / numpy. The results are the typed per-image predictions of ``openseed.core.predictions`` (as COCO
+records: ``openseed.core.coco``). The rules are those of the authors' OpenSeeD
 inference code, held to the recorded reference outputs (``tests/test_reference_postprocess.py``,
 ``../shared/reference``):
 
@@ -41,6 +42,7 @@ from torchvision.ops import box_convert
 
 from openseed.core.boxes import tight_box_xywh
 from openseed.core.outputs import Outputs
+from openseed.core.predictions import Instances, PanopticSegmentation, SemanticSegmentation
 
 Size = tuple[int, int]
 PostprocessTask = Literal["panoptic", "instance", "semantic"]
@@ -357,7 +359,7 @@ def _row_sums(values: Tensor) -> Tensor:
 
 def instance_inference(logits: Tensor, mask_logits: Tensor | None, boxes_xyxy: Tensor,
                        cfg: InferenceConfig | None = None, num_fg: int | None = None,
-                       is_thing: Sequence[bool] | Tensor | None = None) -> dict[str, Tensor | None]:
+                       is_thing: Sequence[bool] | Tensor | None = None) -> Instances:
     """One image's instance predictions.
 
     Args:
@@ -370,9 +372,9 @@ def instance_inference(logits: Tensor, mask_logits: Tensor | None, boxes_xyxy: T
             reference on panoptic data), so fewer than ``top_k`` remain.
 
     Returns:
-        dict with scores [N] (in top-k order, i.e. descending before the mask rescoring; not re-sorted after it),
-        labels long [N] (contiguous), queries long [N] (the query each came from), boxes [N, 4] xyxy, masks bool
-        [N, H0, W0] or None.
+        ``Instances`` (``openseed.core.predictions``; ``image_id`` None): scores [N] (in top-k order, i.e.
+        descending before the mask rescoring; not re-sorted after it), labels long [N] (contiguous), queries long
+        [N] (the query each came from), boxes [N, 4] xyxy, masks bool [N, H0, W0] or None.
         N = min(top_k, considered queries x K), less the stuff pairs when ``is_thing`` is given.
     """
     cfg = cfg or InferenceConfig()
@@ -382,7 +384,7 @@ def instance_inference(logits: Tensor, mask_logits: Tensor | None, boxes_xyxy: T
         size = _size(mask_logits.shape[-2:])
         step = queries_per_chunk([size], cfg.mask_memory_bytes, 1, cfg.chunk_size)
         masks, scores = _instance_masks(scores, query, mask_logits, size, step, cfg.mask_threshold)
-    return {"scores": scores, "labels": labels, "queries": query, "boxes": boxes_xyxy[query].float(), "masks": masks}
+    return Instances(scores, labels, query, boxes_xyxy[query].float(), masks)
 
 
 # ---------------------------------------------------------------------------------------------------------- semantic
@@ -416,8 +418,8 @@ def semantic_labels(semantic_scores: Tensor, category_ids: Sequence[int] | None 
 def postprocess_batch(outputs: Outputs, targets_or_sizes: Sequence[Any], vocabulary: Any,
                       padded_size: Size | None = None, task: PostprocessTask = "panoptic",
                       cfg: InferenceConfig | None = None, return_semantic_scores: bool = False,
-                      things_only: bool = False) -> list[dict]:
-    """Per-image results at the original image size.
+                      things_only: bool = False) -> list[Instances | PanopticSegmentation | SemanticSegmentation]:
+    """Per-image results at the original image size (``openseed.core.predictions``).
 
     Args:
         outputs: the model's ``Outputs`` (``final`` predictions are used).
@@ -425,9 +427,9 @@ def postprocess_batch(outputs: Outputs, targets_or_sizes: Sequence[Any], vocabul
             ``(image_size, orig_size)`` pair.
         vocabulary: a ``Vocabulary`` (``is_thing``, ``ids``); the data set's ids are written for panoptic segments.
         padded_size: (H, W) of the padded batch; None: 4 x the mask size.
-        task: "panoptic" -> {"panoptic_seg", "segments_info"}; "instance" -> ``instance_inference``'s dict;
-            "semantic" -> {"sem_seg": long [H0, W0] contiguous labels} (+ "scores" [K, H0, W0] on request).
-            Every dict also has "image_id" (None for explicit sizes).
+        task: "panoptic" -> ``PanopticSegmentation``; "instance" -> ``Instances`` (as ``instance_inference``);
+            "semantic" -> ``SemanticSegmentation`` (long [H0, W0] contiguous labels, + the [K, H0, W0] scores on
+            request). Each carries the image's ``image_id`` (None for explicit sizes).
         cfg: thresholds and options.
         return_semantic_scores: semantic: also return the [K, H0, W0] scores.
         things_only: instance: drop the pairs with a stuff label (``vocabulary.is_thing``) *after* the top-k, as the
@@ -465,7 +467,7 @@ def postprocess_batch(outputs: Outputs, targets_or_sizes: Sequence[Any], vocabul
         if task == "panoptic":  # only the kept queries take part: only they are resized
             seg, info = _panoptic(logits[i], masks[i], orig_size, vocabulary.is_thing, vocabulary.ids, cfg, step(2),
                                   resize)
-            result: dict[str, Any] = {"panoptic_seg": seg, "segments_info": info}
+            result: Instances | PanopticSegmentation | SemanticSegmentation = PanopticSegmentation(seg, info, image_id)
         elif task == "instance":
             scores, query, labels = _topk_pairs(logits[i], outputs.num_fg, cfg,
                                                 vocabulary.is_thing if things_only else None)
@@ -474,8 +476,7 @@ def postprocess_batch(outputs: Outputs, targets_or_sizes: Sequence[Any], vocabul
             if masks is not None:
                 instance_masks, scores = _instance_masks(scores, query, masks[i], orig_size, step(1),
                                                          cfg.mask_threshold, resize)
-            result = {"scores": scores, "labels": labels, "queries": query, "boxes": boxes.float(),
-                      "masks": instance_masks}
+            result = Instances(scores, labels, query, boxes.float(), instance_masks, image_id)
         elif task == "semantic":
             total = None
             chunk = step(1)
@@ -485,12 +486,9 @@ def postprocess_batch(outputs: Outputs, targets_or_sizes: Sequence[Any], vocabul
                                       cfg.temperature)
                 total = piece if total is None else total.add_(piece)
                 del piece
-            result = {"sem_seg": semantic_labels(total)}
-            if return_semantic_scores:
-                result["scores"] = total
+            result = SemanticSegmentation(semantic_labels(total), total if return_semantic_scores else None, image_id)
         else:
             raise ValueError(f"unknown task {task!r}; expected 'panoptic', 'instance' or 'semantic'")
-        result["image_id"] = image_id
         results.append(result)
     return results
 

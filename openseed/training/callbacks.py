@@ -104,17 +104,15 @@ class ValidationOverlays(Callback):
                 truth_ids = decode_panoptic_png(annotation["panoptic_png"])
                 truth_segments = [{"id": o["segment_id"], "category_id": o["category_id"]}
                                   for o in annotation["json"]["objects"]]
-                item["prediction"] = _label_map(result["panoptic_seg"].cpu().numpy(), result["segments_info"],
-                                                label_of)
+                item["prediction"] = _label_map(result.panoptic_seg.cpu().numpy(), result.segments_info, label_of)
                 item["truth"] = _label_map(truth_ids, truth_segments, label_of)
             else:
-                keep = (result["scores"] >= self.score_threshold).cpu()
-                item["pred_boxes"] = result["boxes"][keep].cpu().numpy()
-                item["pred_labels"] = result["labels"][keep].cpu().numpy() + 1
-                item["pred_scores"] = result["scores"][keep].cpu().numpy()
-                masks = result.get("masks")
-                if masks is not None:
-                    item["pred_masks"] = masks[keep].cpu().numpy()
+                shown = result.cpu()[result.scores.cpu() >= self.score_threshold]
+                item["pred_boxes"] = shown.boxes.numpy()
+                item["pred_labels"] = shown.labels.numpy() + 1
+                item["pred_scores"] = shown.scores.numpy()
+                if shown.masks is not None:
+                    item["pred_masks"] = shown.masks.numpy()
                 objects = [o for o in annotation["json"]["objects"] if not o.get("iscrowd")]
                 item["true_boxes"] = np.array([o["bbox"] for o in objects], dtype=np.float32).reshape(-1, 4)
                 item["true_labels"] = np.array([label_of[o["category_id"]] + 1 for o in objects], dtype=np.int64)

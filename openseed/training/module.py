@@ -102,9 +102,8 @@ class OpenSeeDModule(LightningModule):
     def training_step(self, batch: dict[str, Batch], batch_idx: int) -> torch.Tensor:
         total = 0.0
         for task, part in batch.items():
-            outputs = self.model(part.images, part.padding_mask, part.vocabulary, part.targets,
-                                 clean_group=self.criterion.wants_clean_group(task))
-            losses = self.criterion(outputs, part.targets, task, tuple(part.images.shape[-2:]))
+            outputs = self.model(part, clean_group=self.criterion.wants_clean_group(task))
+            losses = self.criterion(outputs, part)
             loss = self.criterion.total_loss(losses)
             size = len(part)
             self.log(f"train/{task}/loss", loss, batch_size=size)
