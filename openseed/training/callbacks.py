@@ -26,7 +26,12 @@ class Throughput(Callback):
     """Logs training throughput every ``every_n_steps`` optimizer steps, measured over the steps since the last log
     (wall clock, data loading included; validation excluded): ``train/images_per_sec`` (all images of a step: seg +
     det), ``train/<task>/images_per_sec`` per data set, and ``train/sec_per_step``. Rates are per process: multiply by
-    the world size for the whole job."""
+    the world size for the whole job.
+
+    Lightning's ``ThroughputMonitor`` was weighed for this and does not fit a joint step: it counts one batch size per
+    step (no per-data-set rate of the seg + det step), logs no rate before its window of steps is full (a short run
+    shows none), and logs validation throughput with the validation batch index as the step, which interleaves with
+    the training steps on the logger's step axis."""
 
     def __init__(self, every_n_steps: int = 10):
         if every_n_steps < 1:
