@@ -1,4 +1,8 @@
-"""``key=value`` command lines (lists as ``[a,b]``), shared by ``openseed.predict`` and the evaluation runner."""
+"""``key=value`` command lines (lists as ``[a,b]``): the convention of every ``python -m openseed.*`` entry point.
+
+``train`` and ``evaluate`` are Hydra applications (the same words, with config groups and run folders); the others
+(``predict``, ``convert_checkpoint``, the evaluation tools) parse the words here, without Hydra's run folders.
+Each checks its arguments before loading anything and stops with exit code 2 and one line naming the key."""
 
 from __future__ import annotations
 
@@ -42,6 +46,34 @@ def string_list(value, key: str, allow_empty: bool = False) -> list[str]:
             hint = f" (quote it, {key}=['{item}'], to mean the text)" if isinstance(item, (bool, int, float)) else ""
             raise UsageError(f"{key}[{index}] must be a non-empty string, got {item!r}{hint}")
     return [item.strip() for item in items]
+
+
+def main_arguments(argv: Sequence[str] | None) -> list[str]:
+    """The command line's words: ``argv`` when given (tests, callers), else ``sys.argv[1:]``."""
+    import sys
+
+    return list(sys.argv[1:] if argv is None else argv)
+
+
+def path(value, key: str) -> str:
+    """A file or folder argument as text (a bare number such as ``out=2024`` is a name too)."""
+    if value is None or isinstance(value, (bool, list, dict)) or str(value) == "":
+        raise UsageError(f"{key} must be a path, got {value!r}")
+    return str(value)
+
+
+def choice(value, key: str, options: Sequence[str]) -> str:
+    """One of ``options``; a ``UsageError`` listing them otherwise."""
+    if value not in options:
+        raise UsageError(f"{key} must be one of {list(options)}, got {value!r}")
+    return value
+
+
+def flag(value, key: str) -> bool:
+    """A ``key=true`` / ``key=false`` switch."""
+    if not isinstance(value, bool):
+        raise UsageError(f"{key} must be true or false, got {value!r}")
+    return value
 
 
 def optional_int(value, key: str, minimum: int = 1) -> int | None:

@@ -1,18 +1,18 @@
 """Convert an authors' OpenSeeD checkpoint (or a training checkpoint, or an old model file) into an openseed model
 file (safetensors weights with the model's config as JSON metadata: no code can be stored in it).
 
-    python -m openseed.convert_checkpoint model_state_dict_swint_51.2ap.pt --arch swint_nodecouple \
-        --out swint.safetensors
-    python -m openseed.convert_checkpoint openseed_swinl_pano_sota.pt --arch swinl_decouple --out swinl.safetensors
-    python -m openseed.convert_checkpoint weights.pt --config config.yaml --out small.safetensors  # sizes from a config
-    python -m openseed.convert_checkpoint outputs/run/checkpoints/last.ckpt --out run.safetensors  # a training run
-    python -m openseed.convert_checkpoint old_model.pt --out model.safetensors  # a version-1 (pickled) model file
+    python -m openseed.convert_checkpoint source=model_state_dict_swint_51.2ap.pt arch=swint_nodecouple \
+        out=swint.safetensors
+    python -m openseed.convert_checkpoint source=openseed_swinl_pano_sota.pt arch=swinl_decouple out=swinl.safetensors
+    python -m openseed.convert_checkpoint source=weights.pt config=config.yaml out=small.safetensors  # sizes: config
+    python -m openseed.convert_checkpoint source=outputs/run/checkpoints/last.ckpt out=run.safetensors  # a training run
+    python -m openseed.convert_checkpoint source=old_model.pt out=model.safetensors  # a version-1 (pickled) model file
 
-``--arch`` names one of the three released architectures at full size (``openseed.modeling.reference``); ``--config``
+``arch`` names one of the three released architectures at full size (``openseed.modeling.reference``); ``config``
 reads the sizes from a reference config file instead (``configs/openseed/*.yaml`` of the authors' repository, or a
 merged config such as the test fixtures'). The source is read with ``torch.load(weights_only=True)``; every key is
 mapped explicitly (see ``openseed.modeling.reference.map_reference_state_dict``) and anything that does not fit is an
-error listing the keys. Without ``--arch`` / ``--config`` the source is an openseed training checkpoint or model file,
+error listing the keys. Without ``arch`` / ``config`` the source is an openseed training checkpoint or model file,
 whose recorded config and weights are written as they are. The result loads with
 ``openseed.modeling.openseed.load_model``, ``Predictor``, ``python -m openseed.predict``, ``python -m
 openseed.evaluate`` and, as initial weights, ``model.init_from`` in training. Exit status: 0 written, 2 bad input
@@ -21,7 +21,6 @@ openseed.evaluate`` and, as initial weights, ``model.init_from`` in training. Ex
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Sequence
@@ -64,11 +63,11 @@ def convert(source: str | Path, out: str | Path, arch: str | None = None, config
     Raises ``ConversionError`` (a ValueError) or FileNotFoundError naming what does not fit.
     """
     if arch is not None and config_file is not None:
-        raise ConversionError("give at most one of --arch and --config")
+        raise ConversionError("give at most one of arch and config")
     if arch is None and config_file is None:
         return export(source, out, log=log)
     if arch is not None and arch not in REFERENCE_ARCHITECTURES:
-        raise ConversionError(f"unknown --arch {arch!r}; choose from {', '.join(REFERENCE_ARCHITECTURES)}")
+        raise ConversionError(f"unknown arch {arch!r}; choose from {', '.join(REFERENCE_ARCHITECTURES)}")
     start = time.perf_counter()
     config = MODEL_SIZES[arch] if arch is not None else config_from_reference(config_file)
     log(f"reading {source}")
@@ -78,7 +77,7 @@ def convert(source: str | Path, out: str | Path, arch: str | None = None, config
     facts = describe_state_dict(state)
     if arch is not None and facts["architecture"] not in (None, arch):
         raise ConversionError(f"{source} holds a {facts['architecture']} model ({_facts(facts)}), not {arch}: "
-                              f"use --arch {facts['architecture']}")
+                              f"use arch={facts['architecture']}")
     log(f"mapping onto openseed's {arch or Path(config_file).name} model")
     try:
         mapped, report = map_reference_state_dict(state, config, target_shapes(config))
@@ -103,7 +102,7 @@ def export(source: str | Path, out: str | Path, log=print) -> dict:
         config, state = read_checkpoint(source)
         OpenSeeDConfig.from_dict(config)  # a config this openseed can build
     except ValueError as err:
-        raise ConversionError(f"{err} (a released OpenSeeD checkpoint needs --arch or --config)") from None
+        raise ConversionError(f"{err} (a released OpenSeeD checkpoint needs arch= or config=)") from None
     write_model_file(config, state, out)
     values = sum(value.numel() for value in state.values())
     log(f"wrote {out} from {source}: {len(state)} tensors, {values / 1e6:.2f} M values, "
@@ -113,18 +112,25 @@ def export(source: str | Path, out: str | Path, log=print) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m openseed.convert_checkpoint",
-                                     description="Convert an authors' OpenSeeD checkpoint, a training checkpoint or an "
-                                                 "old model file into an openseed model file.")
-    parser.add_argument("source", help="the released .pt file (a state dict, flat or nested under 'model'); or, "
-                                       "without --arch/--config, an openseed training checkpoint or model file")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--arch", choices=REFERENCE_ARCHITECTURES, help="the released architecture the file holds")
-    which.add_argument("--config", help="a reference config file (YAML) giving the sizes instead of --arch")
-    parser.add_argument("--out", required=True, help="the openseed model file to write (e.g. model.safetensors)")
-    args = parser.parse_args(argv)
+    """``python -m openseed.convert_checkpoint source=FILE out=MODEL.safetensors [arch=NAME | config=YAML]``: convert
+    an authors' OpenSeeD checkpoint (``source``: the released .pt, a state dict flat or nested under 'model'; ``arch``:
+    the released architecture it holds, or ``config``: a reference config file giving the sizes), or without
+    ``arch``/``config`` an openseed training checkpoint or an old model file, into an openseed model file."""
+    from openseed.cli import UsageError, choice, main_arguments, parse_key_values, path
+
+    defaults = {"source": None, "out": None, "arch": None, "config": None}
     try:
-        convert(args.source, args.out, arch=args.arch, config_file=args.config)
+        args = parse_key_values(main_arguments(argv), defaults, ("source", "out"))
+        source, out = path(args["source"], "source"), path(args["out"], "out")
+        arch = None if args["arch"] is None else choice(args["arch"], "arch", REFERENCE_ARCHITECTURES)
+        config = None if args["config"] is None else path(args["config"], "config")
+        if arch is not None and config is not None:
+            raise UsageError("give arch or config, not both (config gives the sizes instead of arch)")
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        convert(source, out, arch=arch, config_file=config)
     except (ConversionError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -83,10 +83,10 @@ def test_unsafe_old_model_file_is_refused_and_safe_one_converts(tmp_path):
     assert not ran.exists()
     torch.save({"format": "openseed-model", "version": 1, "config": asdict(model.config),
                 "state_dict": model.state_dict()}, tmp_path / "old.pt")
-    assert main([str(tmp_path / "old.pt"), "--out", str(tmp_path / "new.safetensors")]) == 0
+    assert main([f"source={tmp_path / 'old.pt'}", f"out={tmp_path / 'new.safetensors'}"]) == 0
     loaded = load_model(tmp_path / "new.safetensors")
     assert torch.equal(loaded.decoder.class_head.bias, model.decoder.class_head.bias)
-    assert main([str(tmp_path / "unsafe.pt"), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert main([f"source={tmp_path / 'unsafe.pt'}", f"out={tmp_path / 'x.safetensors'}"]) == 2
     assert not ran.exists() and not (tmp_path / "x.safetensors").exists()
 
 

@@ -105,10 +105,10 @@ def test_differing_copies_of_the_shared_box_mlp_fail(swint_manifest):
 def test_the_wrong_arch_is_a_clear_error(tmp_path, capsys):
     source = tmp_path / "swint_51.2ap.pt"
     torch.save({"model": manifest_state_dict("swint_nodecouple")}, source)  # nested, as some releases are
-    assert main([str(source), "--arch", "swint_decouple", "--out", str(tmp_path / "out.pt")]) == 2
+    assert main([f"source={source}", "arch=swint_decouple", f"out={tmp_path / 'out.pt'}"]) == 2
     error = capsys.readouterr().err
     assert "holds a swint_nodecouple model (text context 18, 0 background queries" in error
-    assert "use --arch swint_nodecouple" in error
+    assert "use arch=swint_nodecouple" in error
     assert not (tmp_path / "out.pt").exists()
 
 

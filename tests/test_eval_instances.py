@@ -227,7 +227,7 @@ def _cli(*args):
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_cli_json_prints_one_object(engine, expected):
-    proc = _cli("--gt", GT_PATH, "--dt", DT_PATHS["segm"], "--iou-type", "segm", "--engine", engine, "--json")
+    proc = _cli(f"gt={GT_PATH}", f"dt={DT_PATHS['segm']}", "iou_type=segm", f"engine={engine}", "json=true")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)  # the whole of stdout is exactly one JSON object
     assert isinstance(result, dict) and proc.stdout.strip().count("\n") == 0
@@ -237,7 +237,7 @@ def test_cli_json_prints_one_object(engine, expected):
 
 
 def test_cli_table(capsys):
-    assert instances.main(["--gt", str(GT_PATH), "--dt", str(DT_PATHS["bbox"]), "--iou-type", "bbox"]) == 0
+    assert instances.main([f"gt={GT_PATH}", f"dt={DT_PATHS['bbox']}", "iou_type=bbox"]) == 0
     out = capsys.readouterr().out
     ap_line = next(line for line in out.splitlines() if line.startswith("AP "))
     assert "IoU=0.50:0.95 | area=   all | maxDets=100" in ap_line and ap_line.endswith(" 0.505")
@@ -254,22 +254,30 @@ def test_cli_errors(tmp_path, capsys, val_dets):
     not_a_list = tmp_path / "dict.json"
     not_a_list.write_text("{}")
     cases = [
-        (["--gt", str(tmp_path / "missing.json"), "--dt", str(DT_PATHS["bbox"])], "not found"),
-        (["--gt", str(GT_PATH), "--dt", str(bad_json)], "not valid JSON"),
-        (["--gt", str(bad_json), "--dt", str(DT_PATHS["bbox"])], "not valid JSON"),
-        (["--gt", str(GT_PATH), "--dt", str(unknown_image)], "unknown image_id 987654321"),
-        (["--gt", str(GT_PATH), "--dt", str(unknown_cat)], "unknown category_id 999"),
-        (["--gt", str(GT_PATH), "--dt", str(not_a_list)], "must be a list"),
-        (["--gt", str(DT_PATHS["bbox"]), "--dt", str(DT_PATHS["bbox"])], "ground truth must be"),
+        ([f"gt={tmp_path / 'missing.json'}", f"dt={DT_PATHS['bbox']}"], "not found"),
+        ([f"gt={GT_PATH}", f"dt={bad_json}"], "not valid JSON"),
+        ([f"gt={bad_json}", f"dt={DT_PATHS['bbox']}"], "not valid JSON"),
+        ([f"gt={GT_PATH}", f"dt={unknown_image}"], "unknown image_id 987654321"),
+        ([f"gt={GT_PATH}", f"dt={unknown_cat}"], "unknown category_id 999"),
+        ([f"gt={GT_PATH}", f"dt={not_a_list}"], "must be a list"),
+        ([f"gt={DT_PATHS['bbox']}", f"dt={DT_PATHS['bbox']}"], "ground truth must be"),
+        # the command line itself: each mistake named before any file is read
+        ([f"gt={GT_PATH}"], "missing ['dt']"),
+        ([f"gt={GT_PATH}", f"dt={DT_PATHS['bbox']}", "iou_type=keypoints"], "iou_type must be one of"),
+        ([f"gt={GT_PATH}", f"dt={DT_PATHS['bbox']}", "engine=fast"], "engine must be one of"),
+        ([f"gt={GT_PATH}", f"dt={DT_PATHS['bbox']}", "json=yes please"], "json must be true or false"),
+        ([f"gt={GT_PATH}", f"dt={DT_PATHS['bbox']}", "--iou-type"], "unknown keys"),
     ]
     for argv, message in cases:
-        assert instances.main([*argv, "--iou-type", "bbox", "--json"]) == 2, argv
+        defaults = ["iou_type=bbox", "json=true"]
+        given = {a.split("=")[0] for a in argv}
+        assert instances.main([*argv, *(d for d in defaults if d.split("=")[0] not in given)]) == 2, argv
         captured = capsys.readouterr()
         assert captured.out == ""
         assert captured.err.startswith("error: ") and message in captured.err, captured.err
         assert captured.err.count("\n") == 1
     # and through a real process: exit status 2, nothing on stdout
-    proc = _cli("--gt", GT_PATH, "--dt", unknown_image, "--iou-type", "bbox", "--json")
+    proc = _cli(f"gt={GT_PATH}", f"dt={unknown_image}", "iou_type=bbox", "json=true")
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == ["error: detection 0 refers to unknown image_id 987654321"]
 

@@ -411,9 +411,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli(tmp_path, capsys):
     pred_json, pred_dir = write_prediction(tmp_path, ["shift", "noise"], 5)
-    args = ["--gt-json", str(GT_JSON), "--gt-dir", str(GT_DIR), "--pred-json", str(pred_json),
-            "--pred-dir", str(pred_dir)]
-    done = _cli(*args, "--json")
+    args = [f"gt_json={GT_JSON}", f"gt_dir={GT_DIR}", f"pred_json={pred_json}", f"pred_dir={pred_dir}"]
+    done = _cli(*args, "json=true")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)  # exactly one JSON document on stdout
     assert isinstance(result, dict) and done.stdout.strip().startswith("{")
@@ -428,12 +427,12 @@ def test_cli(tmp_path, capsys):
     pred_data = json.loads(pred_json.read_text())
     pred_data["annotations"].pop()
     pred_json.write_text(json.dumps(pred_data))
-    done = _cli(*args, "--json")
+    done = _cli(*args, "json=true")
     assert done.returncode == 2 and done.stdout == ""
     assert len(done.stderr.strip().splitlines()) == 1 and "image 439180: no prediction" in done.stderr
-    with pytest.raises(SystemExit) as info:
-        panoptic.main(["--gt-json", str(GT_JSON)])
-    assert info.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert panoptic.main([f"gt_json={GT_JSON}"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "missing ['gt_dir', 'pred_json', 'pred_dir']" in error[0]
 
 
 def test_speed_against_panopticapi(tmp_path, capsys):

@@ -208,8 +208,7 @@ def test_invalid_detections_are_errors_naming_file_record_and_field(tmp_path, ch
 def test_detection_file_errors_on_the_command_line(tmp_path, capsys):
     (tmp_path / "gt.json").write_text(json.dumps(GT))
     (tmp_path / "dt.json").write_text(json.dumps([GOOD, {**GOOD, "score": math.inf}]))
-    assert instances_main(["--gt", str(tmp_path / "gt.json"), "--dt", str(tmp_path / "dt.json"),
-                           "--iou-type", "bbox"]) == 2
+    assert instances_main([f"gt={tmp_path / 'gt.json'}", f"dt={tmp_path / 'dt.json'}", "iou_type=bbox"]) == 2
     err = capsys.readouterr().err
     assert "dt.json: detection 1: field 'score' must be a finite number, got inf" in err
     # valid results still score: a perfect box, and a zero-size box is allowed (it matches nothing)

@@ -1,7 +1,7 @@
 """Converted reference weights compute what the authors' OpenSeeD code computes (../shared/reference).
 
 For each of the three released architectures, the small model of the same module tree (``weights.pt``) is converted
-with ``python -m openseed.convert_checkpoint --config config.yaml`` and run on the fixture's photo and vocabulary: text
+with ``python -m openseed.convert_checkpoint config=config.yaml`` and run on the fixture's photo and vocabulary: text
 embeddings, every stage, the proposals, each layer's logits and boxes, the final masks and the box-conditioned path
 must match the recorded outputs to atol = rtol = 1e-4 (README "Tolerances"); from the photo file, ``Predictor``'s
 default preprocessing (the converted model's recorded 800 / 1333 resize) gives the recorded input exactly and its

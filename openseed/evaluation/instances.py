@@ -12,7 +12,7 @@ Engines
 (faster-coco-eval); ``engine="pycocotools"`` runs the reference implementation. On the official COCO API
 fake-results test (val2014, 100 images) both give the expected 12 stats for bbox and segm to 1e-15, which
 ``tests/test_eval_instances.py`` checks; without faster-coco-eval the default falls back to pycocotools.
-The engines' progress prints are swallowed so that ``--json`` output stays clean.
+The engines' progress prints are swallowed so that ``json=true`` output stays clean.
 
 Ids that start at 0 (the "AP 0.9488" pitfall)
 ---------------------------------------------
@@ -41,12 +41,11 @@ areas come from the mask). Detections for unknown image or category ids, a ``sco
 :class:`EvaluationInputError` naming the detection's index and the field (and the file, when read from one), before
 anything is scored.
 
-CLI: ``python -m openseed.evaluation.instances --gt G --dt D --iou-type bbox|segm [--engine E] [--json]``.
+CLI: ``python -m openseed.evaluation.instances gt=G dt=D iou_type=bbox|segm [engine=E] [json=true]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import io
@@ -375,27 +374,34 @@ def format_table(result: dict, iou_type: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m openseed.evaluation.instances",
-                                     description="COCO box / mask AP (pycocotools semantics, 0-based ids safe).")
-    parser.add_argument("--gt", required=True, help="COCO ground-truth JSON")
-    parser.add_argument("--dt", required=True, help="COCO results JSON (list of detections)")
-    parser.add_argument("--iou-type", required=True, choices=IOU_TYPES)
-    parser.add_argument("--engine", choices=ENGINES, default=None, help=f"default: {DEFAULT_ENGINE}")
-    parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
-    args = parser.parse_args(argv)
+    """``python -m openseed.evaluation.instances gt=GT.json dt=RESULTS.json iou_type=bbox|segm [engine=...]
+    [json=true]``: COCO box / mask AP (pycocotools semantics, 0-based ids safe); a table, or exactly one JSON object
+    on stdout with ``json=true``. ``engine``: default ``DEFAULT_ENGINE``."""
+    from openseed.cli import UsageError, choice, flag, main_arguments, parse_key_values, path
+
+    defaults = {"gt": None, "dt": None, "iou_type": None, "engine": None, "json": False}
+    try:
+        args = parse_key_values(main_arguments(argv), defaults, ("gt", "dt", "iou_type"))
+        gt, dt = path(args["gt"], "gt"), path(args["dt"], "dt")
+        iou_type = choice(args["iou_type"], "iou_type", IOU_TYPES)
+        wanted_engine = None if args["engine"] is None else choice(args["engine"], "engine", ENGINES)
+        as_json = flag(args["json"], "json")
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         with contextlib.redirect_stdout(sys.stderr):  # anything an engine prints goes to stderr
-            engine = _resolve_engine(args.engine)
-            result = evaluate_coco(args.gt, args.dt, args.iou_type, engine=engine)
+            engine = _resolve_engine(wanted_engine)
+            result = evaluate_coco(gt, dt, iou_type, engine=engine)
     except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"error: {message}", file=sys.stderr)
         return 2
     try:
-        if args.json:
-            print(json.dumps({"iou_type": args.iou_type, "engine": engine, **result}))
+        if as_json:
+            print(json.dumps({"iou_type": iou_type, "engine": engine, **result}))
         else:
-            print(format_table(result, args.iou_type))
+            print(format_table(result, iou_type))
         sys.stdout.flush()
     except BrokenPipeError:  # e.g. piped into `head`
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -20,12 +20,11 @@ Instead of the official per-pair Python loops and worker processes, one image co
 of both id maps to contiguous labels, one ``np.bincount`` joint histogram and array arithmetic over the (small)
 segment-pair matrix; on files, PNG decoding runs a few images ahead in background threads.
 
-Run on files: ``python -m openseed.evaluation.panoptic --gt-json G --gt-dir GD --pred-json P --pred-dir PD``.
+Run on files: ``python -m openseed.evaluation.panoptic gt_json=G gt_dir=GD pred_json=P pred_dir=PD``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import deque
@@ -357,31 +356,30 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-class _Parser(argparse.ArgumentParser):
-    """Argument parser whose errors are one line on stderr (exit code 2)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Command line: PQ of COCO panoptic prediction files; a table, or one JSON object with ``--json``."""
-    parser = _Parser(prog="python -m openseed.evaluation.panoptic", description=__doc__.split("\n")[0])
-    parser.add_argument("--gt-json", required=True, help="COCO panoptic ground-truth JSON (with categories)")
-    parser.add_argument("--gt-dir", required=True, help="folder of the ground-truth PNGs")
-    parser.add_argument("--pred-json", required=True, help="COCO panoptic results JSON")
-    parser.add_argument("--pred-dir", required=True, help="folder of the predicted PNGs")
-    parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
-    args = parser.parse_args(argv)
+    """``python -m openseed.evaluation.panoptic gt_json=GT.json gt_dir=GT_PNGS pred_json=PRED.json
+    pred_dir=PRED_PNGS [json=true]``: PQ of COCO panoptic prediction files (the ground-truth JSON with its
+    categories); a table, or one JSON object with ``json=true``."""
+    from openseed.cli import UsageError, flag, main_arguments, parse_key_values, path
+
+    prog = "python -m openseed.evaluation.panoptic"
+    keys = ("gt_json", "gt_dir", "pred_json", "pred_dir")
     try:
-        results = evaluate_files(args.gt_json, args.gt_dir, args.pred_json, args.pred_dir)
+        args = parse_key_values(main_arguments(argv), {**dict.fromkeys(keys), "json": False}, keys)
+        files = [path(args[key], key) for key in keys]
+        as_json = flag(args["json"], "json")
+    except UsageError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        results = evaluate_files(*files)
     except (PanopticFormatError, OSError, KeyError, TypeError, ValueError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         if isinstance(e, KeyError):
             message = f"missing field {e} in a JSON file"
-        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
-    print(json.dumps(results) if args.json else format_table(results))
+    print(json.dumps(results) if as_json else format_table(results))
     return 0
 
 

@@ -140,7 +140,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             raise ValueError(f"{path}: a Lightning checkpoint without '{LIGHTNING_PREFIX}*' weights")
         return dict(data["hyper_parameters"]["model_config"]), state
     raise ValueError(f"{path}: not an openseed model file or training checkpoint (a released OpenSeeD checkpoint "
-                     f"is converted first: python -m openseed.convert_checkpoint SRC --arch ARCH --out OUT)")
+                     f"is converted first: python -m openseed.convert_checkpoint source=SRC arch=ARCH out=OUT)")
 
 
 def load_state_strictly(model: nn.Module, state: dict[str, Tensor], source: str | Path) -> None:
