@@ -21,13 +21,13 @@ with 0.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -245,31 +245,37 @@ def cpu_sanity() -> dict:
             "shape": list(out32.shape)}  # fmt: skip
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m openseed.ops.benchmark", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dtype", default="fp32,bf16,fp16", help="comma-separated value dtypes among fp32,bf16,fp16")
-    parser.add_argument("--repeats", type=int, default=50, help="timed runs per measurement (median reported)")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed runs before each measurement")
-    parser.add_argument("--shapes", default="encoder,decoder300,decoder900", help=f"comma-separated, of {list(SHAPES)}")
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results to this JSON file")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    args.dtype = [d.strip() for d in args.dtype.split(",") if d.strip()]
-    args.shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
-    for d in args.dtype:
-        if d not in DTYPES:
-            parser.error(f"unknown dtype {d!r}; choose among {list(DTYPES)}")
-    for s in args.shapes:
-        if s not in SHAPES:
-            parser.error(f"unknown shape {s!r}; choose among {list(SHAPES)}")
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error("--repeats must be >= 1 and --warmup >= 0")
-    return args
+def parse_args(argv: Sequence[str] | None) -> SimpleNamespace:
+    """``dtype=[fp32,bf16,fp16] shapes=[encoder,decoder300,decoder900] repeats=50 warmup=10 out=PATH seed=0``
+    (``key=value``, ``openseed.cli``): value dtypes, shapes, timed runs per measurement (median reported), untimed
+    runs before each, a JSON file to write the results to as well, the inputs' seed. A mistake is a ``UsageError``
+    naming the key."""
+    from openseed.cli import UsageError, main_arguments, optional_int, parse_key_values, path, string_list
+
+    defaults = {"dtype": list(DTYPES), "shapes": ["encoder", "decoder300", "decoder900"], "repeats": 50,
+                "warmup": 10, "out": None, "seed": 0}
+    args = parse_key_values(main_arguments(argv), defaults)
+    dtypes, shapes = string_list(args["dtype"], "dtype"), string_list(args["shapes"], "shapes")
+    for key, values, known in (("dtype", dtypes, DTYPES), ("shapes", shapes, SHAPES)):
+        unknown = [v for v in values if v not in known]
+        if unknown:
+            raise UsageError(f"{key}: unknown {unknown}; choose among {list(known)}")
+    return SimpleNamespace(dtype=dtypes, shapes=shapes, repeats=optional_int(args["repeats"], "repeats"),
+                           warmup=optional_int(args["warmup"], "warmup", minimum=0),
+                           json=None if args["out"] is None else path(args["out"], "out"),
+                           seed=optional_int(args["seed"], "seed", minimum=0))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark (or, without CUDA, the CPU sanity check); print markdown; return the exit code."""
-    args = parse_args(argv)
+    """Run the benchmark (or, without CUDA, the CPU sanity check); print markdown; return the exit code (2: a
+    mistake in the arguments, named on stderr)."""
+    from openseed.cli import UsageError
+
+    try:
+        args = parse_args(argv)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     result: dict = {"torch": torch.__version__}
     if not torch.cuda.is_available():
         print("CUDA is not available: the GPU benchmark was skipped (it needs a CUDA device).")
