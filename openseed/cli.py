@@ -13,9 +13,14 @@ class UsageError(ValueError):
     """A command line that cannot be used as it is; the message says what to fix."""
 
 
-def parse_key_values(argv: Sequence[str], defaults: dict, required: Sequence[str] = ()) -> dict:
-    """Parse ``key=value`` arguments over ``defaults``; unknown or missing keys raise ``UsageError``."""
+def parse_key_values(argv: Sequence[str] | None, defaults: dict, required: Sequence[str] = ()) -> dict:
+    """Parse ``key=value`` arguments (``argv``, or ``sys.argv[1:]`` when None) over ``defaults``; unknown or missing
+    keys raise ``UsageError``."""
+    import sys
+
     from omegaconf import OmegaConf
+
+    argv = sys.argv[1:] if argv is None else argv
 
     try:
         given = OmegaConf.to_container(OmegaConf.from_dotlist(list(argv)))
@@ -46,13 +51,6 @@ def string_list(value, key: str, allow_empty: bool = False) -> list[str]:
             hint = f" (quote it, {key}=['{item}'], to mean the text)" if isinstance(item, (bool, int, float)) else ""
             raise UsageError(f"{key}[{index}] must be a non-empty string, got {item!r}{hint}")
     return [item.strip() for item in items]
-
-
-def main_arguments(argv: Sequence[str] | None) -> list[str]:
-    """The command line's words: ``argv`` when given (tests, callers), else ``sys.argv[1:]``."""
-    import sys
-
-    return list(sys.argv[1:] if argv is None else argv)
 
 
 def path(value, key: str) -> str:

@@ -116,16 +116,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     an authors' OpenSeeD checkpoint (``source``: the released .pt, a state dict flat or nested under 'model'; ``arch``:
     the released architecture it holds, or ``config``: a reference config file giving the sizes), or without
     ``arch``/``config`` an openseed training checkpoint or an old model file, into an openseed model file."""
-    from openseed.cli import UsageError, choice, main_arguments, parse_key_values, path
+    from openseed.cli import UsageError, parse_key_values, path
 
     defaults = {"source": None, "out": None, "arch": None, "config": None}
-    try:
-        args = parse_key_values(main_arguments(argv), defaults, ("source", "out"))
+    try:  # arch's value and arch-or-config are checked by convert, before it reads anything
+        args = parse_key_values(argv, defaults, ("source", "out"))
         source, out = path(args["source"], "source"), path(args["out"], "out")
-        arch = None if args["arch"] is None else choice(args["arch"], "arch", REFERENCE_ARCHITECTURES)
+        arch = None if args["arch"] is None else str(args["arch"])
         config = None if args["config"] is None else path(args["config"], "config")
-        if arch is not None and config is not None:
-            raise UsageError("give arch or config, not both (config gives the sizes instead of arch)")
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -353,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from openseed.cli import UsageError, number, optional_int, parse_key_values, string_list
 
     try:  # every argument is checked before the model is loaded
-        args = parse_key_values(sys.argv[1:] if argv is None else argv, CLI_KEYS, ("ckpt", "images", "vocabulary"))
+        args = parse_key_values(argv, CLI_KEYS, ("ckpt", "images", "vocabulary"))
         images = string_list(args["images"], "images")
         vocabulary = string_list(args["vocabulary"], "vocabulary")
         stuff = string_list(args["stuff"] or [], "stuff", allow_empty=True)

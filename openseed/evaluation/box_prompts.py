@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     defaults = {"ckpt": None, "shards": None, "image_size": None, "batch_size": 8, "device": "cpu", "json": False}
     try:
-        args = parse_key_values(sys.argv[1:] if argv is None else argv, defaults, ("ckpt", "shards"))
+        args = parse_key_values(argv, defaults, ("ckpt", "shards"))
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -377,11 +377,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m openseed.evaluation.instances gt=GT.json dt=RESULTS.json iou_type=bbox|segm [engine=...]
     [json=true]``: COCO box / mask AP (pycocotools semantics, 0-based ids safe); a table, or exactly one JSON object
     on stdout with ``json=true``. ``engine``: default ``DEFAULT_ENGINE``."""
-    from openseed.cli import UsageError, choice, flag, main_arguments, parse_key_values, path
+    from openseed.cli import UsageError, choice, flag, parse_key_values, path
 
     defaults = {"gt": None, "dt": None, "iou_type": None, "engine": None, "json": False}
     try:
-        args = parse_key_values(main_arguments(argv), defaults, ("gt", "dt", "iou_type"))
+        args = parse_key_values(argv, defaults, ("gt", "dt", "iou_type"))
         gt, dt = path(args["gt"], "gt"), path(args["dt"], "dt")
         iou_type = choice(args["iou_type"], "iou_type", IOU_TYPES)
         wanted_engine = None if args["engine"] is None else choice(args["engine"], "engine", ENGINES)

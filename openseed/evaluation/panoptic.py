@@ -360,12 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m openseed.evaluation.panoptic gt_json=GT.json gt_dir=GT_PNGS pred_json=PRED.json
     pred_dir=PRED_PNGS [json=true]``: PQ of COCO panoptic prediction files (the ground-truth JSON with its
     categories); a table, or one JSON object with ``json=true``."""
-    from openseed.cli import UsageError, flag, main_arguments, parse_key_values, path
+    from openseed.cli import UsageError, flag, parse_key_values, path
 
     prog = "python -m openseed.evaluation.panoptic"
     keys = ("gt_json", "gt_dir", "pred_json", "pred_dir")
     try:
-        args = parse_key_values(main_arguments(argv), {**dict.fromkeys(keys), "json": False}, keys)
+        args = parse_key_values(argv, {**dict.fromkeys(keys), "json": False}, keys)
         files = [path(args[key], key) for key in keys]
         as_json = flag(args["json"], "json")
     except UsageError as err:

@@ -211,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     defaults = {"ckpt": None, "shards": None, "image_size": None, "batch_size": 4, "device": "cpu",
                 "num_workers": 0, "json": False}
     try:
-        args = parse_key_values(sys.argv[1:] if argv is None else argv, defaults, ("ckpt", "shards"))
+        args = parse_key_values(argv, defaults, ("ckpt", "shards"))
         shard_dirs = string_list(args["shards"], "shards")  # shards=[] is an error, not an empty report
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -250,11 +250,11 @@ def parse_args(argv: Sequence[str] | None) -> SimpleNamespace:
     (``key=value``, ``openseed.cli``): value dtypes, shapes, timed runs per measurement (median reported), untimed
     runs before each, a JSON file to write the results to as well, the inputs' seed. A mistake is a ``UsageError``
     naming the key."""
-    from openseed.cli import UsageError, main_arguments, optional_int, parse_key_values, path, string_list
+    from openseed.cli import UsageError, optional_int, parse_key_values, path, string_list
 
     defaults = {"dtype": list(DTYPES), "shapes": ["encoder", "decoder300", "decoder900"], "repeats": 50,
                 "warmup": 10, "out": None, "seed": 0}
-    args = parse_key_values(main_arguments(argv), defaults)
+    args = parse_key_values(argv, defaults)
     dtypes, shapes = string_list(args["dtype"], "dtype"), string_list(args["shapes"], "shapes")
     for key, values, known in (("dtype", dtypes, DTYPES), ("shapes", shapes, SHAPES)):
         unknown = [v for v in values if v not in known]
