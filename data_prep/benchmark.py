@@ -1,23 +1,24 @@
 """Data pipeline throughput: converters (images/s) and training batches (images/s), printed as markdown tables.
 
-    python -m data_prep.benchmark [--root data/synthshapes] [--realdata ../shared/realdata] [--batches 30]
+    python -m data_prep.benchmark [root=data/synthshapes] [realdata=../shared/realdata] [batches=30]
 
-Converters run on synthshapes (generated and cached under --root if missing). Training-batch throughput is measured
-for LSJ at 1024 on real COCO photos (the panoptic sample in --realdata, resampled endlessly) and for LSJ at the CPU
+Converters run on synthshapes (generated and cached under ``root`` if missing). Training-batch throughput is measured
+for LSJ at 1024 on real COCO photos (the panoptic sample in ``realdata``, resampled endlessly) and for LSJ at the CPU
 default size (160) on synthshapes, with 0 and 2 loader workers, after a warm-up.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from data_prep import coco_detection_to_shards, coco_panoptic_to_shards
 from data_prep.prepare_synthshapes import prepare_synthshapes
+from openseed.cli import Option, UsageError, integer, parse_options, path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,15 +62,21 @@ def loader_images_per_second(shard_dir: Path, image_size: int, scale_range: tupl
     return count / (time.perf_counter() - start)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", default=str(ROOT / "data" / "synthshapes"))
-    parser.add_argument("--realdata", default=str(ROOT.parent / "shared" / "realdata"))
-    parser.add_argument("--batches", type=int, default=30, help="timed batches per loader setting")
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--repeats", type=int, default=3, help="loader measurements per setting; the median is shown")
-    args = parser.parse_args(argv)
+OPTIONS = {
+    "root": Option("the synthshapes folder (made when missing)", str(ROOT / "data" / "synthshapes"), path),
+    "realdata": Option("the shared real data folder", str(ROOT.parent / "shared" / "realdata"), path),
+    "batches": Option("timed batches per loader setting", 30, integer(1)),
+    "workers": Option("loader worker processes of the parallel setting", min(2, os.cpu_count() or 1), integer(1)),
+    "repeats": Option("loader measurements per setting; the median is shown", 3, integer(1)),
+}
 
+
+def main(argv=None) -> int:
+    try:
+        args = parse_options(argv, OPTIONS, "python -m data_prep.benchmark", __doc__.split("\n\n")[0])
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     shard_dirs = prepare_synthshapes(args.root, progress=False)
     print(f"machine: {os.cpu_count()} CPU cores\n")
     print("| converter | data | images | workers | images/s |\n|---|---|---|---|---|")

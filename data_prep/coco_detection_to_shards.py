@@ -1,11 +1,12 @@
 """Convert a COCO-style detection data set (COCO instances, Objects365 v1/v2, LVIS, labelme exports) to shards.
 
-    python -m data_prep.coco_detection_to_shards --json zhiyuan_objv2_train.json --image-dir objects365/train \
-        --out shards/o365v2_train --name o365v2_train --no-masks
+    python -m data_prep.coco_detection_to_shards json=zhiyuan_objv2_train.json image_dir=objects365/train \
+        out=shards/o365v2_train name=o365v2_train masks=false
 
-Image paths are resolved under --image-dir as written in the JSON, or with leading folders dropped (Objects365 v2's
+Image paths are resolved under ``image_dir`` as written in the JSON, or with leading folders dropped (Objects365 v2's
 ``images/v2/patchN/...`` finds ``patchN/...``); LVIS images are found by the name in their ``coco_url``.
-Polygon and RLE masks are kept as compressed RLE unless --no-masks.
+Polygon and RLE masks are kept as compressed RLE unless ``masks=false``.
+``--help`` lists every key.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from __future__ import annotations
 import sys
 from functools import partial
 
-from data_prep._cli import converter_parser, run
+from data_prep._cli import converter_options, run
 from data_prep.shard_writer import ConversionSummary, encode_detection, write_shards
+from openseed.cli import Option, path
 from openseed.data.coco import load_coco_detection
 
 
@@ -32,16 +34,18 @@ def convert(json_path, image_dir, out, name, maxcount=1000, workers=0, skip_miss
                         reader_adjusted=report.adjusted_objects, source=source)
 
 
+OPTIONS = converter_options(
+    json=Option("COCO-style detection JSON", required=True, check=path),
+    image_dir=Option("root folder of the images", required=True, check=path),
+    masks=Option("keep the segmentation masks (false: boxes only)", True),
+    drop_empty=Option("skip images without annotations (keep them for evaluation sets)", False),
+)
+
+
 def main(argv=None) -> int:
-    parser = converter_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--json", required=True, help="COCO-style detection JSON")
-    parser.add_argument("--image-dir", required=True, help="root folder of the images")
-    parser.add_argument("--no-masks", action="store_true", help="drop segmentation masks (boxes only)")
-    parser.add_argument("--drop-empty", action="store_true",
-                        help="skip images without annotations (keep them for evaluation sets)")
-    args = parser.parse_args(argv)
-    return run(lambda a: convert(a.json, a.image_dir, a.out, a.name, a.maxcount, a.workers, a.skip_missing,
-                                 a.limit, not a.quiet, not a.no_masks, a.drop_empty), args)
+    return run(lambda a: convert(a.json, a.image_dir, a.out, a.name, a.maxcount, a.workers, a.skip_missing, a.limit,
+                                 a.progress, a.masks, a.drop_empty),
+               argv, OPTIONS, "python -m data_prep.coco_detection_to_shards", __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

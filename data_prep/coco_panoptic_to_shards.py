@@ -1,10 +1,10 @@
 """Convert a COCO panoptic data set (JSON + PNG folder + image folder) to openseed shards.
 
-    python -m data_prep.coco_panoptic_to_shards --json panoptic_train2017.json --png-dir panoptic_train2017 \
-        --image-dir train2017 --out shards/coco_panoptic_train --name coco_panoptic_train
+    python -m data_prep.coco_panoptic_to_shards json=panoptic_train2017.json png_dir=panoptic_train2017 \
+        image_dir=train2017 out=shards/coco_panoptic_train name=coco_panoptic_train
 
 Writes one sample per image (JPEG + raw panoptic PNG + JSON; schema in openseed/data/shards.py and docs/data.md),
-``vocab.json`` and ``manifest.json``, then prints what it wrote and what it skipped.
+``vocab.json`` and ``manifest.json``, then prints what it wrote and what it skipped. ``--help`` lists every key.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from __future__ import annotations
 import sys
 from functools import partial
 
-from data_prep._cli import converter_parser, run
+from data_prep._cli import converter_options, run
 from data_prep.shard_writer import ConversionSummary, encode_panoptic, write_shards
+from openseed.cli import Option, path
 from openseed.data.coco import load_coco_panoptic
 
 
@@ -27,14 +28,17 @@ def convert(json_path, png_dir, image_dir, out, name, maxcount=1000, workers=0, 
                         reader_adjusted=report.adjusted_objects, source=source)
 
 
+OPTIONS = converter_options(
+    json=Option("COCO panoptic JSON", required=True, check=path),
+    png_dir=Option("folder of the panoptic PNG id maps", required=True, check=path),
+    image_dir=Option("folder of the images", required=True, check=path),
+)
+
+
 def main(argv=None) -> int:
-    parser = converter_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--json", required=True, help="COCO panoptic JSON")
-    parser.add_argument("--png-dir", required=True, help="folder of the panoptic PNG id maps")
-    parser.add_argument("--image-dir", required=True, help="folder of the images")
-    args = parser.parse_args(argv)
-    return run(lambda a: convert(a.json, a.png_dir, a.image_dir, a.out, a.name, a.maxcount, a.workers,
-                                 a.skip_missing, a.limit, not a.quiet), args)
+    return run(lambda a: convert(a.json, a.png_dir, a.image_dir, a.out, a.name, a.maxcount, a.workers, a.skip_missing,
+                                 a.limit, a.progress),
+               argv, OPTIONS, "python -m data_prep.coco_panoptic_to_shards", __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

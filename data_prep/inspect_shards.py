@@ -1,14 +1,13 @@
 """Look at a converted data set: a summary of its manifest, and a picture of samples with their targets.
 
-    python -m data_prep.inspect_shards DIR [--out samples.png] [--count 8] [--lsj 512]
+    python -m data_prep.inspect_shards root=DIR [out=samples.png] [count=8] [lsj=512]
 
 The picture shows each sample's masks (coloured, half transparent), boxes and class names exactly as the training
-pipeline delivers them; with ``--lsj SIZE`` after large-scale jitter at that size, otherwise at the stored size.
+pipeline delivers them; with ``lsj=SIZE`` after large-scale jitter at that size, otherwise at the stored size.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 from collections import Counter
@@ -16,6 +15,7 @@ from collections import Counter
 import torch
 from PIL import Image
 
+from openseed.cli import Option, UsageError, integer, parse_options, path
 from openseed.data.shards import Sample, ShardSet, read_shards
 from openseed.data.transforms import LargeScaleJitter
 from openseed.visualize import draw_overlay, grid
@@ -29,17 +29,20 @@ def render(sample: Sample, names: list[str]) -> Image.Image:
                         None if sample.ignore_mask is None else sample.ignore_mask.numpy())
 
 
+OPTIONS = {
+    "root": Option("a converted data set folder (with manifest.json)", required=True, check=path),
+    "out": Option("write a PNG of the first `count` samples here", None, path),
+    "count": Option("samples to summarise and draw", 8, integer(1)),
+    "lsj": Option("apply large-scale jitter at this size first", None, integer(1)),
+    "seed": Option("seed of the jitter", 0, integer(0)),
+}
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("root", help="a converted data set folder (with manifest.json)")
-    parser.add_argument("--out", default=None, help="write a PNG of the first --count samples here")
-    parser.add_argument("--count", type=int, default=8)
-    parser.add_argument("--lsj", type=int, default=None, help="apply large-scale jitter at this size first")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
     try:
+        args = parse_options(argv, OPTIONS, "python -m data_prep.inspect_shards", __doc__.split("\n\n")[0])
         shard_set = ShardSet.open(args.root)
-    except (FileNotFoundError, ValueError) as err:
+    except (UsageError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     vocab = shard_set.vocabulary

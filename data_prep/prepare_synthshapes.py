@@ -1,16 +1,15 @@
 """Generate synthshapes and convert its four splits to shards, once (both steps are cached).
 
-    python -m data_prep.prepare_synthshapes --root data/synthshapes [--scale 1.0] [--variant standard|crowded]
-        [--check-loader]
+    python -m data_prep.prepare_synthshapes [root=data/synthshapes] [scale=1.0] [variant=standard|crowded]
+        [check_loader=true]    (--help lists every key)
 
 Layout: ``ROOT/raw`` holds the COCO-format files (``data_prep.synthetic``), ``ROOT/shards/{seg_train, seg_val,
 det_train, det_val}`` the converted data sets. A conversion is redone when the raw set it came from changed.
-``--check-loader`` then streams a few joint training batches and one validation pass, and prints what it got.
+``check_loader=true`` then streams a few joint training batches and one validation pass, and prints what it got.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 
 from data_prep import coco_detection_to_shards, coco_panoptic_to_shards, synthetic
+from openseed.cli import Option, UsageError, integer, number, one_of, parse_options, path
 from openseed.data.shards import MANIFEST
 
 SPLITS = ("seg_train", "seg_val", "det_train", "det_val")
@@ -85,16 +85,23 @@ def check_loader(shard_dirs: dict[str, Path], steps: int = 3) -> None:
         print(f"validation {shards.name}: {seen} of {shards.num_samples} images in {len(val_loader)} batches")
 
 
+OPTIONS = {
+    "root": Option("the data folder (raw/ and shards/ under it)", "data/synthshapes", path),
+    "seed": Option("generator seed", 0, integer(0)),
+    "scale": Option("multiply the default split sizes by this", 1.0, lambda value, key: number(value, key, above=0)),
+    "image_size": Option("image side in pixels (>= 64)", 160, integer(64)),
+    "workers": Option("processes (null: all CPUs); does not change the output", None, integer(1)),
+    "variant": Option("standard or crowded (data_prep.synthetic)", "standard", one_of(sorted(synthetic.VARIANTS))),
+    "check_loader": Option("then stream a few training batches and one validation pass", False),
+}
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", default="data/synthshapes")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scale", type=float, default=1.0)
-    parser.add_argument("--image-size", type=int, default=160)
-    parser.add_argument("--workers", type=int, default=None)
-    parser.add_argument("--variant", choices=sorted(synthetic.VARIANTS), default="standard")
-    parser.add_argument("--check-loader", action="store_true")
-    args = parser.parse_args(argv)
+    try:
+        args = parse_options(argv, OPTIONS, "python -m data_prep.prepare_synthshapes", __doc__.split("\n\n")[0])
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     dirs = prepare_synthshapes(args.root, args.seed, args.scale, args.image_size, args.workers,
                                variant=args.variant)

@@ -1,12 +1,12 @@
 """Offline mask assistance: decode a mask for every box of a detection data set with a trained model.
 
-    python -m data_prep.pseudo_masks --ckpt model.safetensors --shards data/shards/objects365v1_train \
-        --out data/shards/objects365v1_train_pseudo [--image-size 1024 --batch-size 8]
+    python -m data_prep.pseudo_masks ckpt=model.safetensors shards=data/shards/objects365v1_train \
+        out=data/shards/objects365v1_train_pseudo [image_size=1024 batch_size=8]
 
 Each box's class name and box become a conditioned query (box-prompted decoding, no noise); its mask is written as
 compressed RLE with ``pseudo_mask: true`` (paper Tables 7-8). Images and everything else are copied untouched; boxes
-that already have an annotated mask keep it unless ``--overwrite``; crowd boxes get no mask. A box that the
-decoding resize drops (under ``MIN_BOX_SIDE`` px wide or high at ``--image-size``, or outside the image) gets no mask
+that already have an annotated mask keep it unless ``overwrite=true``; crowd boxes get no mask. A box that the
+decoding resize drops (under ``MIN_BOX_SIDE`` px wide or high at ``image_size``, or outside the image) gets no mask
 either: it is written without ``rle`` (``has_mask`` False) and counted, by reason, in the summary's
 ``boxes_without_mask``. Masks are matched to their objects by the object's position in the JSON, carried through the
 resize, so a dropped box never shifts the others' masks. Train with the result by pointing ``data.det.path`` at it
@@ -15,7 +15,6 @@ and setting ``data.det_masks=true``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from openseed.cli import Option, UsageError, integer, parse_options, path
 from openseed.core.codecs import encode_rle
 from openseed.data.shards import MANIFEST, VOCAB, ShardSet, iter_raw_samples
 from openseed.data.transforms import MIN_BOX_SIDE, EvalResize
@@ -100,22 +100,26 @@ def _write_chunk(model, raws, source, names, resize, writer, overwrite, counts) 
         counts["images"] += 1
 
 
+OPTIONS = {
+    "ckpt": Option("an openseed model file or training checkpoint", required=True, check=path),
+    "shards": Option("a converted detection data set", required=True, check=path),
+    "out": Option("the output folder (the same data set with the pseudo masks)", required=True, check=path),
+    "image_size": Option("longer side the images are decoded at", 1024, integer(1)),
+    "batch_size": Option("images per forward pass", 8, integer(1)),
+    "overwrite": Option("replace annotated masks too", False),
+    "device": Option("torch device (null: cuda when available, else cpu)", None, path),
+}
+
+
 def main(argv=None) -> int:
     from openseed.modeling.openseed import load_model
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True, help="an openseed model file or training checkpoint")
-    parser.add_argument("--shards", required=True, help="a converted detection data set")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--image-size", type=int, default=1024, help="longer side the images are decoded at")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--overwrite", action="store_true", help="replace annotated masks too")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
     try:
-        model = load_model(args.ckpt).to(args.device)
+        args = parse_options(argv, OPTIONS, "python -m data_prep.pseudo_masks", __doc__.split("\n\n")[0])
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_model(args.ckpt).to(device)
         summary = pseudo_mask_shards(model, args.shards, args.out, args.image_size, args.batch_size, args.overwrite)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
+    except (UsageError, FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"pseudo masks: {summary}")

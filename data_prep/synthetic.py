@@ -15,7 +15,7 @@ Every image is a square RGB picture (160 x 160 by default) made of:
   pixels) is neither painted nor annotated, so the annotations always match the pixels exactly (masks are
   rasterised without anti-aliasing at the output resolution).
 
-Splits (default counts, multiplied by ``--scale``):
+Splits (default counts, multiplied by ``scale``):
 
 * ``seg_train`` (2000) / ``seg_val`` (200): COCO panoptic (``images/*.jpg``, ``panoptic/*.png`` RGB id maps
   with no void pixel, ``panoptic.json``); things only from the 16 "seg" classes (circle, square, triangle,
@@ -25,7 +25,7 @@ Splits (default counts, multiplied by ``--scale``):
 
 Category ids are stable across splits: things ``1 + 8 * colour_index + shape_index`` (1..32), stuff 101..106.
 
-Variants (``--variant``): ``standard`` (above, the default) and ``crowded``, a harder set for the study of the
+Variants (``variant=``): ``standard`` (above, the default) and ``crowded``, a harder set for the study of the
 paper's claims (experiments/paper_claims): 12 stuff classes (the six above plus ``snow``, ``dirt``, ``gravel``,
 ``wood floor``, ``tiles``, ``foliage``; ids 101..112), 2-5 stuff regions and 4-12 things per image, things 8%-30% of
 the side, and an object kept while at least 25% of it is visible, so boxes overlap and many stuff regions compete
@@ -36,25 +36,27 @@ image has its own ``numpy.random.Generator`` seeded from (seed, split number, im
 
 Usage::
 
-    python -m data_prep.synthetic --out data/synthshapes [--seed 0] [--scale 1.0] [--workers N]
-        [--image-size 160] [--variant standard|crowded] [--force]
+    python -m data_prep.synthetic out=data/synthshapes [seed=0] [scale=1.0] [workers=N]
+        [image_size=160] [variant=standard|crowded] [force=true]    (--help lists every key)
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from openseed.cli import Option, UsageError, integer, number, one_of, parse_options, path
 
 VERSION = 1
 
@@ -750,67 +752,39 @@ def generate(out_dir: str | Path, seed: int = 0, scale: float = 1.0, image_size:
     return manifest
 
 
-def _positive_float(text: str) -> float:
+def main(argv: list[str] | None = None) -> int:
+    options = {
+        "out": Option("output directory", required=True, check=path),
+        "seed": Option("random seed", 0, integer(0)),
+        "scale": Option("multiply the default split sizes (2000/200/4000/200) by this", 1.0,
+                        lambda value, key: number(value, key, above=0)),
+        "workers": Option("worker processes (null: all CPUs); does not change the output", None, integer(1)),
+        "image_size": Option("image side in pixels (>= 64)", 160, integer(64)),
+        "variant": Option("standard, or crowded: more stuff classes, more and overlapping things", "standard",
+                          one_of(sorted(VARIANTS))),
+        "force": Option("regenerate even if a matching set exists", False),
+        "progress": Option("show the progress bars", True),
+    }
     try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return v
-
-
-def _int_at_least(minimum: int):
-    """An argparse type: an integer >= minimum."""
-
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {v}")
-        return v
-
-    return parse
-
-
-_image_size = _int_at_least(64)
-_non_negative_int = _int_at_least(0)
-_positive_int = _int_at_least(1)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        prog="python -m data_prep.synthetic",
-        description="Generate the synthshapes data set (COCO panoptic + detection, offline).")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
-    parser.add_argument("--scale", type=_positive_float, default=1.0,
-                        help="multiply the default split sizes (2000/200/4000/200) by this (default 1.0)")
-    parser.add_argument("--workers", type=_positive_int, default=None,
-                        help="worker processes (default: all CPUs); does not change the output")
-    parser.add_argument("--image-size", type=_image_size, default=160, help="image side in pixels (>= 64)")
-    parser.add_argument("--variant", choices=sorted(VARIANTS), default="standard",
-                        help="standard (default) or crowded: more stuff classes, more and overlapping things")
-    parser.add_argument("--force", action="store_true", help="regenerate even if a matching set exists")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    args = parser.parse_args(argv)
-
+        args = parse_options(argv, options, "python -m data_prep.synthetic",
+                             "Generate the synthshapes data set (COCO panoptic + detection, offline).")
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     cached = None if args.force else is_cached(args.out, args.seed, args.scale, args.image_size, args.variant)
     if cached is not None:
         print(f"synthshapes: {args.out} already holds seed={args.seed} scale={args.scale} "
-              f"image_size={args.image_size} variant={args.variant} (cached; use --force to regenerate)")
-        return cached
+              f"image_size={args.image_size} variant={args.variant} (cached; force=true regenerates)")
+        return 0
     t0 = time.perf_counter()
     manifest = generate(args.out, seed=args.seed, scale=args.scale, image_size=args.image_size,
-                        workers=args.workers, progress=not args.no_progress, variant=args.variant)
+                        workers=args.workers, progress=args.progress, variant=args.variant)
     seconds = time.perf_counter() - t0
     counts = ", ".join(f"{k}={v}" for k, v in manifest["counts"].items())
     print(f"synthshapes: wrote {sum(manifest['counts'].values())} images to {args.out} ({counts}) "
           f"in {seconds:.1f} s")
-    return manifest
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,12 +1,20 @@
-"""``key=value`` command lines (lists as ``[a,b]``): the convention of every ``python -m openseed.*`` entry point.
+"""``key=value`` command lines (lists as ``[a,b]``): the convention of every ``python -m openseed.*`` entry point,
+of the data preparation tools (``python -m data_prep.*``) and of the experiment drivers (``experiments/*``).
 
 ``train`` and ``evaluate`` are Hydra applications (the same words, with config groups and run folders); the others
-(``predict``, ``convert_checkpoint``, the evaluation tools) parse the words here, without Hydra's run folders.
-Each checks its arguments before loading anything and stops with exit code 2 and one line naming the key."""
+(``predict``, ``convert_checkpoint``, the evaluation tools, the converters) parse the words here, without Hydra's run
+folders. Each checks its arguments before loading anything and stops with exit code 2 and one line naming the key.
+Tools declared with ``Option`` (``parse_options``) also answer ``--help`` with their keys, defaults and help."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+HELP_WORDS = ("-h", "--help", "help")
 
 
 class UsageError(ValueError):
@@ -16,12 +24,12 @@ class UsageError(ValueError):
 def parse_key_values(argv: Sequence[str] | None, defaults: dict, required: Sequence[str] = ()) -> dict:
     """Parse ``key=value`` arguments (``argv``, or ``sys.argv[1:]`` when None) over ``defaults``; unknown or missing
     keys raise ``UsageError``."""
-    import sys
-
     from omegaconf import OmegaConf
 
     argv = sys.argv[1:] if argv is None else argv
-
+    bare = [word for word in argv if "=" not in word]
+    if bare:
+        raise UsageError(f"{bare[0]!r} is not a key=value word; write key=value (lists as [a,b])")
     try:
         given = OmegaConf.to_container(OmegaConf.from_dotlist(list(argv)))
     except Exception as err:  # OmegaConf's grammar errors come in several types
@@ -84,10 +92,76 @@ def optional_int(value, key: str, minimum: int = 1) -> int | None:
     return value
 
 
-def number(value, key: str) -> float:
-    """A finite real number argument; a ``UsageError`` naming the key otherwise."""
+def number(value, key: str, above: float | None = None) -> float:
+    """A finite real number argument (greater than ``above`` when given); a ``UsageError`` naming the key
+    otherwise."""
     import math
 
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise UsageError(f"{key} must be a number, got {value!r}")
+    if above is not None and value <= above:
+        raise UsageError(f"{key} must be > {above}, got {value!r}")
     return float(value)
+
+
+def integer(minimum: int = 1) -> Callable[[Any, str], int]:
+    """The check of an integer key (``Option.check``): ``minimum`` or more."""
+    def check(value, key: str) -> int:
+        if value is None:
+            raise UsageError(f"{key} must be an integer >= {minimum}, got None")
+        return optional_int(value, key, minimum)
+    return check
+
+
+def one_of(options: Sequence[str]) -> Callable[[Any, str], str]:
+    """The check of a key that takes one of ``options``."""
+    return lambda value, key: choice(value, key, options)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One key of a command line: a line of help, the default, and the check that turns the given value into the one
+    the tool uses (``check(value, key)``, raising ``UsageError``; a key whose default is None also takes ``key=null``,
+    unchecked). A ``required`` key has no default; a bool default makes the key a ``key=true|false`` switch checked by
+    ``flag``."""
+
+    help: str
+    default: Any = None
+    check: Callable[[Any, str], Any] | None = None
+    required: bool = False
+
+
+def usage(command: str, summary: str, options: Mapping[str, Option]) -> str:
+    """The ``--help`` text: the command with its required keys, the summary, one line per key."""
+    required = " ".join(f"{key}=..." for key, option in options.items() if option.required)
+    lines = [f"usage: {command} {required} [key=value ...]".replace("  ", " "), "", summary.strip(), "", "keys:"]
+    width = max(len(key) for key in options)
+    for key, option in options.items():
+        default = "required" if option.required else f"default {_shown(option.default)}"
+        lines.append(f"  {key:<{width}}  {option.help} ({default})")
+    return "\n".join(lines)
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "null" if value is None else str(value)
+
+
+def parse_options(argv: Sequence[str] | None, options: Mapping[str, Option], command: str,
+                  summary: str) -> SimpleNamespace:
+    """Parse ``key=value`` words (``sys.argv[1:]`` when None) against declared ``options``: the values, checked, as
+    attributes. A help word (``-h``, ``--help``, ``help``) prints ``usage`` and exits 0; a mistake is a
+    ``UsageError`` naming the key."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(word in HELP_WORDS for word in argv):
+        print(usage(command, summary, options))
+        raise SystemExit(0)
+    required = [key for key, option in options.items() if option.required]
+    given = parse_key_values(argv, {key: option.default for key, option in options.items()}, required)
+    values = {}
+    for key, option in options.items():
+        check = option.check or (flag if isinstance(option.default, bool) else None)
+        value = given[key]
+        values[key] = value if check is None or (value is None and option.default is None) else check(value, key)
+    return SimpleNamespace(**values)

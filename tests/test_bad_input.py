@@ -69,8 +69,8 @@ def test_missing_annotation_file(tmp_path):
 
 def test_cli_reports_errors_in_one_line(labelme_copy, tmp_path, capsys):
     _edit(labelme_copy / "annotations.json", lambda d: d["annotations"][0].update(category_id=77))
-    code = coco_detection_to_shards.main(["--json", str(labelme_copy / "annotations.json"), "--image-dir",
-                                          str(labelme_copy), "--out", str(tmp_path / "o"), "--name", "lm"])
+    code = coco_detection_to_shards.main([f"json={labelme_copy / 'annotations.json'}", f"image_dir={labelme_copy}",
+                                          f"out={tmp_path / 'o'}", "name=lm", "workers=0"])
     err = capsys.readouterr().err
     assert code == 2 and "error:" in err and "unknown category id 77" in err and "Traceback" not in err
 

@@ -266,7 +266,7 @@ def test_cli_errors(tmp_path, capsys, val_dets):
         ([f"gt={GT_PATH}", f"dt={DT_PATHS['bbox']}", "iou_type=keypoints"], "iou_type must be one of"),
         ([f"gt={GT_PATH}", f"dt={DT_PATHS['bbox']}", "engine=fast"], "engine must be one of"),
         ([f"gt={GT_PATH}", f"dt={DT_PATHS['bbox']}", "json=yes please"], "json must be true or false"),
-        ([f"gt={GT_PATH}", f"dt={DT_PATHS['bbox']}", "--iou-type"], "unknown keys"),
+        ([f"gt={GT_PATH}", f"dt={DT_PATHS['bbox']}", "--iou-type"], "'--iou-type' is not a key=value word"),
     ]
     for argv, message in cases:
         defaults = ["iou_type=bbox", "json=true"]

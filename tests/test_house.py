@@ -30,3 +30,23 @@ def test_the_ground_floor_imports_only_itself():
 def test_the_import_reader_sees_imports():
     """The reader above cannot pass by seeing nothing: on a file with known imports it finds them."""
     assert "openseed.core.batch" in _openseed_imports(ROOT / "openseed" / "data" / "transforms.py")
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_one_command_line_convention():
+    """Every command line of the package, the data tools and the experiment drivers takes key=value words
+    (openseed.cli, or Hydra for train/evaluate): none parses flags with argparse."""
+    files = [f for folder in ("openseed", "data_prep", "experiments") for f in sorted((ROOT / folder).rglob("*.py"))]
+    assert len(files) > 60
+    assert "argparse" in _top_level_imports(Path(ast.__file__))  # the reader finds an argparse import where one is
+    flags = [str(f.relative_to(ROOT)) for f in files if "argparse" in _top_level_imports(f)]
+    assert flags == []

@@ -57,7 +57,7 @@ def _section(text: str, title: str) -> list[list[str]]:
 
 
 def test_tables_give_mean_and_sample_std_over_seeds(fake_study, tmp_path):
-    assert gather.main([str(fake_study), "--out", str(tmp_path / "out")]) == 0
+    assert gather.main([f"study={fake_study}", f"out={tmp_path / 'out'}"]) == 0
     text = (tmp_path / "out" / "results.md").read_text()
     table9 = {row[0]: row for row in _section(text, "Table 9")[2:]}
     assert list(table9) == ["baseline", "no_decoupled"]  # offline is Table 7's; the unfinished run is listed below
@@ -76,13 +76,13 @@ def test_tables_give_mean_and_sample_std_over_seeds(fake_study, tmp_path):
 
 def test_records_carry_a_study_across_machines(fake_study, tmp_path, capsys):
     first = tmp_path / "first"
-    assert gather.main([str(fake_study), "--out", str(first)]) == 0
+    assert gather.main([f"study={fake_study}", f"out={first}"]) == 0
     records = json.loads((first / "records.json").read_text())
     assert {r["name"] for r in records["runs"]} == {"baseline-s0", "baseline-s1", "baseline-s2", "no_decoupled-s0",
                                                     "no_decoupled-s1", "offline-s0", "offline-s1"}
     # the records alone give the same tables (the run folders are gone)
     capsys.readouterr()
-    assert gather.main(["--records", str(first / "records.json"), "--out", str(tmp_path / "again")]) == 0
+    assert gather.main([f"records=[{first / 'records.json'}]", f"out={tmp_path / 'again'}"]) == 0
     again = (tmp_path / "again" / "results.md").read_text()
     assert again.split("## Every run")[0] == (first / "results.md").read_text().split("## Every run")[0]
     assert "From records, not run folders here" in again and "box prompts of baseline-s1" in again
@@ -92,7 +92,7 @@ def test_records_carry_a_study_across_machines(fake_study, tmp_path, capsys):
               {"mask_AP": 0.2, "mask_AP_unseen": 0.14})
     _fake_run(later / "runs" / "no_conditioned-s0", ["ablation=no_conditioned", "seed=0"], {"PQ": 0.41}, {})
     capsys.readouterr()
-    assert gather.main([str(later), "--records", str(first / "records.json"), "--out", str(tmp_path / "all")]) == 0
+    assert gather.main([f"study={later}", f"records=[{first / 'records.json'}]", f"out={tmp_path / 'all'}"]) == 0
     err = capsys.readouterr().err
     assert "baseline-s2: run folder replaces the record" in err and "seg_val/PQ 48.00 -> 47.00" in err
     merged = json.loads((tmp_path / "all" / "records.json").read_text())
@@ -113,7 +113,7 @@ def test_a_broken_records_file_is_an_error_naming_it(tmp_path):
     bad = tmp_path / "records.json"
     bad.write_text(json.dumps({"runs": [{"name": "baseline-s0"}]}))
     with pytest.raises(SystemExit, match=f"{bad}: not a records file"):
-        gather.main(["--records", str(bad)])
+        gather.main([f"records=[{bad}]"])
 
 
 def test_the_variant_comes_from_the_overrides_not_the_folder_name(tmp_path):
@@ -125,19 +125,19 @@ def test_the_variant_comes_from_the_overrides_not_the_folder_name(tmp_path):
 
 def test_driver_keeps_finished_runs_and_stops_on_a_failed_one(tmp_path, capsys):
     _fake_run(tmp_path / "runs" / "baseline-s0", ["ablation=baseline", "seed=0"], {}, {})
-    assert study.main(["--out", str(tmp_path), "--stages", "ablations", "--only", "baseline", "--seeds", "0"]) == 0
+    assert study.main([f"out={tmp_path}", "stages=[ablations]", "only=[baseline]", "seeds=[0]"]) == 0
     assert "baseline-s0: finished before, kept" in capsys.readouterr().out
     # a run that cannot start (a bad value: openseed.train exits 2 before any data or model) stops the study
-    code = study.main(["--out", str(tmp_path), "--stages", "ablations", "--only", "no_decoupled", "--seeds", "0",
-                       "--", "trainer.max_epochs=two"])
+    code = study.main([f"out={tmp_path}", "stages=[ablations]", "only=[no_decoupled]", "seeds=[0]",
+                       "overrides=[trainer.max_epochs=two]"])
     assert code == 1
     err = capsys.readouterr().err
     log = tmp_path / "runs" / "no_decoupled-s0" / "driver.log"
     assert f"(log: {log})" in err and "max_epochs" in log.read_text()
     assert not (tmp_path / "runs" / "no_decoupled-s0" / "metrics.json").exists()
     # the next attempt moves the stopped run's folder aside before it starts afresh
-    assert study.main(["--out", str(tmp_path), "--stages", "ablations", "--only", "no_decoupled", "--seeds", "0",
-                       "--", "trainer.max_epochs=two"]) == 1
+    assert study.main([f"out={tmp_path}", "stages=[ablations]", "only=[no_decoupled]", "seeds=[0]",
+                       "overrides=[trainer.max_epochs=two]"]) == 1
     (aside,) = (tmp_path / "aborted").iterdir()
     assert aside.name.startswith("no_decoupled-s0-") and (aside / "driver.log").is_file()
 
@@ -148,27 +148,29 @@ def test_crowded_study_trains_the_crowded_experiment_on_its_own_shards(tmp_path,
     monkeypatch.setattr(study, "eval_size", lambda run: 160)
     teacher = tmp_path / "runs" / "baseline-s0"
     _fake_run(teacher, ["ablation=baseline", "seed=0"], {}, {})
-    assert study.main(["--variant", "crowded", "--out", str(tmp_path), "--stages", "ablations,offline",
-                       "--only", "no_decoupled", "--seeds", "0", "--", "trainer.max_epochs=1"]) == 0
+    assert study.main(["variant=crowded", f"out={tmp_path}", "stages=[ablations,offline]", "only=[no_decoupled]",
+                       "seeds=[0]", "overrides=[trainer.max_epochs=1]"]) == 0
     ablation, pseudo, offline = commands
     assert "experiment=synthshapes_crowded" in ablation and "ablation=no_decoupled" in ablation
     assert ablation.index("experiment=synthshapes_crowded") < ablation.index("trainer.max_epochs=1")
     shards = ROOT / "data" / "synthshapes_crowded" / "shards"
-    assert pseudo[pseudo.index("--shards") + 1] == str(shards / "det_train")
+    assert f"shards={shards / 'det_train'}" in pseudo and "device=cpu" in pseudo
     assert "experiment=synthshapes_crowded" in offline and "data.det_masks=true" in offline
     # the standard study names no experiment (the default, synthshapes_joint) and reads data/synthshapes
     commands.clear()
-    assert study.main(["--out", str(tmp_path / "std"), "--stages", "ablations", "--only", "baseline",
-                       "--seeds", "0"]) == 0
+    assert study.main([f"out={tmp_path / 'std'}", "stages=[ablations]", "only=[baseline]", "seeds=[0]"]) == 0
     assert not [c for c in commands[0] if c.startswith("experiment=")]
     assert study.data_folder("standard") == ROOT / "data" / "synthshapes" / "shards"
 
 
 def test_offline_stage_needs_the_baseline_first(tmp_path, capsys):
-    assert study.main(["--out", str(tmp_path), "--stages", "offline", "--seeds", "3"]) == 1
+    assert study.main([f"out={tmp_path}", "stages=[offline]", "seeds=[3]"]) == 1
     assert "baseline-s3 has not finished" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        study.main(["--stages", "everything"])
+    assert study.main(["stages=[everything]"]) == 2
+    assert "stages[0] must be one of ['ablations', 'box_prompts', 'offline']" in capsys.readouterr().err
+    assert study.main(["only=[no_decoupled,typo]"]) == 2 and "only[1] must be one of" in capsys.readouterr().err
+    assert study.main(["seeds=[0,-1]"]) == 2 and "seeds[1] must be an integer >= 0" in capsys.readouterr().err
+    assert gather.main([]) == 2 and "give a study folder" in capsys.readouterr().err
 
 
 def test_documented_commands_exist():
@@ -176,4 +178,4 @@ def test_documented_commands_exist():
     assert "python experiments/paper_claims/run.py" in readme and "python experiments/paper_claims/gather.py" in readme
     done = subprocess.run([sys.executable, "experiments/paper_claims/run.py", "--help"], cwd=ROOT,
                           capture_output=True, text=True)
-    assert done.returncode == 0 and "--stages" in done.stdout
+    assert done.returncode == 0 and "  stages " in done.stdout and "(default ['ablations', 'box_prompts'" in done.stdout

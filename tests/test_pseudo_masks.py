@@ -76,11 +76,12 @@ def test_cli_with_a_saved_model(det_small, tmp_path, capsys):
     torch.manual_seed(0)
     save_model(build_openseed("tiny"), tmp_path / "model.pt")
     assert load_model(tmp_path / "model.pt").config.hidden_dim == 64
-    code = main(["--ckpt", str(tmp_path / "model.pt"), "--shards", str(det_small), "--out", str(tmp_path / "out"),
-                 "--image-size", "128", "--device", "cpu"])
+    code = main([f"ckpt={tmp_path / 'model.pt'}", f"shards={det_small}", f"out={tmp_path / 'out'}", "image_size=128",
+                 "device=cpu"])
     assert code == 0 and "pseudo masks" in capsys.readouterr().out
-    assert main(["--ckpt", str(tmp_path / "missing.pt"), "--shards", str(det_small), "--out",
-                 str(tmp_path / "o")]) == 2
+    assert main([f"ckpt={tmp_path / 'missing.pt'}", f"shards={det_small}", f"out={tmp_path / 'o'}"]) == 2
+    assert main([f"ckpt={tmp_path / 'model.pt'}", f"shards={det_small}", f"out={tmp_path / 'o'}", "image_size=0"]) == 2
+    assert "image_size must be an integer >= 1" in capsys.readouterr().err
 
 
 class _BoxFillModel(torch.nn.Module):

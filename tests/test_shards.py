@@ -118,11 +118,13 @@ def test_stream_skip_counter_counts_each_skip(caplog, panoptic_shards, tmp_path)
 def test_inspect_tool_draws_the_targets(panoptic_shards, tmp_path, capsys):
     from data_prep.inspect_shards import main
 
-    assert main([str(panoptic_shards), "--out", str(tmp_path / "grid.png"), "--count", "2"]) == 0
+    assert main([f"root={panoptic_shards}", f"out={tmp_path / 'grid.png'}", "count=2"]) == 0
     out = capsys.readouterr().out
     assert "coco_panoptic_sample: task seg, masks panoptic, 2 images" in out and "47 targets" in out
     grid = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB")).astype(int)
     assert grid.shape == (427, 2 * 640, 3)
     photo = np.asarray(Image.open(PANOPTIC / "input_images" / "000000142238.jpg").convert("RGB")).astype(int)
     assert np.abs(grid[:, :640] - photo).mean() > 10  # masks were blended in
-    assert main([str(tmp_path / "nothing")]) == 2
+    assert main([f"root={tmp_path / 'nothing'}"]) == 2
+    assert main([str(panoptic_shards)]) == 2  # a bare path is not a key=value word
+    assert "is not a key=value word" in capsys.readouterr().err

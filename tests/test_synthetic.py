@@ -248,22 +248,35 @@ def test_render_image_partition() -> None:
 
 def test_cli(tmp_path: Path, capsys) -> None:
     out = tmp_path / "cli"
-    S.main(["--out", str(out), "--scale", "0.01", "--workers", "1", "--no-progress"])
+    assert S.main([f"out={out}", "scale=0.01", "workers=1", "progress=false"]) == 0
     manifest = _load(out / "synthshapes.json")
     assert manifest["counts"]["det_train"] == 40
     first = capsys.readouterr().out
     assert "det_train=40" in first
     before = (out / "synthshapes.json").stat().st_mtime_ns
-    S.main(["--out", str(out), "--scale", "0.01", "--no-progress"])
+    assert S.main([f"out={out}", "scale=0.01", "progress=false"]) == 0
     assert "cached" in capsys.readouterr().out
     assert (out / "synthshapes.json").stat().st_mtime_ns == before
 
 
-@pytest.mark.parametrize("args", [["--scale", "0"], ["--scale", "-1"], ["--image-size", "32"]])
-def test_cli_bad_args(tmp_path: Path, args: list[str]) -> None:
-    with pytest.raises(SystemExit):
-        S.main(["--out", str(tmp_path / "bad"), *args])
+@pytest.mark.parametrize(("arg", "message"), [
+    ("scale=0", "scale must be > 0"), ("scale=-1", "scale must be > 0"),
+    ("image_size=32", "image_size must be an integer >= 64"), ("--scale", "is not a key=value word"),
+    ("progress=maybe", "progress must be true")])
+def test_cli_bad_args(tmp_path: Path, capsys, arg: str, message: str) -> None:
+    assert S.main([f"out={tmp_path / 'bad'}", arg]) == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_cli_help_lists_every_key(capsys) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        S.main(["--help"])
+    text = capsys.readouterr().out
+    assert stopped.value.code == 0 and text.startswith("usage: python -m data_prep.synthetic out=...")
+    for line in ("  out         output directory (required)", "  scale       multiply", "(default 1.0)",
+                 "  variant     standard, or crowded", "(default standard)", "  force       ", "(default false)"):
+        assert line in text
 
 
 # ------------------------------------------------------------------------------------------------ variants
@@ -326,5 +339,4 @@ def test_crowded_set_and_its_cache(tmp_path: Path) -> None:
     assert S.is_cached(out, 0, 0.005, 160) is not None  # a manifest from before the variants: standard
     with pytest.raises(ValueError, match="unknown synthshapes variant 'busy'"):
         S.generate(tmp_path / "bad", variant="busy")
-    with pytest.raises(SystemExit):
-        S.main(["--out", str(tmp_path / "bad2"), "--variant", "busy"])
+    assert S.main([f"out={tmp_path / 'bad2'}", "variant=busy"]) == 2

@@ -209,7 +209,8 @@ def test_benchmark_rejects_unknown_options(capsys):
     assert bench.main(["dtype=[fp8]"]) == 2
     assert "dtype: unknown ['fp8']" in capsys.readouterr().err
     assert bench.main(["repeats=0"]) == 2 and "repeats must be an integer >= 1" in capsys.readouterr().err
-    assert bench.main(["--repeats", "2"]) == 2  # the old flags are named as unknown, not half-read
+    assert bench.main(["--repeats", "2"]) == 2  # the old flags are refused, not half-read
+    assert "'--repeats' is not a key=value word" in capsys.readouterr().err
 
 
 def test_benchmark_peak_bandwidth_table():

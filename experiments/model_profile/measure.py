@@ -1,7 +1,7 @@
 """Model size and training-step cost.
 
-    python experiments/model_profile/measure.py [--steps 5] [--size small] [--data data/synthshapes]
-        [--seg-batch 8] [--det-batch 6] [--num-points 512]
+    python experiments/model_profile/measure.py [steps=5] [size=small] [data=data/synthshapes]
+        [seg_batch=8] [det_batch=6] [num_points=512] [params=false]    (--help lists every key)
 
 1. Parameter counts of the released architectures (swint_nodecouple, swint_decouple, swinl_decouple; their text
    tower is the reference's CLIP-style transformer, 12 layers, width 512) and the CPU sizes, whole model and parts.
@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import argparse
 import resource
 import sys
 import time
@@ -28,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from data_prep.prepare_synthshapes import prepare_synthshapes  # noqa: E402
+from openseed.cli import Option, UsageError, integer, parse_options, path  # noqa: E402
 from openseed.data.datamodule import OpenSeeDDataModule  # noqa: E402
 from openseed.losses.criterion import SetCriterion  # noqa: E402
 from openseed.modeling.openseed import build_openseed  # noqa: E402
@@ -62,18 +62,25 @@ def joint_step(model, criterion, batch) -> torch.Tensor:
     return total
 
 
+OPTIONS = {
+    "steps": Option("timed joint steps (after one warm-up)", 5, integer(1)),
+    "size": Option("model size (conf/model)", "small", path),
+    "data": Option("the synthshapes folder (made when missing)", str(ROOT / "data" / "synthshapes"), path),
+    "num_points": Option("point samples per mask in the criterion", 512, integer(1)),
+    "seg_batch": Option("segmentation images per step", 8, integer(1)),
+    "det_batch": Option("detection images per step", 6, integer(1)),
+    "params": Option("print the parameter count of each part first", True),
+}
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--size", default="small")
-    parser.add_argument("--data", default=str(ROOT / "data" / "synthshapes"))
-    parser.add_argument("--num-points", type=int, default=512, help="point samples per mask in the criterion")
-    parser.add_argument("--seg-batch", type=int, default=8, help="segmentation images per step")
-    parser.add_argument("--det-batch", type=int, default=6, help="detection images per step")
-    parser.add_argument("--skip-params", action="store_true")
-    args = parser.parse_args(argv)
+    try:
+        args = parse_options(argv, OPTIONS, "python experiments/model_profile/measure.py", __doc__.split("\n\n")[0])
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    if not args.skip_params:
+    if args.params:
         parameter_table()
 
     dirs = prepare_synthshapes(args.data, progress=False)

@@ -1,6 +1,6 @@
 """Predictor latency per image on this machine (panoptic task, a real COCO photo, after a warm-up).
 
-    python experiments/model_profile/predictor_latency.py [--repeats 3]
+    python experiments/model_profile/predictor_latency.py [repeats=3] [realdata=DIR]
 
 Swin-T (the decoupled released architecture, random weights: the size is what matters for speed) runs at 1024, the
 small CPU model at 160 and 512. (Converted released models run at the reference's 800 x 1333:
@@ -10,7 +10,6 @@ The vocabulary is the 133 COCO panoptic classes; its prompt-ensemble embedding i
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -23,17 +22,26 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from openseed import Predictor  # noqa: E402
+from openseed.cli import Option, UsageError, integer, parse_options, path  # noqa: E402
 from openseed.core.vocabulary import Vocabulary  # noqa: E402
 from openseed.modeling.openseed import build_openseed  # noqa: E402
 
 REALDATA = ROOT.parent / "shared" / "realdata" / "coco_panoptic_sample"
 
 
+OPTIONS = {
+    "repeats": Option("timed predictions per setting; the median is shown", 3, integer(1)),
+    "realdata": Option("the COCO panoptic sample (its photo and categories)", str(REALDATA), path),
+}
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--realdata", default=str(REALDATA))
-    args = parser.parse_args(argv)
+    try:
+        args = parse_options(argv, OPTIONS, "python experiments/model_profile/predictor_latency.py",
+                             __doc__.split("\n\n")[0])
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     photo = Path(args.realdata) / "input_images" / "000000142238.jpg"
     categories = json.loads((Path(args.realdata) / "panoptic_coco_categories.json").read_text())
     vocabulary = Vocabulary.from_coco_categories(categories)

@@ -1,6 +1,6 @@
 """Gather the study's runs into its tables (mean and standard deviation over seeds) and its plot.
 
-    python experiments/paper_claims/gather.py runs/paper_claims --out experiments/paper_claims
+    python experiments/paper_claims/gather.py study=runs/paper_claims out=experiments/paper_claims
 
 Reads every training under ``<study>/runs/`` (or the job folders of a Hydra multirun given directly): its
 ``metrics.json`` (written by ``openseed.train`` at the end of a run) and ``.hydra/overrides.yaml``, which say the
@@ -11,11 +11,11 @@ variant (``ablation=NAME``; ``offline`` for a baseline trained with ``data.det_m
 Metrics x100; ``std`` is the sample standard deviation over seeds (n - 1 in the denominator).
 
 Run folders do not outlive the machine they ran on, so the study's figures are also kept as **records**:
-``<out>/records.json`` holds every gathered run's and box-prompt score's metrics, and ``--records FILE`` (repeatable)
+``<out>/records.json`` holds every gathered run's and box-prompt score's metrics, and ``records=[FILE,...]``
 reads earlier records back, so a study run in parts on different machines is gathered whole:
 
-    python experiments/paper_claims/gather.py runs/paper_claims --records experiments/paper_claims/records.json \
-        --out experiments/paper_claims
+    python experiments/paper_claims/gather.py study=runs/paper_claims \
+        records=[experiments/paper_claims/records.json] out=experiments/paper_claims
 
 A run folder replaces the record of the same name; where both hold a figure and they differ (beyond the record's
 ``resolution``, the rounding of figures transcribed from a table) the difference is printed, which makes a rerun on
@@ -24,7 +24,6 @@ another machine a reproducibility check.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -33,6 +32,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from openseed.cli import Option, UsageError, parse_options, path, string_list
 
 SEG, DET = "seg_val", "det_val"  # a run's validation sets by role: synthshapes[_crowded]_{seg,det}_val
 COLUMNS = ((SEG, "PQ", "PQ"), (SEG, "PQ_things", "PQ things"), (SEG, "PQ_stuff", "PQ stuff"), (SEG, "mIoU", "mIoU"),
@@ -324,35 +325,43 @@ def plot(runs: list[dict], prompts: list[dict], path: Path) -> bool:
     return True
 
 
+OPTIONS = {
+    "study": Option("run.py's out folder, or a Hydra multirun folder (optional with records)", None, path),
+    "records": Option("earlier records.json files to include; run folders replace their entries", [],
+                      lambda value, key: string_list(value, key, allow_empty=True)),
+    "out": Option("write results.md, records.json (and claims.png) here (null: print only)", None, path),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("study", type=Path, nargs="?",
-                        help="run.py's --out folder, or a Hydra multirun folder (optional with --records)")
-    parser.add_argument("--records", type=Path, action="append", default=[],
-                        help="an earlier records.json to include (repeatable); run folders replace its entries")
-    parser.add_argument("--out", type=Path, help="write results.md, records.json (and claims.png) here")
-    args = parser.parse_args(argv)
-    if args.study is None and not args.records:
-        parser.error("give a study folder, --records, or both")
+    try:
+        args = parse_options(argv, OPTIONS, "python experiments/paper_claims/gather.py", __doc__.split("\n\n")[0])
+        if args.study is None and not args.records:
+            raise UsageError("give a study folder (study=DIR), records=[FILE,...], or both")
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    study, records = (None if args.study is None else Path(args.study)), [Path(r) for r in args.records]
+    out = None if args.out is None else Path(args.out)
     runs, unfinished, prompts = [], [], []
-    if args.study is not None:
-        if not args.study.is_dir():
-            print(f"no such study folder: {args.study}", file=sys.stderr)
+    if study is not None:
+        if not study.is_dir():
+            print(f"no such study folder: {study}", file=sys.stderr)
             return 2
-        runs, unfinished, prompts = collect(args.study)
-    for path in args.records:
-        runs, prompts = merge(read_records(path), runs, prompts)
+        runs, unfinished, prompts = collect(study)
+    for record_file in records:
+        runs, prompts = merge(read_records(record_file), runs, prompts)
     if not runs and not unfinished:
-        print(f"no training runs under {args.study}" + (f" or in {', '.join(map(str, args.records))}"
-                                                          if args.records else ""), file=sys.stderr)
+        print(f"no training runs under {study}" + (f" or in {', '.join(map(str, records))}" if records else ""),
+              file=sys.stderr)
         return 2
     text = markdown(runs, unfinished, prompts)
     print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.md").write_text(text)
-        (args.out / "records.json").write_text(json.dumps(to_records(runs, prompts), indent=1) + "\n")
-        if not plot(runs, prompts, args.out / "claims.png"):
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.md").write_text(text)
+        (out / "records.json").write_text(json.dumps(to_records(runs, prompts), indent=1) + "\n")
+        if not plot(runs, prompts, out / "claims.png"):
             print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
     return 0
 

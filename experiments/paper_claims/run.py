@@ -1,9 +1,9 @@
 """The paper's claims in miniature on synthshapes: every training and evaluation of the study, resumable.
 
-    python experiments/paper_claims/run.py [--variant crowded] [--out runs/paper_claims] [--seeds 0 1 2] \
-        [--model tiny] [--stages ablations,box_prompts,offline] [--only NAME ...] [-- extra Hydra overrides]
-    python experiments/paper_claims/gather.py runs/paper_claims --records experiments/paper_claims/records.json \
-        --out experiments/paper_claims
+    python experiments/paper_claims/run.py [variant=crowded] [out=runs/paper_claims] [seeds=[0,1,2]] \
+        [model=tiny] [stages=[ablations,box_prompts,offline]] [only=[NAME,...]] [overrides=[HYDRA_OVERRIDE,...]]
+    python experiments/paper_claims/gather.py study=runs/paper_claims \
+        records=[experiments/paper_claims/records.json] out=experiments/paper_claims
 
 Stages (README.md of this folder says what each measures):
 
@@ -21,15 +21,14 @@ Stages (README.md of this folder says what each measures):
 A run whose folder already has ``metrics.json`` is not run again, so an interrupted study continues where it stopped
 (the folder of a run that was stopped is moved to ``<out>/aborted/`` and the run starts afresh); a failed run stops
 the study with its log's path (``<run dir>/driver.log``). Each training is the default experiment
-(``synthshapes_joint``: 2 epochs = 500 steps) with ``model=<--model>``, ``logger=csv`` and no prediction overlays;
-arguments after ``--`` are added to every training (for example ``trainer.max_epochs=1`` for a quicker study).
-``--variant crowded`` runs the whole study on synthshapes' crowded variant instead (``experiment=synthshapes_crowded``,
+(``synthshapes_joint``: 2 epochs = 500 steps) with ``model=<model>``, ``logger=csv`` and no prediction overlays;
+``overrides`` are added to every training (for example ``overrides=[trainer.max_epochs=1]`` for a quicker study).
+``variant=crowded`` runs the whole study on synthshapes' crowded variant instead (``experiment=synthshapes_crowded``,
 its shards under ``data/synthshapes_crowded``), into ``runs/paper_claims_crowded`` by default.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import time
 from pathlib import Path
 
 from data_prep.synthetic import VARIANTS, folder_name
+from openseed.cli import Option, UsageError, integer, one_of, parse_options, path, string_list
 
 ROOT = Path(__file__).resolve().parents[2]
 ABLATIONS = ("baseline", "no_decoupled", "no_mask_assistance", "no_conditioned")
@@ -144,56 +144,70 @@ def stage_offline(out: Path, seeds: list[int], model: str, extra: list[str], det
         pseudo = out / "pseudo" / f"s{seed}"
         if not (pseudo / "manifest.json").is_file():
             print(f"s{seed}: pseudo masks for {det_train.name} from {teacher.name}", flush=True)
-            _run([sys.executable, "-m", "data_prep.pseudo_masks", "--ckpt", str(teacher / "checkpoints" / "last.ckpt"),
-                  "--shards", str(det_train), "--out", str(pseudo), "--image-size", str(eval_size(teacher)),
-                  "--device", "cpu"],
+            _run([sys.executable, "-m", "data_prep.pseudo_masks", f"ckpt={teacher / 'checkpoints' / 'last.ckpt'}",
+                  f"shards={det_train}", f"out={pseudo}", f"image_size={eval_size(teacher)}", "device=cpu"],
                  out / "pseudo" / f"s{seed}.log")
         train(run, ["ablation=baseline", f"seed={seed}", "data.det_masks=true", f"data.det.path={pseudo}"], model,
               extra)
 
 
+def _seeds(value, key: str) -> list[int]:
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise UsageError(f"{key}=[]: give at least one seed")
+    return [integer(0)(seed, f"{key}[{index}]") for index, seed in enumerate(values)]
+
+
+def _names(options):
+    """The check of a list key whose entries come from ``options``."""
+    def check(value, key: str) -> list[str]:
+        names = string_list(value, key, allow_empty=True)
+        for index, name in enumerate(names):
+            one_of(options)(name, f"{key}[{index}]")
+        return names
+    return check
+
+
+OPTIONS = {
+    "variant": Option("the synthshapes variant (data_prep.synthetic): standard, or crowded", "standard",
+                      one_of(sorted(VARIANTS))),
+    "out": Option("the study folder (null: runs/paper_claims, runs/paper_claims_crowded for crowded)", None, path),
+    "seeds": Option("training seeds", [0, 1, 2], _seeds),
+    "model": Option("model size (conf/model); small: the CPU default's", "small", path),
+    "stages": Option(f"stages to run, in order, from {list(STAGES)}", list(STAGES), _names(STAGES)),
+    "only": Option(f"ablations stage: only these of {list(ABLATIONS)} ([]: all)", [], _names(ABLATIONS)),
+    "overrides": Option("Hydra overrides added to every training", [],
+                        lambda value, key: string_list(value, key, allow_empty=True)),
+    "det_train": Option("null: the variant's shards/det_train", None, path),
+    "det_val": Option("null: the variant's shards/det_val", None, path),
+    "seg_train": Option("its classes are the 'seen' ones (null: the variant's shards/seg_train)", None, path),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    extra: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1:]
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variant", choices=sorted(VARIANTS), default="standard",
-                        help="the synthshapes variant (data_prep.synthetic): standard, or crowded")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="default runs/paper_claims (runs/paper_claims_crowded for the crowded variant)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--model", default="small", help="model size (conf/model); small: the CPU default's")
-    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, from {', '.join(STAGES)}")
-    parser.add_argument("--only", nargs="+", default=[], choices=ABLATIONS, help="ablations stage: only these")
-    parser.add_argument("--det-train", type=Path, default=None, help="default: the variant's shards/det_train")
-    parser.add_argument("--det-val", type=Path, default=None, help="default: the variant's shards/det_val")
-    parser.add_argument("--seg-train", type=Path, default=None,
-                        help="its classes are the 'seen' ones (default: the variant's shards/seg_train)")
-    args = parser.parse_args(argv)
+    try:
+        args = parse_options(argv, OPTIONS, "python experiments/paper_claims/run.py", __doc__.split("\n\n")[0])
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     shards = data_folder(args.variant)
-    args.det_train = args.det_train or shards / "det_train"
-    args.det_val = args.det_val or shards / "det_val"
-    args.seg_train = args.seg_train or shards / "seg_train"
-    if args.out is None:
-        args.out = ROOT / "runs" / ("paper_claims" if args.variant == "standard" else f"paper_claims_{args.variant}")
+    det_train = Path(args.det_train) if args.det_train else shards / "det_train"
+    det_val = Path(args.det_val) if args.det_val else shards / "det_val"
+    seg_train = Path(args.seg_train) if args.seg_train else shards / "seg_train"
+    default_out = ROOT / "runs" / ("paper_claims" if args.variant == "standard" else f"paper_claims_{args.variant}")
+    out = (Path(args.out) if args.out else default_out).resolve()
+    extra = list(args.overrides)
     if args.variant != "standard":
         extra = [f"experiment=synthshapes_{args.variant}", *extra]
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        parser.error(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
-    out = args.out.resolve()
     try:
-        for stage in stages:
+        for stage in args.stages:
             print(f"== {stage}", flush=True)
             if stage == "ablations":
                 stage_ablations(out, args.seeds, args.model, extra, set(args.only))
             elif stage == "box_prompts":
-                stage_box_prompts(out, args.seeds, args.det_val.resolve(), args.seg_train.resolve())
+                stage_box_prompts(out, args.seeds, det_val.resolve(), seg_train.resolve())
             else:
-                stage_offline(out, args.seeds, args.model, extra, args.det_train.resolve())
+                stage_offline(out, args.seeds, args.model, extra, det_train.resolve())
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -1,19 +1,18 @@
 """CPU latency of a converted full-size released architecture: forward at the reference's input size, stage by stage,
 and box prompts on an encoded image.
 
-    python experiments/reference_weights/latency.py [--arch swint_nodecouple] [--threads 2] [--repeats 3]
+    python experiments/reference_weights/latency.py [arch=swint_nodecouple] [threads=2] [repeats=3] [json=FILE]
 
 The weights have the released layout (``layout_checkpoint.py``: random values, since the released files cannot be
 downloaded here) and go through the real converter; the input is the fixture photo resized as the reference
-(800 x 1199, padded to 800 x 1216); the vocabulary is the fixture's 10 classes. Reported, medians of ``--repeats``
-runs after a warm-up (fp32, ``--threads`` threads): the text prompt ensemble (once per vocabulary, then cached), the
+(800 x 1199, padded to 800 x 1216); the vocabulary is the fixture's 10 classes. Reported, medians of ``repeats``
+runs after a warm-up (fp32, ``threads`` threads): the text prompt ensemble (once per vocabulary, then cached), the
 backbone, the pixel decoder, the decoder, the whole forward (text cached), and ``decode_boxes`` for 10 boxes with the
 image already encoded (what an annotation tool pays per request).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -29,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from layout_checkpoint import layout_state_dict  # noqa: E402
 
+from openseed.cli import Option, UsageError, integer, one_of, parse_options, path  # noqa: E402
 from openseed.convert_checkpoint import convert  # noqa: E402
 from openseed.core.vocabulary import Vocabulary  # noqa: E402
 from openseed.modeling.openseed import load_model  # noqa: E402
@@ -50,14 +50,22 @@ def timed(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
+OPTIONS = {
+    "arch": Option("the released architecture whose layout is converted and timed", "swint_nodecouple",
+                   one_of(["swint_nodecouple", "swint_decouple", "swinl_decouple"])),
+    "threads": Option("torch threads", 2, integer(1)),
+    "repeats": Option("timed calls per part; the median is shown", 3, integer(1)),
+    "json": Option("also write the figures to this file", None, path),
+}
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="swint_nodecouple",
-                        choices=["swint_nodecouple", "swint_decouple", "swinl_decouple"])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", help="also write the figures to this file")
-    args = parser.parse_args(argv)
+    try:
+        args = parse_options(argv, OPTIONS, "python experiments/reference_weights/latency.py",
+                             __doc__.split("\n\n")[0])
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         source, converted = Path(tmp) / "layout.pt", Path(tmp) / "converted.pt"

@@ -1,7 +1,7 @@
 """Write a checkpoint with the exact layout of a released OpenSeeD file (``../shared/reference/manifests``) and random
 values, to measure the converter and the converted model at full size where the released files cannot be downloaded.
 
-    python experiments/reference_weights/layout_checkpoint.py swinl_decouple /tmp/swinl_layout.pt
+    python experiments/reference_weights/layout_checkpoint.py arch=swinl_decouple out=/tmp/swinl_layout.pt
 
 Float tensors get N(0, 0.02) values (aliases share one tensor, as in a saved reference model), Swin's
 ``relative_position_index`` buffers the real index, ``logit_scale`` log(1 / 0.07). The values are random: use the
@@ -10,12 +10,16 @@ result for timing and memory, not for predictions.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from openseed.cli import Option, UsageError, one_of, parse_options, path  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "reference"
 
@@ -45,16 +49,26 @@ def layout_state_dict(arch: str, seed: int = 0) -> dict[str, torch.Tensor]:
     return state
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("arch", choices=["swint_nodecouple", "swint_decouple", "swinl_decouple"])
-    parser.add_argument("out")
-    args = parser.parse_args()
+OPTIONS = {
+    "arch": Option("the released architecture", required=True,
+                   check=one_of(["swint_nodecouple", "swint_decouple", "swinl_decouple"])),
+    "out": Option("the .pt file to write", required=True, check=path),
+}
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_options(argv, OPTIONS, "python experiments/reference_weights/layout_checkpoint.py",
+                             __doc__.split("\n\n")[0])
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     state = layout_state_dict(args.arch)
     torch.save(state, args.out)
     print(f"{args.out}: {len(state)} tensors, {sum(v.numel() for v in state.values()) / 1e6:.1f} M values "
           f"(aliases counted per key), {Path(args.out).stat().st_size / 2**20:.0f} MiB")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,14 +1,13 @@
 """The parity table of docs/model.md: max abs difference between openseed and the reference's recorded outputs, per
 stage and output, for the converted small model of each released architecture (../shared/reference).
 
-    python experiments/reference_weights/parity_table.py [--threads 2]
+    python experiments/reference_weights/parity_table.py [threads=2]
 
 The same runs as tests/test_reference_parity.py (which asserts them at atol = rtol = 1e-4); here the figures.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from openseed.cli import Option, UsageError, integer, parse_options  # noqa: E402
 from openseed.core.boxes import model_boxes_to_pixels  # noqa: E402
 from tests._reference import ARCHITECTURES, centre_crop, load_npz, meta  # noqa: E402
 from tests.test_reference_parity import Run  # noqa: E402
@@ -79,10 +79,16 @@ def rows_for(run: Run) -> dict[str, float]:
     return rows
 
 
+OPTIONS = {"threads": Option("torch threads", 2, integer(1))}
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
+    try:
+        args = parse_options(argv, OPTIONS, "python experiments/reference_weights/parity_table.py",
+                             __doc__.split("\n\n")[0])
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     table: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():

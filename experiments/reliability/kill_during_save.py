@@ -1,10 +1,10 @@
 """kill -9 a process that saves training checkpoints in a loop, many times, and count what it leaves behind.
 
-    python experiments/reliability/kill_during_save.py --trials 20 --mb 48 --tmpdir /dev/shm
+    python experiments/reliability/kill_during_save.py trials=20 mb=48 tmpdir=/dev/shm
 
 Compares Lightning's own checkpoint writer (``TorchCheckpointIO``: serialise, write through an fsspec transaction whose
 temporary file lies in the temporary folder, then move it to the target) with ``openseed.training.checkpoint_io.
-SafeCheckpointIO`` (temporary file beside the target, fsync, rename). With ``--tmpdir`` on another file system than
+SafeCheckpointIO`` (temporary file beside the target, fsync, rename). With ``tmpdir`` on another file system than
 the target (here /dev/shm, a tmpfs, against the ext4 disk) the move is a copy, and a kill during it leaves a partial
 ``last.ckpt``. For each writer it prints: trials, kills that left ``last.ckpt`` damaged (``verify_checkpoint``), kills
 that left temporary files (in the target folder or the temporary folder) and their total size, and how many
@@ -13,7 +13,6 @@ temporaries are still there after the next save into that folder (a restarted ru
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import shutil
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from openseed.cli import Option, UsageError, integer, parse_options, path
 from openseed.training.checkpoint_io import SafeCheckpointIO, verify_checkpoint
 
 SAVER = """
@@ -88,13 +88,21 @@ def _writer(kind: str):
     return SafeCheckpointIO()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trials", type=int, default=20)
-    parser.add_argument("--mb", type=int, default=48, help="checkpoint size in MB (float32 values)")
-    parser.add_argument("--tmpdir", default=tempfile.gettempdir(), help="the savers' temporary folder")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+OPTIONS = {
+    "trials": Option("kills per saver", 20, integer(1)),
+    "mb": Option("checkpoint size in MB (float32 values)", 48, integer(1)),
+    "tmpdir": Option("the savers' temporary folder", tempfile.gettempdir(), path),
+    "seed": Option("seed of the kill times", 0, integer(0)),
+}
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_options(argv, OPTIONS, "python experiments/reliability/kill_during_save.py",
+                             __doc__.split("\n\n")[0])
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     # a folder of our own inside the temporary folder: other programs' files there are never touched
     tmpdir = Path(tempfile.mkdtemp(prefix="openseed-kill-", dir=args.tmpdir))
     print("| writer | trials | damaged last.ckpt | kills leaving temporaries | their size (MB) | temporaries after the "
@@ -110,7 +118,8 @@ def main() -> None:
         name = "Lightning TorchCheckpointIO" if kind == "lightning" else "openseed SafeCheckpointIO"
         print(f"| {name} | {args.trials} | {damaged} | {leaving} | {size:.0f} | {remaining} |")
     shutil.rmtree(tmpdir, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -142,7 +142,7 @@ def _locate(image: dict, image_dir: Path, json_path: Path, skip_missing: bool, r
     if found is None:
         message = f"{json_path}: image {name!r} (id {image['id']}) not found under {image_dir}"
         if not skip_missing:
-            raise DataError(message + " (pass --skip-missing to count and skip such images)")
+            raise DataError(message + " (skip_missing=true counts and skips such images)")
         report.skip_image("missing image file", message)
     return found
 
@@ -234,7 +234,7 @@ def load_coco_panoptic(json_path: str | Path, png_dir: str | Path, image_dir: st
         if not png_path.is_file():
             message = f"{json_path}: panoptic PNG {png_name!r} not found in {png_dir}"
             if not skip_missing:
-                raise DataError(message + " (pass --skip-missing to count and skip such images)")
+                raise DataError(message + " (skip_missing=true counts and skips such images)")
             report.skip_image("missing panoptic PNG", message)
             continue
         image = images[image_id]
