@@ -42,8 +42,7 @@ def test_assistance_masks_come_from_the_clean_boxes(det_batch, monkeypatch):
     torch.testing.assert_close(cond.predictions[-1].masks[:, :slots], prompted.conditioned.predictions[-1].masks,
                                rtol=1e-4, atol=1e-4)
     criterion = SetCriterion(num_points=256, mask_assistance="online")
-    prepared = [criterion._prepare(t, boxes, torch.device("cpu")) for t, boxes in zip(det_batch.targets, clean)]
-    masks = criterion._assistance_masks(cond, prepared)
+    masks = criterion._assistance_masks(cond, det_batch.targets)
     for b, target in enumerate(det_batch.targets):
         index = cond.target_index[b, :slots]
         valid = index >= 0

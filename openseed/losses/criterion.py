@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
 
@@ -69,21 +68,6 @@ _COST_NAMES = {"loss_class": "class", "loss_bbox": "box", "loss_giou": "giou", "
                "loss_dice": "dice"}
 _WEIGHT_ARGS = {"loss_class": "class_weight", "loss_bbox": "bbox_weight", "loss_giou": "giou_weight",
                 "loss_mask": "mask_weight", "loss_dice": "dice_weight"}
-
-
-@dataclass
-class _Prepared:
-    """One image's targets on the loss device, boxes in the model convention."""
-
-    labels: Tensor
-    boxes: Tensor
-    masks: Tensor | None
-    has_mask: Tensor
-    is_thing: Tensor
-    ignore: Tensor | None = None  # bool [H, W]: crowd regions (mask losses do not count points there)
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
 
 
 def _zero(*tensors: Tensor | None) -> Tensor:
@@ -240,48 +224,39 @@ class SetCriterion(nn.Module):
         if len(batch.targets) != size:
             raise ValueError(f"{len(batch.targets)} targets for a batch of {size}")
         device = outputs.final.logits.device
-        prepared = [self._prepare(t, boxes, device) for t, boxes in zip(batch.targets, batch.model_boxes())]
-        num_boxes = self._num_boxes(prepared, device)
+        if batch.images.device != device:  # the losses live where the predictions are (the model's batch is there)
+            batch = batch.to(device)
+        targets, boxes = batch.targets, batch.model_boxes()
+        num_boxes = self._num_boxes(targets, device)
 
         assistance = None
         if task == "det" and self.mask_assistance == "online" and outputs.conditioned is not None:
-            assistance = self._assistance_masks(outputs.conditioned, prepared)
+            assistance = self._assistance_masks(outputs.conditioned, targets)
 
         num_fg, num_bg = outputs.num_fg, outputs.num_bg
         decoupled = num_bg > 0  # the model's switch, as its outputs show it: no bg queries, not decoupled
-        match_targets = self._match_targets(prepared, task, assistance)
+        match_targets = self._match_targets(targets, boxes, task, assistance)
         losses: dict[str, Tensor] = {}
-        losses.update(self._matched_losses(outputs.final, prepared, match_targets, task, num_fg, num_bg, decoupled,
-                                           num_boxes, ""))
+        losses.update(self._matched_losses(outputs.final, targets, boxes, match_targets, task, num_fg, num_bg,
+                                           decoupled, num_boxes, ""))
         for i, aux in enumerate(outputs.aux):
-            losses.update(self._matched_losses(aux, prepared, match_targets, task, num_fg, num_bg, decoupled,
+            losses.update(self._matched_losses(aux, targets, boxes, match_targets, task, num_fg, num_bg, decoupled,
                                                num_boxes, f"_aux{i}"))
         if outputs.proposals is not None:
             # rows past num_fg: the bg queries (bg_training="reference", in training), matched as the reference
             # matches its "interm" outputs: seg fg x things + bg x stuff, det every row x every target
             prop_bg = outputs.proposals.logits.shape[1] - num_fg
             prop_fg, prop_bg = (num_fg, prop_bg) if task == "seg" else (num_fg + prop_bg, 0)
-            losses.update(self._matched_losses(outputs.proposals, prepared, match_targets, task, prop_fg, prop_bg,
+            losses.update(self._matched_losses(outputs.proposals, targets, boxes, match_targets, task, prop_fg, prop_bg,
                                                decoupled, num_boxes, "_proposals"))
         if outputs.conditioned is not None:
-            losses.update(self._conditioned_losses(outputs.conditioned, prepared, num_boxes))
+            losses.update(self._conditioned_losses(outputs.conditioned, targets, boxes, num_boxes))
         return losses
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def _prepare(t: Targets, model_boxes: Tensor, device: torch.device) -> _Prepared:
-        return _Prepared(
-            labels=t.labels.to(device=device, dtype=torch.long),
-            boxes=model_boxes.to(device=device, dtype=torch.float32),
-            masks=None if t.masks is None else t.masks.to(device),
-            has_mask=t.has_mask.to(device=device, dtype=torch.bool),
-            is_thing=t.is_thing.to(device=device, dtype=torch.bool),
-            ignore=None if t.ignore_mask is None or not bool(t.ignore_mask.any()) else t.ignore_mask.to(device),
-        )
-
-    @staticmethod
-    def _num_boxes(prepared: list[_Prepared], device: torch.device) -> float:
-        count = torch.tensor(float(sum(len(p) for p in prepared)), device=device)
+    def _num_boxes(targets: list[Targets], device: torch.device) -> float:
+        count = torch.tensor(float(sum(len(t) for t in targets)), device=device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(count)
             count = count / dist.get_world_size()
@@ -293,7 +268,7 @@ class SetCriterion(nn.Module):
         return task == "det" and self.mask_assistance == "online"
 
     @staticmethod
-    def _assistance_masks(conditioned: ConditionedOutputs, prepared: list[_Prepared]) -> list[Tensor] | None:
+    def _assistance_masks(conditioned: ConditionedOutputs, targets: list[Targets]) -> list[Tensor] | None:
         """Per image [N, h, w] float masks decoded by the last conditioned layer from the clean ground-truth boxes
         (the noise-free first group; detached, binary). None without a clean group: masks of jittered boxes would
         steer the matching towards the wrong extents."""
@@ -302,7 +277,7 @@ class SetCriterion(nn.Module):
             return None
         slots_per_group = conditioned.slots_per_group
         out = []
-        for b, p in enumerate(prepared):
+        for b, p in enumerate(targets):
             index = conditioned.target_index[b, :slots_per_group].to(masks.device)
             valid = (index >= 0) & (index < len(p))
             image = masks.new_zeros((len(p), *masks.shape[-2:]), dtype=torch.float32)
@@ -311,17 +286,17 @@ class SetCriterion(nn.Module):
         return out
 
     @torch.no_grad()
-    def _match_targets(self, prepared: list[_Prepared], task: str,
+    def _match_targets(self, targets: list[Targets], boxes: list[Tensor], task: str,
                        assistance: list[Tensor] | None) -> list[MatchTarget]:
         """The matcher's view of the targets, with the mask cost points drawn and the target masks sampled once per
         image for all the matcher calls of this forward (final, aux layers, proposals)."""
         match_targets: list[MatchTarget] = []
-        for b, p in enumerate(prepared):
+        for b, p in enumerate(targets):
             if task == "seg":
-                target: MatchTarget = {"labels": p.labels, "boxes": p.boxes, "masks": p.masks,
+                target: MatchTarget = {"labels": p.labels, "boxes": boxes[b], "masks": p.masks,
                                        "mask_valid": p.has_mask}
             else:  # detection: mask cost terms only against assistance masks
-                target = {"labels": p.labels, "boxes": p.boxes,
+                target = {"labels": p.labels, "boxes": boxes[b],
                           "masks": None if assistance is None else assistance[b], "mask_valid": None}
             if target["masks"] is not None and len(p) > 0:
                 coords = uniform_points(self.matcher.num_points, target["masks"].device)
@@ -330,10 +305,10 @@ class SetCriterion(nn.Module):
             match_targets.append(target)
         return match_targets
 
-    def _matched_losses(self, pred: Prediction, prepared: list[_Prepared], match_targets: list[MatchTarget],
-                        task: str, num_fg: int, num_bg: int, decoupled: bool, num_boxes: float,
-                        suffix: str) -> dict[str, Tensor]:
-        groups = build_match_groups([p.is_thing for p in prepared], task, num_fg, num_bg, decoupled)
+    def _matched_losses(self, pred: Prediction, targets: list[Targets], boxes: list[Tensor],
+                        match_targets: list[MatchTarget], task: str, num_fg: int, num_bg: int, decoupled: bool,
+                        num_boxes: float, suffix: str) -> dict[str, Tensor]:
+        groups = build_match_groups([t.is_thing for t in targets], task, num_fg, num_bg, decoupled)
         indices = self.matcher(pred, match_targets, groups)
 
         # Class: focal over every supervised query (det: fg only) and class.
@@ -342,18 +317,18 @@ class SetCriterion(nn.Module):
         onehot = torch.zeros_like(logits)
         batch_idx = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)])
         query_idx = torch.cat([q for q, _ in indices])
-        labels = torch.cat([p.labels[t] for p, (_, t) in zip(prepared, indices, strict=True)])
+        labels = torch.cat([p.labels[t] for p, (_, t) in zip(targets, indices, strict=True)])
         onehot[batch_idx, query_idx, labels] = 1.0
         loss_class = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma,
                                         reduction="sum") / num_boxes
         loss_class = loss_class + _zero(pred.logits, pred.boxes, pred.masks)
 
         boxes_src = pred.boxes[batch_idx, query_idx]
-        boxes_tgt = torch.cat([p.boxes[t] for p, (_, t) in zip(prepared, indices, strict=True)])
+        boxes_tgt = torch.cat([image_boxes[t] for image_boxes, (_, t) in zip(boxes, indices, strict=True)])
         loss_bbox, loss_giou = self._box_losses(boxes_src, boxes_tgt, pred.boxes, num_boxes)
 
         mask_items = [(b, q, t) for b, (q, t) in enumerate(indices)]
-        loss_mask, loss_dice = self._mask_losses(pred, prepared, mask_items, num_boxes)
+        loss_mask, loss_dice = self._mask_losses(pred, targets, mask_items, num_boxes)
         return {"loss_class" + suffix: loss_class, "loss_bbox" + suffix: loss_bbox, "loss_giou" + suffix: loss_giou,
                 "loss_mask" + suffix: loss_mask, "loss_dice" + suffix: loss_dice}
 
@@ -368,7 +343,7 @@ class SetCriterion(nn.Module):
                                              reduction="sum") / normaliser
         return loss_bbox + zero, loss_giou + zero
 
-    def _mask_losses(self, pred: Prediction, prepared: list[_Prepared], items: list[tuple[int, Tensor, Tensor]],
+    def _mask_losses(self, pred: Prediction, targets: list[Targets], items: list[tuple[int, Tensor, Tensor]],
                      normaliser: float) -> tuple[Tensor, Tensor]:
         """BCE + dice on uncertainty-sampled points. ``items``: (image, query indices, target indices) per image."""
         zero = _zero(pred.masks if pred.masks is not None else pred.logits)
@@ -376,7 +351,7 @@ class SetCriterion(nn.Module):
             return zero, zero.clone()
         src_list, tgt_image, tgt_index = [], [], []
         for b, q, t in items:
-            p = prepared[b]
+            p = targets[b]
             if p.masks is None or q.numel() == 0:
                 continue
             keep = p.has_mask[t]
@@ -398,16 +373,17 @@ class SetCriterion(nn.Module):
             weights = None  # crowd regions: points there do not count
             for b in images.unique().tolist():
                 rows = torch.nonzero(images == b).flatten()
-                point_labels[rows] = sample_masks(prepared[b].masks, coords[rows], index[rows])
-                if prepared[b].ignore is not None:
+                point_labels[rows] = sample_masks(targets[b].masks, coords[rows], index[rows])
+                ignore = targets[b].ignore_mask
+                if ignore is not None and bool(ignore.any()):
                     weights = torch.ones_like(point_logits) if weights is None else weights
-                    crowd = sample_masks(prepared[b].ignore[None], coords[rows], torch.zeros_like(index[rows]))
+                    crowd = sample_masks(ignore[None], coords[rows], torch.zeros_like(index[rows]))
                     weights[rows] = 1.0 - crowd
         loss_mask = sigmoid_bce_loss(point_logits, point_labels, weights).sum() / normaliser
         loss_dice = dice_loss(point_logits, point_labels, weights).sum() / normaliser
         return loss_mask + zero, loss_dice + zero
 
-    def _conditioned_losses(self, conditioned: ConditionedOutputs, prepared: list[_Prepared],
+    def _conditioned_losses(self, conditioned: ConditionedOutputs, targets: list[Targets], boxes: list[Tensor],
                             num_boxes: float) -> dict[str, Tensor]:
         target_index, slots = conditioned.target_index, conditioned.slots_per_group
         if conditioned.clean_group:  # the noise-free group only assists the matching: not supervised
@@ -423,14 +399,14 @@ class SetCriterion(nn.Module):
         # Per-image (slots, GT indices), shared by every layer.
         items = []
         labels_list, boxes_list = [], []
-        for b, p in enumerate(prepared):
+        for b, p in enumerate(targets):
             sel = slot_b == b
             q, t = slot_q[sel], gt[sel]
             if t.numel() and int(t.max()) >= len(p):
                 raise ValueError(f"conditioned target_index {int(t.max())} out of range for {len(p)} targets")
             items.append((b, q, t))
             labels_list.append(p.labels[t])
-            boxes_list.append(p.boxes[t])
+            boxes_list.append(boxes[b][t])
         batch_idx = torch.cat([torch.full_like(q, b) for b, q, _ in items])
         query_idx = torch.cat([q for _, q, _ in items])
         labels = torch.cat(labels_list)
@@ -449,7 +425,7 @@ class SetCriterion(nn.Module):
                                                     normaliser)
             losses["loss_bbox" + suffix] = loss_bbox
             losses["loss_giou" + suffix] = loss_giou
-            loss_mask, loss_dice = self._mask_losses(pred, prepared, items, normaliser)
+            loss_mask, loss_dice = self._mask_losses(pred, targets, items, normaliser)
             losses["loss_mask" + suffix] = loss_mask
             losses["loss_dice" + suffix] = loss_dice
         return losses
