@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from data_prep import coco_detection_to_shards, coco_panoptic_to_shards
 from data_prep.prepare_synthshapes import prepare_synthshapes
-from openseed.cli import Option, UsageError, integer, parse_options, path
+from openseed.cli import Option, command, integer, path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,12 +70,8 @@ OPTIONS = {
 }
 
 
-def main(argv=None) -> int:
-    try:
-        args = parse_options(argv, OPTIONS, "python -m data_prep.benchmark", __doc__.split("\n\n")[0])
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+@command(OPTIONS, "python -m data_prep.benchmark", __doc__)
+def main(args) -> int:
     shard_dirs = prepare_synthshapes(args.root, progress=False)
     print(f"machine: {os.cpu_count()} CPU cores\n")
     print("| converter | data | images | workers | images/s |\n|---|---|---|---|---|")

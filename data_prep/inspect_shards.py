@@ -15,7 +15,7 @@ from collections import Counter
 import torch
 from PIL import Image
 
-from openseed.cli import Option, UsageError, integer, parse_options, path
+from openseed.cli import Option, command, integer, path
 from openseed.data.shards import Sample, ShardSet, read_shards
 from openseed.data.transforms import LargeScaleJitter
 from openseed.visualize import draw_overlay, grid
@@ -38,11 +38,11 @@ OPTIONS = {
 }
 
 
-def main(argv=None) -> int:
+@command(OPTIONS, "python -m data_prep.inspect_shards", __doc__)
+def main(args) -> int:
     try:
-        args = parse_options(argv, OPTIONS, "python -m data_prep.inspect_shards", __doc__.split("\n\n")[0])
         shard_set = ShardSet.open(args.root)
-    except (UsageError, FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     vocab = shard_set.vocabulary

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from data_prep import coco_detection_to_shards, coco_panoptic_to_shards, synthetic
-from openseed.cli import Option, UsageError, integer, number, one_of, parse_options, path
+from openseed.cli import Option, command, integer, number, one_of, path
 from openseed.data.shards import MANIFEST
 
 SPLITS = ("seg_train", "seg_val", "det_train", "det_val")
@@ -96,12 +96,8 @@ OPTIONS = {
 }
 
 
-def main(argv=None) -> int:
-    try:
-        args = parse_options(argv, OPTIONS, "python -m data_prep.prepare_synthshapes", __doc__.split("\n\n")[0])
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+@command(OPTIONS, "python -m data_prep.prepare_synthshapes", __doc__)
+def main(args) -> int:
     start = time.perf_counter()
     dirs = prepare_synthshapes(args.root, args.seed, args.scale, args.image_size, args.workers,
                                variant=args.variant)

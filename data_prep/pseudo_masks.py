@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from openseed.cli import Option, UsageError, integer, parse_options, path
+from openseed.cli import Option, command, integer, path
 from openseed.core.codecs import encode_rle
 from openseed.data.shards import MANIFEST, VOCAB, ShardSet, iter_raw_samples
 from openseed.data.transforms import MIN_BOX_SIDE, EvalResize
@@ -111,15 +111,15 @@ OPTIONS = {
 }
 
 
-def main(argv=None) -> int:
+@command(OPTIONS, "python -m data_prep.pseudo_masks", __doc__)
+def main(args) -> int:
     from openseed.modeling.openseed import load_model
 
     try:
-        args = parse_options(argv, OPTIONS, "python -m data_prep.pseudo_masks", __doc__.split("\n\n")[0])
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_model(args.ckpt).to(device)
         summary = pseudo_mask_shards(model, args.shards, args.out, args.image_size, args.batch_size, args.overwrite)
-    except (UsageError, FileNotFoundError, ValueError, RuntimeError) as err:
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"pseudo masks: {summary}")

@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from openseed.cli import Option, UsageError, integer, number, one_of, parse_options, path
+from openseed.cli import Option, command, integer, number, one_of, path
 
 VERSION = 1
 
@@ -752,25 +752,23 @@ def generate(out_dir: str | Path, seed: int = 0, scale: float = 1.0, image_size:
     return manifest
 
 
-def main(argv: list[str] | None = None) -> int:
-    options = {
-        "out": Option("output directory", required=True, check=path),
-        "seed": Option("random seed", 0, integer(0)),
-        "scale": Option("multiply the default split sizes (2000/200/4000/200) by this", 1.0,
-                        lambda value, key: number(value, key, above=0)),
-        "workers": Option("worker processes (null: all CPUs); does not change the output", None, integer(1)),
-        "image_size": Option("image side in pixels (>= 64)", 160, integer(64)),
-        "variant": Option("standard, or crowded: more stuff classes, more and overlapping things", "standard",
-                          one_of(sorted(VARIANTS))),
-        "force": Option("regenerate even if a matching set exists", False),
-        "progress": Option("show the progress bars", True),
-    }
-    try:
-        args = parse_options(argv, options, "python -m data_prep.synthetic",
-                             "Generate the synthshapes data set (COCO panoptic + detection, offline).")
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+OPTIONS = {
+    "out": Option("output directory", required=True, check=path),
+    "seed": Option("random seed", 0, integer(0)),
+    "scale": Option("multiply the default split sizes (2000/200/4000/200) by this", 1.0,
+                    lambda value, key: number(value, key, above=0)),
+    "workers": Option("worker processes (null: all CPUs); does not change the output", None, integer(1)),
+    "image_size": Option("image side in pixels (>= 64)", 160, integer(64)),
+    "variant": Option("standard, or crowded: more stuff classes, more and overlapping things", "standard",
+                      one_of(sorted(VARIANTS))),
+    "force": Option("regenerate even if a matching set exists", False),
+    "progress": Option("show the progress bars", True),
+}
+
+
+@command(OPTIONS, "python -m data_prep.synthetic",
+         "Generate the synthshapes data set (COCO panoptic + detection, offline).")
+def main(args) -> int:
     cached = None if args.force else is_cached(args.out, args.seed, args.scale, args.image_size, args.variant)
     if cached is not None:
         print(f"synthshapes: {args.out} already holds seed={args.seed} scale={args.scale} "

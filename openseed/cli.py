@@ -8,6 +8,7 @@ Tools declared with ``Option`` (``parse_options``) also answer ``--help`` with t
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -165,3 +166,22 @@ def parse_options(argv: Sequence[str] | None, options: Mapping[str, Option], com
         value = given[key]
         values[key] = value if check is None or (value is None and option.default is None) else check(value, key)
     return SimpleNamespace(**values)
+
+
+def command(options: Mapping[str, Option], name: str, doc: str | None) -> Callable:
+    """Make ``run(args) -> int`` a tool's ``main(argv=None) -> int``: the words are parsed against ``options``
+    (``parse_options``; ``--help`` shows ``name`` and the first paragraph of ``doc``), and a mistake prints one
+    ``error:`` line and returns 2 before ``run`` is called."""
+    summary = (doc or "").split("\n\n")[0]
+
+    def wrap(run: Callable[[SimpleNamespace], int]) -> Callable[[Sequence[str] | None], int]:
+        @functools.wraps(run)
+        def main(argv: Sequence[str] | None = None) -> int:
+            try:
+                args = parse_options(argv, options, name, summary)
+            except UsageError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+            return run(args)
+        return main
+    return wrap

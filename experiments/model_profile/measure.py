@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from data_prep.prepare_synthshapes import prepare_synthshapes  # noqa: E402
-from openseed.cli import Option, UsageError, integer, parse_options, path  # noqa: E402
+from openseed.cli import Option, command, integer, path  # noqa: E402
 from openseed.data.datamodule import OpenSeeDDataModule  # noqa: E402
 from openseed.losses.criterion import SetCriterion  # noqa: E402
 from openseed.modeling.openseed import build_openseed  # noqa: E402
@@ -73,12 +73,8 @@ OPTIONS = {
 }
 
 
-def main(argv=None) -> int:
-    try:
-        args = parse_options(argv, OPTIONS, "python experiments/model_profile/measure.py", __doc__.split("\n\n")[0])
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+@command(OPTIONS, "python experiments/model_profile/measure.py", __doc__)
+def main(args) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     if args.params:
         parameter_table()

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from openseed import Predictor  # noqa: E402
-from openseed.cli import Option, UsageError, integer, parse_options, path  # noqa: E402
+from openseed.cli import Option, command, integer, path  # noqa: E402
 from openseed.core.vocabulary import Vocabulary  # noqa: E402
 from openseed.modeling.openseed import build_openseed  # noqa: E402
 
@@ -35,13 +35,8 @@ OPTIONS = {
 }
 
 
-def main(argv=None) -> int:
-    try:
-        args = parse_options(argv, OPTIONS, "python experiments/model_profile/predictor_latency.py",
-                             __doc__.split("\n\n")[0])
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+@command(OPTIONS, "python experiments/model_profile/predictor_latency.py", __doc__)
+def main(args) -> int:
     photo = Path(args.realdata) / "input_images" / "000000142238.jpg"
     categories = json.loads((Path(args.realdata) / "panoptic_coco_categories.json").read_text())
     vocabulary = Vocabulary.from_coco_categories(categories)

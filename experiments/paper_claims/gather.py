@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from openseed.cli import Option, UsageError, parse_options, path, string_list
+from openseed.cli import Option, command, path, string_list
 
 SEG, DET = "seg_val", "det_val"  # a run's validation sets by role: synthshapes[_crowded]_{seg,det}_val
 COLUMNS = ((SEG, "PQ", "PQ"), (SEG, "PQ_things", "PQ things"), (SEG, "PQ_stuff", "PQ stuff"), (SEG, "mIoU", "mIoU"),
@@ -333,13 +333,10 @@ OPTIONS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_options(argv, OPTIONS, "python experiments/paper_claims/gather.py", __doc__.split("\n\n")[0])
-        if args.study is None and not args.records:
-            raise UsageError("give a study folder (study=DIR), records=[FILE,...], or both")
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
+@command(OPTIONS, "python experiments/paper_claims/gather.py", __doc__)
+def main(args) -> int:
+    if args.study is None and not args.records:
+        print("error: give a study folder (study=DIR), records=[FILE,...], or both", file=sys.stderr)
         return 2
     study, records = (None if args.study is None else Path(args.study)), [Path(r) for r in args.records]
     out = None if args.out is None else Path(args.out)

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from data_prep.synthetic import VARIANTS, folder_name
-from openseed.cli import Option, UsageError, integer, one_of, parse_options, path, string_list
+from openseed.cli import Option, UsageError, command, integer, one_of, path, string_list
 
 ROOT = Path(__file__).resolve().parents[2]
 ABLATIONS = ("baseline", "no_decoupled", "no_mask_assistance", "no_conditioned")
@@ -184,12 +184,8 @@ OPTIONS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_options(argv, OPTIONS, "python experiments/paper_claims/run.py", __doc__.split("\n\n")[0])
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+@command(OPTIONS, "python experiments/paper_claims/run.py", __doc__)
+def main(args) -> int:
     shards = data_folder(args.variant)
     det_train = Path(args.det_train) if args.det_train else shards / "det_train"
     det_val = Path(args.det_val) if args.det_val else shards / "det_val"

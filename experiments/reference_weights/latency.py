@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from layout_checkpoint import layout_state_dict  # noqa: E402
 
-from openseed.cli import Option, UsageError, integer, one_of, parse_options, path  # noqa: E402
+from openseed.cli import Option, command, integer, one_of, path  # noqa: E402
 from openseed.convert_checkpoint import convert  # noqa: E402
 from openseed.core.vocabulary import Vocabulary  # noqa: E402
 from openseed.modeling.openseed import load_model  # noqa: E402
@@ -59,13 +59,8 @@ OPTIONS = {
 }
 
 
-def main(argv=None) -> int:
-    try:
-        args = parse_options(argv, OPTIONS, "python experiments/reference_weights/latency.py",
-                             __doc__.split("\n\n")[0])
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+@command(OPTIONS, "python experiments/reference_weights/latency.py", __doc__)
+def main(args) -> int:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         source, converted = Path(tmp) / "layout.pt", Path(tmp) / "converted.pt"

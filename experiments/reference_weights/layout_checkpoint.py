@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from openseed.cli import Option, UsageError, one_of, parse_options, path  # noqa: E402
+from openseed.cli import Option, command, one_of, path  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "reference"
 
@@ -56,13 +56,8 @@ OPTIONS = {
 }
 
 
-def main(argv=None) -> int:
-    try:
-        args = parse_options(argv, OPTIONS, "python experiments/reference_weights/layout_checkpoint.py",
-                             __doc__.split("\n\n")[0])
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+@command(OPTIONS, "python experiments/reference_weights/layout_checkpoint.py", __doc__)
+def main(args) -> int:
     state = layout_state_dict(args.arch)
     torch.save(state, args.out)
     print(f"{args.out}: {len(state)} tensors, {sum(v.numel() for v in state.values()) / 1e6:.1f} M values "

@@ -18,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from openseed.cli import Option, UsageError, integer, parse_options  # noqa: E402
+from openseed.cli import Option, command, integer  # noqa: E402
 from openseed.core.boxes import model_boxes_to_pixels  # noqa: E402
 from tests._reference import ARCHITECTURES, centre_crop, load_npz, meta  # noqa: E402
 from tests.test_reference_parity import Run  # noqa: E402
@@ -82,13 +82,8 @@ def rows_for(run: Run) -> dict[str, float]:
 OPTIONS = {"threads": Option("torch threads", 2, integer(1))}
 
 
-def main(argv=None) -> int:
-    try:
-        args = parse_options(argv, OPTIONS, "python experiments/reference_weights/parity_table.py",
-                             __doc__.split("\n\n")[0])
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+@command(OPTIONS, "python experiments/reference_weights/parity_table.py", __doc__)
+def main(args) -> int:
     torch.set_num_threads(args.threads)
     table: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():

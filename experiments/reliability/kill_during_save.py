@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from openseed.cli import Option, UsageError, integer, parse_options, path
+from openseed.cli import Option, command, integer, path
 from openseed.training.checkpoint_io import SafeCheckpointIO, verify_checkpoint
 
 SAVER = """
@@ -96,13 +96,8 @@ OPTIONS = {
 }
 
 
-def main(argv=None) -> int:
-    try:
-        args = parse_options(argv, OPTIONS, "python experiments/reliability/kill_during_save.py",
-                             __doc__.split("\n\n")[0])
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+@command(OPTIONS, "python experiments/reliability/kill_during_save.py", __doc__)
+def main(args) -> int:
     # a folder of our own inside the temporary folder: other programs' files there are never touched
     tmpdir = Path(tempfile.mkdtemp(prefix="openseed-kill-", dir=args.tmpdir))
     print("| writer | trials | damaged last.ckpt | kills leaving temporaries | their size (MB) | temporaries after the "
