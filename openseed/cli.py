@@ -3,8 +3,9 @@ of the data preparation tools (``python -m data_prep.*``) and of the experiment 
 
 ``train`` and ``evaluate`` are Hydra applications (the same words, with config groups and run folders); the others
 (``predict``, ``convert_checkpoint``, the evaluation tools, the converters) parse the words here, without Hydra's run
-folders. Each checks its arguments before loading anything and stops with exit code 2 and one line naming the key.
-Tools declared with ``Option`` (``parse_options``) also answer ``--help`` with their keys, defaults and help."""
+folders. Each declares its keys (``Option``) and wraps its work with ``command``: the arguments are checked before
+anything is loaded, a mistake stops it with exit code 2 and one line naming the key, and ``--help`` lists the keys
+with their defaults and help."""
 
 from __future__ import annotations
 
@@ -117,6 +118,16 @@ def integer(minimum: int = 1) -> Callable[[Any, str], int]:
 def one_of(options: Sequence[str]) -> Callable[[Any, str], str]:
     """The check of a key that takes one of ``options``."""
     return lambda value, key: choice(value, key, options)
+
+
+def some_of(options: Sequence[str], allow_empty: bool = False) -> Callable[[Any, str], list[str]]:
+    """The check of a list key whose entries each come from ``options`` (``key=[a,b]``, or ``key=a``)."""
+    def check(value, key: str) -> list[str]:
+        names = string_list(value, key, allow_empty=allow_empty)
+        for index, name in enumerate(names):
+            choice(name, f"{key}[{index}]", options)
+        return names
+    return check
 
 
 @dataclass(frozen=True)

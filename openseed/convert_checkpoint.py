@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from openseed.cli import Option, command, path
 from openseed.modeling.checkpoint import read_checkpoint, write_model_file
 from openseed.modeling.openseed import MODEL_SIZES, OpenSeeDConfig, build_openseed
 from openseed.modeling.reference import (
@@ -111,22 +111,21 @@ def export(source: str | Path, out: str | Path, log=print) -> dict:
             "seconds": time.perf_counter() - start}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m openseed.convert_checkpoint source=FILE out=MODEL.safetensors [arch=NAME | config=YAML]``: convert
-    an authors' OpenSeeD checkpoint (``source``: the released .pt, a state dict flat or nested under 'model'; ``arch``:
-    the released architecture it holds, or ``config``: a reference config file giving the sizes), or without
-    ``arch``/``config`` an openseed training checkpoint or an old model file, into an openseed model file."""
-    from openseed.cli import UsageError, parse_key_values, path
+CLI_OPTIONS = {
+    "source": Option("the checkpoint: an authors' released .pt (flat or under 'model'), an openseed training "
+                     "checkpoint or an old model file", required=True, check=path),
+    "out": Option("the openseed model file to write (.safetensors)", required=True, check=path),
+    "arch": Option("the released architecture a reference checkpoint holds", None, lambda value, key: str(value)),
+    "config": Option("or: a reference config file (YAML) giving the sizes", None, path),
+}
 
-    defaults = {"source": None, "out": None, "arch": None, "config": None}
-    try:  # arch's value and arch-or-config are checked by convert, before it reads anything
-        args = parse_key_values(argv, defaults, ("source", "out"))
-        source, out = path(args["source"], "source"), path(args["out"], "out")
-        arch = None if args["arch"] is None else str(args["arch"])
-        config = None if args["config"] is None else path(args["config"], "config")
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+@command(CLI_OPTIONS, "python -m openseed.convert_checkpoint",
+         "Convert an authors' OpenSeeD checkpoint (with arch= or config=), or an openseed training checkpoint or an "
+         "old model file, into an openseed model file.")
+def main(args) -> int:
+    # arch's value and arch-or-config are checked by convert, before it reads anything
+    source, out, arch, config = args.source, args.out, args.arch, args.config
     try:
         convert(source, out, arch=arch, config_file=config)
     except (ConversionError, FileNotFoundError) as err:

@@ -37,6 +37,7 @@ import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from openseed.cli import Option, UsageError, command, integer, number, one_of, path, string_list
 from openseed.core.coco import box_prompt_to_coco, instances_to_coco
 from openseed.core.codecs import id_to_rgb
 from openseed.core.predictions import BoxPromptMasks, Instances, PanopticSegmentation, SemanticSegmentation
@@ -344,46 +345,54 @@ class BoxPromptResult(_ImageResult, BoxPromptMasks):
 RESULTS = {cls.task: cls for cls in (PanopticResult, InstanceResult, SemanticResult)}
 
 
-CLI_KEYS = {"ckpt": None, "images": None, "vocabulary": None, "task": "panoptic", "stuff": [], "boxes": None,
-            "out": "predictions", "device": None, "image_size": None, "short_edge": None, "max_size": None,
-            "score_threshold": 0.5}
+def _names(allow_empty: bool):
+    return lambda value, key: string_list(value, key, allow_empty=allow_empty)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from openseed.cli import UsageError, number, optional_int, parse_key_values, string_list
+CLI_OPTIONS = {
+    "ckpt": Option("a model file (.safetensors / .pt) or a training checkpoint", required=True, check=path),
+    "images": Option("image files, [a.jpg,b.png]", required=True, check=_names(False)),
+    "vocabulary": Option("class names, [dog,grass]; with boxes, one name per box", required=True,
+                         check=_names(False)),
+    "task": Option(f"one of {list(TASKS)} (ignored with boxes)", "panoptic", one_of(list(TASKS))),
+    "stuff": Option("the vocabulary's names that are stuff (panoptic, semantic)", [], _names(True)),
+    "boxes": Option("box prompts in pixels, [[x0,y0,x1,y1],...]: box-prompted segmentation", None),
+    "out": Option("output folder", "predictions", path),
+    "device": Option("torch device (null: cuda when available, else cpu)", None, path),
+    "image_size": Option("resize: the longer side, square padding (null: as the model records)", None, integer(1)),
+    "short_edge": Option("resize: the shorter side (with max_size)", None, integer(1)),
+    "max_size": Option("resize: at most this longer side (with short_edge)", None, integer(1)),
+    "score_threshold": Option("draw instances scoring at least this (the JSON keeps every one)", 0.5, number),
+}
 
+
+@command(CLI_OPTIONS, "python -m openseed.predict", __doc__)
+def main(args) -> int:
     try:  # every argument is checked before the model is loaded
-        args = parse_key_values(argv, CLI_KEYS, ("ckpt", "images", "vocabulary"))
-        images = string_list(args["images"], "images")
-        vocabulary = string_list(args["vocabulary"], "vocabulary")
-        stuff = string_list(args["stuff"] or [], "stuff", allow_empty=True)
-        sizes = {key: optional_int(args[key], key) for key in ("image_size", "short_edge", "max_size")}
-        score_threshold = number(args["score_threshold"], "score_threshold")
         boxes = None
-        if args["boxes"] is not None:
+        if args.boxes is not None:
             try:
-                boxes = box_prompts(args["boxes"])
+                boxes = box_prompts(args.boxes)
             except ValueError as err:
                 raise UsageError(f"boxes: {err}; write boxes=[[x0,y0,x1,y1],...] in pixels") from None
-            if len(boxes) != len(vocabulary):
-                raise UsageError(f"give one class name per box: {len(boxes)} boxes, {len(vocabulary)} names in "
+            if len(boxes) != len(args.vocabulary):
+                raise UsageError(f"give one class name per box: {len(boxes)} boxes, {len(args.vocabulary)} names in "
                                  f"vocabulary")
         else:
-            if args["task"] not in TASKS:
-                raise UsageError(f"task must be one of {list(TASKS)}, not {args['task']!r}")
-            make_vocabulary(vocabulary, stuff)  # duplicates, unknown stuff names
+            make_vocabulary(args.vocabulary, args.stuff)  # duplicates, unknown stuff names
     except (UsageError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        predictor = Predictor(args["ckpt"], device=args["device"], **sizes)
-        for image in images:
+        predictor = Predictor(args.ckpt, device=args.device, image_size=args.image_size, short_edge=args.short_edge,
+                              max_size=args.max_size)
+        for image in args.images:
             if boxes is not None:
-                result = predictor.segment_boxes(image, boxes, vocabulary)
+                result = predictor.segment_boxes(image, boxes, args.vocabulary)
             else:
-                result = predictor(image, vocabulary, task=args["task"], stuff=stuff)
-            for path in result.save(args["out"], score_threshold=score_threshold):
-                print(path)
+                result = predictor(image, args.vocabulary, task=args.task, stuff=args.stuff)
+            for written in result.save(args.out, score_threshold=args.score_threshold):
+                print(written)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

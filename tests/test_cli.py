@@ -54,7 +54,9 @@ def test_help_lists_every_key_and_exits_0(word, capsys):
                          "  progress  show a bar (default true)"]
 
 
-TOOLS = ["data_prep/coco_detection_to_shards.py", "data_prep/coco_panoptic_to_shards.py", "data_prep/inspect_shards.py",
+TOOLS = ["openseed/predict.py", "openseed/convert_checkpoint.py", "openseed/evaluation/instances.py",
+         "openseed/evaluation/panoptic.py", "openseed/evaluation/runner.py", "openseed/evaluation/box_prompts.py",
+         "openseed/ops/benchmark.py", "data_prep/coco_detection_to_shards.py", "data_prep/coco_panoptic_to_shards.py", "data_prep/inspect_shards.py",
          "data_prep/prepare_synthshapes.py", "data_prep/pseudo_masks.py", "data_prep/synthetic.py",
          "data_prep/benchmark.py", "experiments/paper_claims/run.py", "experiments/paper_claims/gather.py",
          "experiments/model_profile/measure.py", "experiments/model_profile/predictor_latency.py",
@@ -63,7 +65,7 @@ TOOLS = ["data_prep/coco_detection_to_shards.py", "data_prep/coco_panoptic_to_sh
 
 
 def _load(relative: str):
-    if relative.startswith("data_prep/"):
+    if relative.startswith(("data_prep/", "openseed/")):
         return importlib.import_module(relative[:-3].replace("/", "."))
     spec = importlib.util.spec_from_file_location(f"_tool_{Path(relative).stem}", ROOT / relative)
     module = importlib.util.module_from_spec(spec)

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from data_prep.synthetic import VARIANTS, folder_name
-from openseed.cli import Option, UsageError, command, integer, one_of, path, string_list
+from openseed.cli import Option, UsageError, command, integer, one_of, path, some_of, string_list
 
 ROOT = Path(__file__).resolve().parents[2]
 ABLATIONS = ("baseline", "no_decoupled", "no_mask_assistance", "no_conditioned")
@@ -158,24 +158,15 @@ def _seeds(value, key: str) -> list[int]:
     return [integer(0)(seed, f"{key}[{index}]") for index, seed in enumerate(values)]
 
 
-def _names(options):
-    """The check of a list key whose entries come from ``options``."""
-    def check(value, key: str) -> list[str]:
-        names = string_list(value, key, allow_empty=True)
-        for index, name in enumerate(names):
-            one_of(options)(name, f"{key}[{index}]")
-        return names
-    return check
-
-
 OPTIONS = {
     "variant": Option("the synthshapes variant (data_prep.synthetic): standard, or crowded", "standard",
                       one_of(sorted(VARIANTS))),
     "out": Option("the study folder (null: runs/paper_claims, runs/paper_claims_crowded for crowded)", None, path),
     "seeds": Option("training seeds", [0, 1, 2], _seeds),
     "model": Option("model size (conf/model); small: the CPU default's", "small", path),
-    "stages": Option(f"stages to run, in order, from {list(STAGES)}", list(STAGES), _names(STAGES)),
-    "only": Option(f"ablations stage: only these of {list(ABLATIONS)} ([]: all)", [], _names(ABLATIONS)),
+    "stages": Option(f"stages to run, in order, from {list(STAGES)}", list(STAGES), some_of(STAGES)),
+    "only": Option(f"ablations stage: only these of {list(ABLATIONS)} ([]: all)", [],
+                   some_of(ABLATIONS, allow_empty=True)),
     "overrides": Option("Hydra overrides added to every training", [],
                         lambda value, key: string_list(value, key, allow_empty=True)),
     "det_train": Option("null: the variant's shards/det_train", None, path),

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from openseed.cli import Option, command, integer, path
 from openseed.core.boxes import stored_box_xywh
 from openseed.core.codecs import encode_rle
 from openseed.core.vocabulary import Vocabulary
@@ -154,27 +155,31 @@ def evaluate_box_prompts(model, shards_dir, image_size: int | None = None, batch
             **counts}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from openseed.cli import UsageError, parse_key_values
+CLI_OPTIONS = {
+    "ckpt": Option("a model file or training checkpoint", required=True, check=path),
+    "shards": Option("a converted detection data set with masks (det_val)", required=True, check=path),
+    "image_size": Option("longer side the images are decoded at (null: the model's evaluation size)", None,
+                         integer(1)),
+    "batch_size": Option("images per forward pass", 8, integer(1)),
+    "device": Option("torch device", "cpu", path),
+    "json": Option("print one JSON object instead of the summary", False),
+}
+
+
+@command(CLI_OPTIONS, "python -m openseed.evaluation.box_prompts", __doc__)
+def main(args) -> int:
     from openseed.modeling.openseed import load_model
 
-    defaults = {"ckpt": None, "shards": None, "image_size": None, "batch_size": 8, "device": "cpu", "json": False}
     try:
-        args = parse_key_values(argv, defaults, ("ckpt", "shards"))
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        image_size = None if args["image_size"] is None else int(args["image_size"])
-        metrics = evaluate_box_prompts(load_model(args["ckpt"]), args["shards"], image_size,
-                                       int(args["batch_size"]), args["device"])
+        metrics = evaluate_box_prompts(load_model(args.ckpt), args.shards, args.image_size, args.batch_size,
+                                       args.device)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args["json"]:
+    if args.json:
         print(json.dumps(metrics))
         return 0
-    print(f"{args['shards']}: box-prompted masks of {metrics['boxes']} boxes: mask AP {100 * metrics['mask_AP']:.1f}, "
+    print(f"{args.shards}: box-prompted masks of {metrics['boxes']} boxes: mask AP {100 * metrics['mask_AP']:.1f}, "
           f"AP50 {100 * metrics['mask_AP50']:.1f}, mIoU {100 * metrics['mIoU']:.1f}")
     for key in ("boxes_without_mask", "objects_without_truth", "skipped_images"):
         if metrics[key]:

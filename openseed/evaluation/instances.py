@@ -60,6 +60,7 @@ from typing import Any
 
 import numpy as np
 
+from openseed.cli import Option, command, one_of, path
 from openseed.core.codecs import segmentation_to_rle
 from openseed.evaluation.common import gather_to_all
 
@@ -373,22 +374,20 @@ def format_table(result: dict, iou_type: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m openseed.evaluation.instances gt=GT.json dt=RESULTS.json iou_type=bbox|segm [engine=...]
-    [json=true]``: COCO box / mask AP (pycocotools semantics, 0-based ids safe); a table, or exactly one JSON object
-    on stdout with ``json=true``. ``engine``: default ``DEFAULT_ENGINE``."""
-    from openseed.cli import UsageError, choice, flag, parse_key_values, path
+CLI_OPTIONS = {
+    "gt": Option("the ground truth: a COCO instances JSON", required=True, check=path),
+    "dt": Option("the detections: a COCO results JSON (a list of records)", required=True, check=path),
+    "iou_type": Option("bbox (box AP) or segm (mask AP)", required=True, check=one_of(IOU_TYPES)),
+    "engine": Option(f"one of {list(ENGINES)} (null: {DEFAULT_ENGINE})", None, one_of(ENGINES)),
+    "json": Option("print exactly one JSON object instead of the table", False),
+}
 
-    defaults = {"gt": None, "dt": None, "iou_type": None, "engine": None, "json": False}
-    try:
-        args = parse_key_values(argv, defaults, ("gt", "dt", "iou_type"))
-        gt, dt = path(args["gt"], "gt"), path(args["dt"], "dt")
-        iou_type = choice(args["iou_type"], "iou_type", IOU_TYPES)
-        wanted_engine = None if args["engine"] is None else choice(args["engine"], "engine", ENGINES)
-        as_json = flag(args["json"], "json")
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+@command(CLI_OPTIONS, "python -m openseed.evaluation.instances",
+         "COCO box / mask AP of a results file (pycocotools semantics, 0-based ids safe): a table, or one JSON object "
+         "on stdout with json=true.")
+def main(args) -> int:
+    gt, dt, iou_type, wanted_engine, as_json = args.gt, args.dt, args.iou_type, args.engine, args.json
     try:
         with contextlib.redirect_stdout(sys.stderr):  # anything an engine prints goes to stderr
             engine = _resolve_engine(wanted_engine)

@@ -36,6 +36,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from openseed.cli import Option, command, path
 from openseed.evaluation.common import gather_to_all
 
 # Odd 32-bit multipliers for the id -> label hash table of _relabel, tried in turn until the keys do not collide.
@@ -356,21 +357,20 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m openseed.evaluation.panoptic gt_json=GT.json gt_dir=GT_PNGS pred_json=PRED.json
-    pred_dir=PRED_PNGS [json=true]``: PQ of COCO panoptic prediction files (the ground-truth JSON with its
-    categories); a table, or one JSON object with ``json=true``."""
-    from openseed.cli import UsageError, flag, parse_key_values, path
+CLI_OPTIONS = {
+    "gt_json": Option("the ground truth's COCO panoptic JSON (with its categories)", required=True, check=path),
+    "gt_dir": Option("the ground truth's PNG folder", required=True, check=path),
+    "pred_json": Option("the predictions' COCO panoptic JSON", required=True, check=path),
+    "pred_dir": Option("the predictions' PNG folder", required=True, check=path),
+    "json": Option("print one JSON object instead of the table", False),
+}
 
+
+@command(CLI_OPTIONS, "python -m openseed.evaluation.panoptic",
+         "PQ of COCO panoptic prediction files (panopticapi semantics): a table, or one JSON object with json=true.")
+def main(args) -> int:
     prog = "python -m openseed.evaluation.panoptic"
-    keys = ("gt_json", "gt_dir", "pred_json", "pred_dir")
-    try:
-        args = parse_key_values(argv, {**dict.fromkeys(keys), "json": False}, keys)
-        files = [path(args[key], key) for key in keys]
-        as_json = flag(args["json"], "json")
-    except UsageError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
+    files, as_json = [args.gt_json, args.gt_dir, args.pred_json, args.pred_dir], args.json
     try:
         results = evaluate_files(*files)
     except (PanopticFormatError, OSError, KeyError, TypeError, ValueError) as e:

@@ -21,11 +21,12 @@ import json
 import math
 import sys
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 
+from openseed.cli import Option, command, integer, path, string_list
 from openseed.core.batch import Batch
 from openseed.core.boxes import stored_box_xywh
 from openseed.core.coco import instances_to_coco
@@ -204,32 +205,36 @@ def evaluate_batches(model, batches: Iterable[Batch], evaluator: DatasetEvaluato
     return evaluator.compute()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from openseed.cli import UsageError, parse_key_values, string_list
+CLI_OPTIONS = {
+    "ckpt": Option("a model file or training checkpoint", required=True, check=path),
+    "shards": Option("converted data sets, [DIR,...]", required=True,
+                     check=lambda value, key: string_list(value, key)),
+    "image_size": Option("longer side of the evaluation resize (null: the model's own)", None, integer(1)),
+    "batch_size": Option("images per forward pass", 4, integer(1)),
+    "device": Option("torch device", "cpu", path),
+    "num_workers": Option("loader worker processes", 0, integer(0)),
+    "json": Option("print one JSON object instead of the lines", False),
+}
+
+
+@command(CLI_OPTIONS, "python -m openseed.evaluation.runner",
+         "Evaluate a model on converted data sets with the metrics each one's task calls for.")
+def main(args) -> int:
     from openseed.modeling.openseed import load_model
 
-    defaults = {"ckpt": None, "shards": None, "image_size": None, "batch_size": 4, "device": "cpu",
-                "num_workers": 0, "json": False}
     try:
-        args = parse_key_values(argv, defaults, ("ckpt", "shards"))
-        shard_dirs = string_list(args["shards"], "shards")  # shards=[] is an error, not an empty report
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        model = load_model(args["ckpt"])
-        image_size = None if args["image_size"] is None else int(args["image_size"])
-        results = {str(path): evaluate_shards(model, path, image_size, int(args["batch_size"]), args["device"],
-                                              int(args["num_workers"])) for path in shard_dirs}
+        model = load_model(args.ckpt)
+        results = {str(shards): evaluate_shards(model, shards, args.image_size, args.batch_size, args.device,
+                                                args.num_workers) for shards in args.shards}
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args["json"]:
+    if args.json:
         print(json.dumps(results))
         return 0
-    for path, metrics in results.items():
+    for shards, metrics in results.items():
         flat = ", ".join(f"{k} {100 * v:.1f}" for k, v in metrics.items() if k != "per_class")
-        print(f"{path}: {flat}")
+        print(f"{shards}: {flat}")
     return 0
 
 

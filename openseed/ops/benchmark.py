@@ -27,11 +27,11 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from types import SimpleNamespace
 
 import torch
 from torch import Tensor
 
+from openseed.cli import Option, command, integer, path, some_of
 from openseed.ops.deform_attn import ms_deform_attn_pytorch
 
 LEVELS_1024 = ((128, 128), (64, 64), (32, 32), (16, 16))
@@ -245,37 +245,20 @@ def cpu_sanity() -> dict:
             "shape": list(out32.shape)}  # fmt: skip
 
 
-def parse_args(argv: Sequence[str] | None) -> SimpleNamespace:
-    """``dtype=[fp32,bf16,fp16] shapes=[encoder,decoder300,decoder900] repeats=50 warmup=10 out=PATH seed=0``
-    (``key=value``, ``openseed.cli``): value dtypes, shapes, timed runs per measurement (median reported), untimed
-    runs before each, a JSON file to write the results to as well, the inputs' seed. A mistake is a ``UsageError``
-    naming the key."""
-    from openseed.cli import UsageError, optional_int, parse_key_values, path, string_list
-
-    defaults = {"dtype": list(DTYPES), "shapes": ["encoder", "decoder300", "decoder900"], "repeats": 50,
-                "warmup": 10, "out": None, "seed": 0}
-    args = parse_key_values(argv, defaults)
-    dtypes, shapes = string_list(args["dtype"], "dtype"), string_list(args["shapes"], "shapes")
-    for key, values, known in (("dtype", dtypes, DTYPES), ("shapes", shapes, SHAPES)):
-        unknown = [v for v in values if v not in known]
-        if unknown:
-            raise UsageError(f"{key}: unknown {unknown}; choose among {list(known)}")
-    return SimpleNamespace(dtype=dtypes, shapes=shapes, repeats=optional_int(args["repeats"], "repeats"),
-                           warmup=optional_int(args["warmup"], "warmup", minimum=0),
-                           json=None if args["out"] is None else path(args["out"], "out"),
-                           seed=optional_int(args["seed"], "seed", minimum=0))
+OPTIONS = {
+    "dtype": Option(f"value dtypes, from {list(DTYPES)}", list(DTYPES), some_of(DTYPES)),
+    "shapes": Option(f"shapes, from {list(SHAPES)}", ["encoder", "decoder300", "decoder900"], some_of(SHAPES)),
+    "repeats": Option("timed runs per measurement (the median is reported)", 50, integer(1)),
+    "warmup": Option("untimed runs before each measurement", 10, integer(0)),
+    "out": Option("a JSON file to write the results to as well", None, path),
+    "seed": Option("the inputs' seed", 0, integer(0)),
+}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+@command(OPTIONS, "python -m openseed.ops.benchmark", __doc__)
+def main(args) -> int:
     """Run the benchmark (or, without CUDA, the CPU sanity check); print markdown; return the exit code (2: a
     mistake in the arguments, named on stderr)."""
-    from openseed.cli import UsageError
-
-    try:
-        args = parse_args(argv)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     result: dict = {"torch": torch.__version__}
     if not torch.cuda.is_available():
         print("CUDA is not available: the GPU benchmark was skipped (it needs a CUDA device).")
@@ -286,8 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"| PyTorch fp32 vs fp64 | {sanity['shape']} | {sanity['max_abs_err']:.2e} | {sanity['ms']:.2f} "
               f"| {'ok' if ok else 'FAILED'} |")  # fmt: skip
         result.update(cuda=False, cpu_sanity=sanity, rows=[])
-        if args.json:
-            with open(args.json, "w") as f:
+        if args.out:
+            with open(args.out, "w") as f:
                 json.dump(result, f, indent=2)
         return 0 if ok else 1
 
@@ -314,8 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nNote: {note}")
     result.update(cuda=True, device=device_name, peak_gbs=peak, repeats=args.repeats, warmup=args.warmup, rows=rows,
                   notes=sorted(notes))  # fmt: skip
-    if args.json:
-        with open(args.json, "w") as f:
+    if args.out:
+        with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
     return 0
 
