@@ -142,8 +142,10 @@ def _ddp_worker(rank, world_size, port, seg, det, val, out):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes with two loader workers each: about a minute on 2 cores
 def test_real_ddp_processes_with_gloo(uneven_seg, uneven_det, panoptic_shards, tmp_path):
-    """Two real processes (gloo), two loader workers each: same step count, validation split exactly once."""
+    """Two real processes (gloo), two loader workers each: same step count, validation split exactly once. The fast
+    suite checks the same split with simulated ranks."""
     import json
     import socket
 

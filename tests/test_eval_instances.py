@@ -85,8 +85,11 @@ def _plain_pycocotools(gt: dict, dets: list, iou_type: str) -> list[float]:
 # ------------------------------------------------------------------------------------ official fake results
 
 
-@pytest.mark.parametrize("engine", [*ENGINES, None])
-@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+# pycocotools' own mask evaluation of these 100 images takes about a minute on 2 cores: that case runs with the slow
+# tests; the default engine and the bbox case of pycocotools stay in the fast suite
+@pytest.mark.parametrize(("iou_type", "engine"), [
+    pytest.param(iou_type, engine, marks=[pytest.mark.slow] if (iou_type, engine) == ("segm", "pycocotools") else [])
+    for iou_type in ("bbox", "segm") for engine in (*ENGINES, None)])
 def test_fake_results_match_pycocotools(engine, iou_type, expected):
     result = evaluate_coco(GT_PATH, DT_PATHS[iou_type], iou_type, engine=engine)
     for name in STAT_NAMES:
