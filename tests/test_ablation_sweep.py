@@ -43,8 +43,8 @@ def test_sweep_command_runs_every_ablation_and_gathers(synth_shards, tmp_path):
         job = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
         assert job["trainer"]["fast_dev_run"] is True and (run / "metrics.json").is_file()
 
-    gathered = subprocess.run([sys.executable, "experiments/paper_claims/gather.py", str(sweep),
-                               "--out", str(tmp_path / "gathered")], cwd=ROOT, capture_output=True, text=True)
+    gathered = subprocess.run([sys.executable, "experiments/paper_claims/gather.py", f"study={sweep}",
+                               f"out={tmp_path / 'gathered'}"], cwd=ROOT, capture_output=True, text=True)
     assert gathered.returncode == 0, gathered.stderr
     text = (tmp_path / "gathered" / "results.md").read_text()
     table9 = [line for line in text.split("## Table 9")[1].split("## Table 7")[0].splitlines() if line.startswith("|")]
