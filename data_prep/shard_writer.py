@@ -19,11 +19,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from openseed.core.codecs import decode_panoptic_png, segmentation_to_rle
+from openseed.core.codecs import decode_panoptic_png, encode_panoptic_png, segmentation_to_rle
 from openseed.core.vocabulary import Vocabulary
 from openseed.data.coco import DataError, ImageRecord
 from openseed.data.images import exif_orientation, rgb_array, upright_size
-from openseed.data.shards import JPEG_MAGIC, MANIFEST, PANOPTIC_KEY, SCHEMA_VERSION, VOCAB, sample_key
+from openseed.data.shards import (JPEG_MAGIC, MANIFEST, PANOPTIC_KEY, SCHEMA_VERSION, SEMANTIC_KEY, TASKS, VOCAB,
+                                  VOID, sample_key, semantic_ignore_label)
 
 log = logging.getLogger(__name__)
 
@@ -95,26 +96,69 @@ def _header(record: ImageRecord, dataset: str, mask_format: str) -> dict:
             "height": record.height, "width": record.width, "mask_format": mask_format, "extra": record.extra}
 
 
-def encode_panoptic(record: ImageRecord, vocab: Vocabulary, dataset: str) -> Encoded:
-    """One COCO panoptic image -> one sample. Boxes and areas come from the PNG; segments absent from it are dropped."""
-    image, result = _read_image_bytes(record)
-    if image is None:
-        return result
+class Unreadable(Exception):
+    """Raised by a ground-truth reader (``read`` of ``encode_panoptic`` / ``encode_semantic``) for a file it cannot
+    use: the image is counted under ``reason`` and skipped, and the log names ``path`` with ``detail``."""
+
+    def __init__(self, reason: str, path: Path, detail: str):
+        super().__init__(f"{path}: {reason} ({detail})")
+        self.reason, self.path, self.detail = reason, Path(path), detail
+
+
+@dataclass(frozen=True)
+class IdMap:
+    """One image's ground truth in panoptic form, as a converter reads it from its data set's own files.
+
+    ``ids``: int [H, W], a segment id per pixel (0 = unlabelled: void, never a target). ``segments``: one dict per
+    segment, ``{"id", "category_id", "iscrowd" (optional, 0)}``. ``png``: the COCO panoptic PNG bytes when the source
+    is one (stored untouched), else None (encoded from ``ids``). ``source``: the file the map came from (errors name
+    it).
+    """
+
+    ids: np.ndarray
+    segments: list[dict]
+    source: Path
+    png: bytes | None = None
+
+
+def read_coco_panoptic(record: ImageRecord) -> IdMap:
+    """The ``IdMap`` of a COCO panoptic record: its PNG (``record.panoptic_path``) and its ``segments_info``."""
     png = record.panoptic_path.read_bytes()
     try:
         ids = decode_panoptic_png(png)
     except Exception as err:
-        return _skip("unreadable panoptic PNG", record.panoptic_path, f"{type(err).__name__}: {err}")
+        raise Unreadable("unreadable panoptic PNG", record.panoptic_path, f"{type(err).__name__}: {err}") from None
+    return IdMap(ids, record.objects, record.panoptic_path, png)
+
+
+def encode_panoptic(record: ImageRecord, vocab: Vocabulary, dataset: str,
+                    read: Callable[[ImageRecord], IdMap] = read_coco_panoptic) -> Encoded:
+    """One panoptic image -> one sample. ``read`` gives its id map and segments (default: a COCO panoptic PNG and
+    JSON; the other converters read their data set's own files). Boxes and areas come from the map; segments absent
+    from it are dropped and counted; an id in the map without a segment is void (as the official evaluator reads it).
+    """
+    image, result = _read_image_bytes(record)
+    if image is None:
+        return result
+    try:
+        truth = read(record)
+    except Unreadable as err:
+        return _skip(err.reason, err.path, err.detail)
+    ids = np.asarray(truth.ids)
     if ids.shape != (record.height, record.width):
-        return _skip("panoptic PNG size differs from the image", record.panoptic_path,
+        return _skip("panoptic map size differs from the image", truth.source,
                      f"{ids.shape[1]}x{ids.shape[0]} vs {record.width}x{record.height}")
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= 1 << 24):
+        raise DataError(f"{truth.source}: segment ids must lie in [0, 2^24) to be stored as a panoptic PNG")
     present, counts = np.unique(ids, return_counts=True)
     area_of = dict(zip(present.tolist(), counts.tolist()))
     objects, listed = [], set()
-    for segment in record.objects:
+    for segment in truth.segments:
         segment_id, category_id = int(segment["id"]), int(segment["category_id"])
+        if segment_id in listed:
+            raise DataError(f"{truth.source}: segment id {segment_id} listed twice")
         listed.add(segment_id)
-        if segment_id not in area_of:
+        if segment_id not in area_of or segment_id == 0:
             result.skipped_objects["segment absent from PNG"] += 1
             continue
         ys, xs = np.nonzero(ids == segment_id)
@@ -126,8 +170,57 @@ def encode_panoptic(record: ImageRecord, vocab: Vocabulary, dataset: str) -> Enc
     unlisted = set(area_of) - listed - {0}
     if unlisted:  # the official evaluator treats such pixels as void too
         result.skipped_objects["PNG id without segment (void)"] += len(unlisted)
+    png = truth.png if truth.png is not None else encode_panoptic_png(ids)
     header = _header(record, dataset, "panoptic")
     result.sample = {"__key__": sample_key(record.image_id), "jpg": image, PANOPTIC_KEY: png,
+                     "json": json.dumps({**header, "objects": objects}).encode()}
+    result.num_objects = len(objects)
+    return result
+
+
+def encode_semantic(record: ImageRecord, vocab: Vocabulary, dataset: str,
+                    read: Callable[[ImageRecord], tuple[np.ndarray, Path]]) -> Encoded:
+    """One semantic-segmentation image -> one sample. ``read`` gives the data set's category id per pixel (int
+    [H, W]; ``VOID`` = -1 where unlabelled or ignored) and the file it came from.
+
+    Stored as ``KEY.semantic.png``: the vocabulary index per pixel, 8-bit when the vocabulary has fewer than 255
+    classes, else 16-bit, with ``ignore_label`` (255 or 65535, in the sample's JSON) where the source is void. The
+    JSON lists one object per class present (``segment_id`` = its label, its tight box and pixel area), so that the
+    sample reads back like a panoptic one whose segments are whole classes. An id that is not in the vocabulary is an
+    error naming the file.
+    """
+    image, result = _read_image_bytes(record)
+    if image is None:
+        return result
+    try:
+        ids, source = read(record)
+    except Unreadable as err:
+        return _skip(err.reason, err.path, err.detail)
+    ids = np.asarray(ids)
+    if ids.shape != (record.height, record.width):
+        return _skip("label map size differs from the image", source,
+                     f"{ids.shape[1]}x{ids.shape[0]} vs {record.width}x{record.height}")
+    ignore = semantic_ignore_label(len(vocab))
+    labels = np.full(ids.shape, ignore, dtype=np.uint8 if ignore == 255 else np.uint16)
+    objects = []
+    present, counts = np.unique(ids, return_counts=True)
+    for category_id, area in zip(present.tolist(), counts.tolist()):
+        if category_id == VOID:
+            continue
+        if category_id not in vocab:
+            raise DataError(f"{source}: category id {category_id} is not in the data set's vocabulary")
+        label = vocab.index_of_id(category_id)
+        where = ids == category_id
+        labels[where] = label
+        ys, xs = np.nonzero(where)
+        objects.append({"category_id": category_id, "label": label, "is_thing": vocab.categories[label].is_thing,
+                        "iscrowd": 0, "segment_id": label,
+                        "bbox": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
+                        "area": int(area), "pseudo_mask": False})
+    buffer = io.BytesIO()
+    Image.fromarray(labels).save(buffer, format="PNG")
+    header = {**_header(record, dataset, "semantic"), "ignore_label": ignore}
+    result.sample = {"__key__": sample_key(record.image_id), "jpg": image, SEMANTIC_KEY: buffer.getvalue(),
                      "json": json.dumps({**header, "objects": objects}).encode()}
     result.num_objects = len(objects)
     return result
@@ -222,8 +315,8 @@ def write_shards(records: list[ImageRecord], encode: Callable[[ImageRecord], Enc
 
     if "." in name or "/" in name:
         raise ValueError(f"data set name {name!r} must not contain dots or slashes")
-    if task not in ("seg", "det"):
-        raise ValueError(f"task must be 'seg' or 'det', not {task!r}")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, not {task!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(f"{name}-*.tar"):

@@ -31,6 +31,21 @@ def decode_panoptic_png(data: bytes) -> np.ndarray:
         return rgb_to_id(np.asarray(image.convert("RGB")))
 
 
+def decode_label_png(data: bytes) -> np.ndarray:
+    """A label map PNG's bytes (8- or 16-bit grey: a class index per pixel) -> int64 [H, W]. Refuses colour PNGs."""
+    with Image.open(io.BytesIO(data)) as image:
+        if image.mode not in ("L", "I;16", "I"):
+            raise ValueError(f"a label map PNG must be 8- or 16-bit grey, not mode {image.mode}")
+        return np.asarray(image).astype(np.int64)
+
+
+def encode_panoptic_png(ids: np.ndarray) -> bytes:
+    """Segment ids [H, W] (< 2^24) -> the bytes of a COCO panoptic PNG."""
+    buffer = io.BytesIO()
+    Image.fromarray(id_to_rgb(ids)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def encode_rle(masks: Tensor | np.ndarray) -> list[dict]:
     """bool [N, H, W] -> N compressed RLEs."""
     array = masks.detach().cpu().numpy() if isinstance(masks, Tensor) else np.asarray(masks)

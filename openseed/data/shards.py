@@ -2,7 +2,7 @@
 
 Layout of a converted data set (a folder)::
 
-    DIR/manifest.json    {"schema_version", "name", "task": "seg"|"det", "mask_format", "num_samples",
+    DIR/manifest.json    {"schema_version", "name", "task": "seg"|"det"|"sem", "mask_format", "num_samples",
                           "shards": [{"file": "NAME-000000.tar", "count": N}, ...], "summary": {...}}
     DIR/vocab.json       the ``Vocabulary`` (ids, raw names, isthing, synonyms)
     DIR/NAME-000000.tar  ...
@@ -12,13 +12,18 @@ One sample per image; its key is the zero-padded image id (no dots: webdataset s
     KEY.jpg           JPEG bytes, as in the source when it is a JPEG (re-encoded at quality 95 otherwise, or when
                       its EXIF orientation is applied: stored pixels are upright; data_prep.shard_writer)
     KEY.panoptic.png  panoptic data: the raw COCO panoptic PNG (id = R + 256 G + 256^2 B), never decoded as an image
-    KEY.json          {"image_id", "dataset", "file_name", "height", "width", "mask_format": "panoptic"|"rle"|"none",
+    KEY.semantic.png  semantic data ("sem"): the vocabulary index per pixel, 8-bit (16-bit for 255 classes or more),
+                      ``ignore_label`` where void
+    KEY.json          {"image_id", "dataset", "file_name", "height", "width",
+                       "mask_format": "panoptic"|"rle"|"none"|"semantic", "ignore_label" (semantic),
                        "objects": [{"category_id", "label", "is_thing", "iscrowd", "bbox": [x0, y0, x1, y1],
                                     "area", "segment_id" (panoptic), "rle": {"size", "counts"} (rle, optional),
                                     "pseudo_mask": bool}], "extra": {...}}
 
 ``label`` indexes the vocabulary; ``bbox`` is xyxy in pixels of the stored image with exclusive max (see
-``openseed.core.batch``); panoptic boxes and areas are recomputed from the PNG, not copied from the JSON.
+``openseed.core.batch``); panoptic boxes and areas are recomputed from the PNG, not copied from the JSON. A semantic
+sample lists one object per class present, its ``segment_id`` the class's label, so it reads back like a panoptic
+sample whose segments are whole classes (for scoring mIoU; its things are not instances).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from openseed.core.codecs import decode_panoptic_png, decode_rle
+from openseed.core.codecs import decode_label_png, decode_panoptic_png, decode_rle
 from openseed.core.vocabulary import Vocabulary
 from openseed.data.coco import DataError
 
@@ -46,8 +51,16 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 VOCAB = "vocab.json"
 PANOPTIC_KEY = "panoptic.png"
+SEMANTIC_KEY = "semantic.png"
+TASKS = {"seg": "panoptic", "det": "detection (boxes, with or without masks)", "sem": "semantic"}
+VOID = -1  # the category id a semantic reader gives unlabelled / ignored pixels (data_prep.shard_writer)
 JPEG_MAGIC = b"\xff\xd8\xff"
 CROWD_INDEX = 255  # crowd pixels in a Sample.segment_map
+
+
+def semantic_ignore_label(num_classes: int) -> int:
+    """The value of void pixels in a stored semantic label map: 255 (8-bit PNG) below 255 classes, else 65535."""
+    return 255 if num_classes < 255 else 65535
 
 
 def sample_key(image_id: int) -> str:
@@ -126,6 +139,7 @@ class Sample:
     segment_map: torch.Tensor | None = None
     annotation: dict | None = None  # the stored JSON, as written (original size): ground truth for evaluation
     panoptic_png: bytes | None = None  # the stored panoptic PNG (panoptic data)
+    semantic_png: bytes | None = None  # the stored label map PNG (semantic data)
 
     def materialised(self) -> Sample:
         """The same sample with ``masks`` / ``ignore_mask`` built from ``segment_map`` (no-op without one)."""
@@ -210,11 +224,13 @@ def decode_sample(raw: dict, vocabulary: Vocabulary | None = None, dense_masks: 
     crowd = [o for o in objects if o["iscrowd"]]
     kept = [o for o in objects if not o["iscrowd"]]
     masks = ignore = segment_map = None
-    if meta["mask_format"] == "panoptic":
+    if meta["mask_format"] in ("panoptic", "semantic"):  # an id per pixel: a segment's, or a class's label
+        member, decode = (PANOPTIC_KEY, decode_panoptic_png) if meta["mask_format"] == "panoptic" else \
+            (SEMANTIC_KEY, decode_label_png)
         try:
-            ids = torch.from_numpy(decode_panoptic_png(raw[PANOPTIC_KEY]).astype(np.int32))
+            ids = torch.from_numpy(decode(raw[member]).astype(np.int32))
         except Exception as err:
-            STREAM_SKIPS("bad panoptic PNG", where, f"{type(err).__name__}: {str(err)[:80]}", url)
+            STREAM_SKIPS(f"bad {meta['mask_format']} PNG", where, f"{type(err).__name__}: {str(err)[:80]}", url)
             return None
         if len(kept) < CROWD_INDEX:
             segment_map = _segment_map(ids, [o["segment_id"] for o in kept], [o["segment_id"] for o in crowd])
@@ -234,10 +250,12 @@ def decode_sample(raw: dict, vocabulary: Vocabulary | None = None, dense_masks: 
         boxes=boxes,
         is_thing=torch.tensor([bool(o["is_thing"]) for o in kept], dtype=torch.bool),
         mask_is_pseudo=torch.tensor([bool(o.get("pseudo_mask", False)) for o in kept], dtype=torch.bool),
-        has_mask=torch.tensor([meta["mask_format"] == "panoptic" or "rle" in o for o in kept], dtype=torch.bool),
+        has_mask=torch.tensor([meta["mask_format"] in ("panoptic", "semantic") or "rle" in o for o in kept],
+                              dtype=torch.bool),
         masks=masks, ignore_mask=ignore, image_id=int(meta["image_id"]), dataset=str(meta["dataset"]),
-        key=str(raw.get("__key__")), orig_size=(height, width), boxes_from_masks=meta["mask_format"] == "panoptic",
-        segment_map=segment_map, annotation=meta, panoptic_png=raw.get(PANOPTIC_KEY))
+        key=str(raw.get("__key__")), orig_size=(height, width),
+        boxes_from_masks=meta["mask_format"] in ("panoptic", "semantic"), segment_map=segment_map, annotation=meta,
+        panoptic_png=raw.get(PANOPTIC_KEY), semantic_png=raw.get(SEMANTIC_KEY))
     return sample if not dense_masks else sample.materialised()
 
 

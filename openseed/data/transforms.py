@@ -213,7 +213,8 @@ def collate(samples: list[Sample], vocabulary: Vocabulary, task: str, size_divis
             image_id=sample.image_id, orig_size=sample.orig_size, image_size=(int(h), int(w))))
     annotations = None
     if keep_annotations:
-        annotations = [{"json": s.annotation, "panoptic_png": s.panoptic_png} for s in samples]
+        annotations = [{"json": s.annotation, "panoptic_png": s.panoptic_png, "semantic_png": s.semantic_png}
+                       for s in samples]
     return Batch(images=images, padding_mask=padding, targets=targets, vocabulary=vocabulary, task=task,
                  dataset=samples[0].dataset, annotations=annotations)
 

@@ -6,7 +6,8 @@ original image size:
 
 - panoptic data (``task == "seg"``): PQ / SQ / RQ (all, things, stuff), mask and box AP of the thing classes
   (COCO instance protocol on the thing segments; crowd segments as crowd), mIoU (void = ignore);
-- detection data: box AP, and mask AP when the data set has masks.
+- detection data: box AP, and mask AP when the data set has masks;
+- semantic data (``task == "sem"``): mIoU, fwIoU, pixel and mean class accuracy (void = ignore).
 
 The model runs in evaluation mode, so class names are embedded with the prompt ensemble. Metrics are fractions
 (1.0 = perfect). Command line::
@@ -30,17 +31,17 @@ from openseed.cli import Option, command, integer, path, string_list
 from openseed.core.batch import Batch
 from openseed.core.boxes import stored_box_xywh
 from openseed.core.coco import instances_to_coco
-from openseed.core.codecs import decode_panoptic_png, encode_rle
+from openseed.core.codecs import decode_label_png, decode_panoptic_png, encode_rle
 from openseed.core.outputs import Outputs
+from openseed.core.predictions import Instances, PanopticSegmentation, SemanticSegmentation
 from openseed.core.vocabulary import Vocabulary
-from openseed.data.shards import ShardSet
+from openseed.data.shards import TASKS, ShardSet
 from openseed.evaluation.common import gather_to_all
 from openseed.evaluation.instances import evaluate_coco
 from openseed.evaluation.panoptic import PanopticEvaluator
 from openseed.evaluation.semantic import SemanticEvaluator
 from openseed.modeling.postprocess import InferenceConfig, postprocess_batch
 
-IGNORE = 255
 
 
 class DatasetEvaluator:
@@ -48,8 +49,8 @@ class DatasetEvaluator:
 
     Args:
         vocabulary: the data set's classes (the model is evaluated against exactly these).
-        task: "seg" (panoptic data) or "det" (detection data).
-        mask_format: the shard set's mask format ("panoptic", "rle" or "none").
+        task: "seg" (panoptic data), "det" (detection data) or "sem" (semantic data).
+        mask_format: the shard set's mask format ("panoptic", "rle", "none" or "semantic").
         inference: post-processing thresholds.
     """
 
@@ -57,9 +58,14 @@ class DatasetEvaluator:
         self.vocabulary, self.task, self.mask_format = vocabulary, task, mask_format
         self.inference = inference or InferenceConfig()
         self.categories = [{"id": c.id, "name": c.name, "isthing": int(c.is_thing)} for c in vocabulary.categories]
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {sorted(TASKS)}, not {task!r}")
         self.with_masks = mask_format in ("panoptic", "rle")
         self.panoptic = PanopticEvaluator(self.categories) if task == "seg" else None
-        self.semantic = SemanticEvaluator(len(vocabulary), ignore_label=IGNORE) if task == "seg" else None
+        # void is one past the last class: a label map of 255 classes or more has a class 255
+        self.ignore = len(vocabulary)
+        self.semantic = SemanticEvaluator(len(vocabulary), ignore_label=self.ignore) if task in ("seg", "sem") \
+            else None
         self.gt_images: list[dict] = []
         self.gt_annotations: list[dict] = []
         self.detections: list[dict] = []
@@ -83,35 +89,56 @@ class DatasetEvaluator:
         if batch.annotations is None:
             raise ValueError("evaluation batches must carry their annotations (collate(..., keep_annotations=True))")
         padded = tuple(batch.images.shape[-2:])
-        # as the reference on panoptic data: the top-k runs over every class and the stuff pairs are dropped after it
-        # (only thing classes are scored; detection data has only things, where this changes nothing)
-        instances = postprocess_batch(outputs, batch.targets, self.vocabulary, padded, "instance", self.inference,
-                                      things_only=True)
-        panoptic = semantic = None
+        panoptic = semantic = instances = [None] * len(batch.annotations)
+        if self.task != "sem":  # semantic data has whole classes, not instances: mIoU alone
+            # as the reference on panoptic data: the top-k runs over every class and the stuff pairs are dropped
+            # after it (only thing classes are scored; detection data has only things, where this changes nothing)
+            instances = postprocess_batch(outputs, batch.targets, self.vocabulary, padded, "instance",
+                                          self.inference, things_only=True)
+        if self.task in ("seg", "sem"):
+            semantic = postprocess_batch(outputs, batch.targets, self.vocabulary, padded, "semantic", self.inference)
         if self.task == "seg":
             panoptic = postprocess_batch(outputs, batch.targets, self.vocabulary, padded, "panoptic", self.inference)
-            semantic = postprocess_batch(outputs, batch.targets, self.vocabulary, padded, "semantic", self.inference)
-        for i, annotation in enumerate(batch.annotations):
-            meta = annotation["json"]
-            image_id = int(meta["image_id"])
-            gt_ids = None
-            if self.task == "seg":
-                gt_ids = decode_panoptic_png(annotation["panoptic_png"])
-                segments = [{"id": o["segment_id"], "category_id": o["category_id"], "iscrowd": o["iscrowd"]}
-                            for o in meta["objects"]]
-                self.panoptic.update(gt_ids, segments, panoptic[i].panoptic_seg.cpu().numpy(),
-                                     panoptic[i].segments_info, image_id=image_id)
-                self.semantic.update(semantic[i].sem_seg.cpu().numpy(), self._semantic_truth(gt_ids, meta))
-            self.add_instance_truth(meta, gt_ids)
-            records = instances_to_coco(instances[i].cpu(), image_id, self.vocabulary.ids)
-            # a diverged model's NaN / infinite scores or boxes cannot be scored (the COCO evaluator refuses them):
-            # they are left out, counted, and reported with a warning by compute()
-            finite = [r for r in records if math.isfinite(r["score"]) and all(math.isfinite(v) for v in r["bbox"])]
-            self.non_finite += len(records) - len(finite)
-            self.detections.extend(r for r in finite if r["score"] > 0)
+        for annotation, *predictions in zip(batch.annotations, panoptic, semantic, instances):
+            self.add(annotation, *predictions)
+
+    def add(self, annotation: dict, panoptic: PanopticSegmentation | None = None,
+            semantic: SemanticSegmentation | None = None, instances: Instances | None = None) -> None:
+        """Score one image's predictions (at its original size) against its stored ground truth ``annotation``
+        (``{"json", "panoptic_png", "semantic_png"}`` as ``collate(keep_annotations=True)`` carries it). Each
+        prediction the data set's task scores must be given: panoptic, semantic and instances for panoptic data,
+        instances for detection data, semantic for semantic data."""
+        needed = {"seg": ("panoptic", "semantic", "instances"), "det": ("instances",), "sem": ("semantic",)}
+        given = {"panoptic": panoptic, "semantic": semantic, "instances": instances}
+        missing = [name for name in needed[self.task] if given[name] is None]
+        if missing:
+            raise ValueError(f"{self.task!r} data is scored on {', '.join(needed[self.task])}; missing: "
+                             f"{', '.join(missing)}")
+        meta = annotation["json"]
+        image_id = int(meta["image_id"])
+        if self.task == "sem":
+            truth = decode_label_png(annotation["semantic_png"])
+            self.semantic.update(semantic.sem_seg.cpu().numpy(),
+                                 np.where(truth == meta["ignore_label"], self.ignore, truth))
+            return
+        gt_ids = None
+        if self.task == "seg":
+            gt_ids = decode_panoptic_png(annotation["panoptic_png"])
+            segments = [{"id": o["segment_id"], "category_id": o["category_id"], "iscrowd": o["iscrowd"]}
+                        for o in meta["objects"]]
+            self.panoptic.update(gt_ids, segments, panoptic.panoptic_seg.cpu().numpy(), panoptic.segments_info,
+                                 image_id=image_id)
+            self.semantic.update(semantic.sem_seg.cpu().numpy(), self._semantic_truth(gt_ids, meta))
+        self.add_instance_truth(meta, gt_ids)
+        records = instances_to_coco(instances.cpu(), image_id, self.vocabulary.ids)
+        # a diverged model's NaN / infinite scores or boxes cannot be scored (the COCO evaluator refuses them):
+        # they are left out, counted, and reported with a warning by compute()
+        finite = [r for r in records if math.isfinite(r["score"]) and all(math.isfinite(v) for v in r["bbox"])]
+        self.non_finite += len(records) - len(finite)
+        self.detections.extend(r for r in finite if r["score"] > 0)
 
     def _semantic_truth(self, gt_ids: np.ndarray, meta: dict) -> np.ndarray:
-        labels = np.full(gt_ids.shape, IGNORE, dtype=np.int64)
+        labels = np.full(gt_ids.shape, self.ignore, dtype=np.int64)
         for obj in meta["objects"]:
             labels[gt_ids == obj["segment_id"]] = obj["label"]
         return labels
@@ -145,6 +172,12 @@ class DatasetEvaluator:
         if self.semantic is not None:
             semantic = self.semantic.compute()
             metrics["mIoU"] = semantic["miou"]
+            if self.task == "sem":
+                metrics.update(fwIoU=semantic["fwiou"], mACC=semantic["macc"], pACC=semantic["pacc"])
+                per_class["IoU"] = {c["name"]: (None if np.isnan(v) else float(v))  # nan: no pixels of it
+                                    for c, v in zip(self.categories, semantic["per_class_iou"])}
+                metrics["per_class"] = per_class
+                return metrics
         non_finite = sum(gather_to_all([self.non_finite]))
         if non_finite:
             warnings.warn(f"{non_finite} detections with a NaN or infinite score or box were left out of box / mask "
