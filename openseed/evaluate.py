@@ -21,7 +21,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from openseed.config import CONF
+from openseed.config import CONF, check_values
 from openseed.evaluation.report import metrics_table, scalar_metrics
 
 log = logging.getLogger("openseed.evaluate")
@@ -52,7 +52,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
     ``<cfg.output_dir>/metrics.json``."""
     from hydra.utils import instantiate
 
-    from openseed.config import check_config, check_values
+    from openseed.config import check_config
     from openseed.evaluation.runner import DatasetEvaluator, evaluate_batches
     from openseed.modeling.openseed import load_model, read_model_config
     from openseed.modeling.postprocess import InferenceConfig
@@ -60,6 +60,8 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
     check_values(cfg, {"device": str, "eval_resize": str, "model_overrides": dict, "inference": dict})
     check_config(cfg, keys=("data",))  # wrong-typed data values named before anything is read
     path = checkpoint_file(cfg.get("ckpt_path"))
+    if cfg.get("benchmark"):
+        return evaluate_benchmark(cfg, path)
     if not cfg.data.get("val"):
         raise ValueError("the data config has no validation sets (data.val): nothing to evaluate")
     if cfg.eval_resize not in ("auto", "data"):
@@ -88,6 +90,31 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
     print(metrics_table(results))
     log.info("metrics written to %s", out / "metrics.json")
     return results
+
+
+def evaluate_benchmark(cfg: DictConfig, path: Path) -> dict[str, dict]:
+    """One protocol of conf/benchmark (``cfg.benchmark``, composed by Hydra) on its sets under ``cfg.benchmark_root``; writes
+    ``benchmarks.json`` / ``benchmarks.md`` to ``cfg.output_dir`` and returns ``{set name: metrics}``."""
+    from openseed.evaluation.benchmark import PAPER_MODELS, Protocol, model_evaluator, run_benchmarks, write_report
+    from openseed.modeling.openseed import load_model
+
+    check_values(cfg, {"benchmark_root": str, "benchmark_batch_size": int, "benchmark_paper_model": str})
+    if cfg.benchmark_paper_model not in PAPER_MODELS:
+        raise ValueError(f"benchmark_paper_model must be one of {PAPER_MODELS}, not {cfg.benchmark_paper_model!r}")
+    data = OmegaConf.to_container(cfg.benchmark, resolve=True)
+    protocol = Protocol.from_dict(str(data.get("name")), data, "benchmark")
+    root = Path(cfg.benchmark_root)
+    found, missing = protocol.shard_sets(root)
+    if missing:
+        raise FileNotFoundError(f"benchmark {protocol.name}: {', '.join(missing)} not found under {root} "
+                                "(convert them first: docs/evaluation.md)")
+    model = load_model(path, **OmegaConf.to_container(cfg.model_overrides, resolve=True)).eval()
+    evaluate_set = model_evaluator(model, cfg.benchmark_batch_size, str(_device(cfg.device)))
+    report = run_benchmarks(evaluate_set, root, [protocol], cfg.benchmark_paper_model)
+    json_path, _ = write_report(report, cfg.output_dir)
+    print(report.markdown())
+    log.info("benchmark written to %s", json_path)
+    return report.metrics
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="evaluate")

@@ -56,6 +56,7 @@ def test_help_lists_every_key_and_exits_0(word, capsys):
 
 TOOLS = ["openseed/predict.py", "openseed/convert_checkpoint.py", "openseed/evaluation/instances.py",
          "openseed/evaluation/panoptic.py", "openseed/evaluation/runner.py", "openseed/evaluation/box_prompts.py",
+         "openseed/evaluation/benchmark.py", "openseed/evaluation/oracle.py",
          "openseed/ops/benchmark.py", "data_prep/coco_detection_to_shards.py", "data_prep/coco_panoptic_to_shards.py", "data_prep/inspect_shards.py",
          "data_prep/prepare_synthshapes.py", "data_prep/pseudo_masks.py", "data_prep/synthetic.py",
          "data_prep/benchmark.py", "experiments/paper_claims/run.py", "experiments/paper_claims/gather.py",

@@ -35,8 +35,8 @@ def annotation_of(sample: Sample) -> dict:
 
 def oracle_predictions(sample: Sample, vocabulary: Vocabulary) -> Predictions:
     """The ground truth of ``sample`` (read at its stored size, dense masks) as perfect predictions: every
-    non-crowd object once with score 1, the panoptic map without its crowd segments, every labelled pixel's class
-    (void pixels get class 0: they are not scored)."""
+    non-crowd object once with score 1, the panoptic map without its crowd segments, every labelled pixel's class,
+    crowd regions included (void pixels get class 0: they are not scored)."""
     meta = sample.annotation
     kept = [o for o in meta["objects"] if not o["iscrowd"]]
     height, width = sample.orig_size
@@ -55,9 +55,10 @@ def oracle_predictions(sample: Sample, vocabulary: Vocabulary) -> Predictions:
                      "bbox": [o["bbox"][0], o["bbox"][1], o["bbox"][2] - o["bbox"][0], o["bbox"][3] - o["bbox"][1]]}
                     for o in kept]
         predictions["panoptic"] = PanopticSegmentation(torch.from_numpy(ids), segments, sample.image_id)
+        stored = decode_panoptic_png(sample.panoptic_png)
         semantic = np.zeros((height, width), dtype=np.int64)
-        for obj in kept:
-            semantic[ids == obj["segment_id"]] = obj["label"]
+        for obj in meta["objects"]:  # crowd regions are their class in the semantic ground truth
+            semantic[stored == obj["segment_id"]] = obj["label"]
         predictions["semantic"] = SemanticSegmentation(torch.from_numpy(semantic), image_id=sample.image_id)
     things = [i for i, o in enumerate(kept) if o["is_thing"]]
     masks = sample.masks[things] if sample.masks is not None and meta["mask_format"] != "none" else None

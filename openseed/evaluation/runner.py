@@ -204,28 +204,39 @@ class DatasetEvaluator:
 
 @torch.no_grad()
 def evaluate_shards(model, shards_dir, image_size: int | None = None, batch_size: int = 4, device: str = "cpu",
-                    num_workers: int = 0, inference: InferenceConfig | None = None) -> dict:
+                    num_workers: int = 0, inference: InferenceConfig | None = None, short_edge: int | None = None,
+                    max_size: int | None = None, limit: int | None = None) -> dict:
     """Evaluate ``model`` on one converted data set (its own vocabulary, the prompt ensemble); on every rank of a
     process group each rank scores its share and all get the same metrics.
 
-    Images: with ``image_size``, the longer side to it and square padding (LSJ-trained models); without, the model's
-    recorded evaluation resize (``OpenSeeDConfig.eval_short_edge`` / ``eval_max_size``; converted released
-    checkpoints: shortest edge 800, longest 1333, padding to a multiple of 32), else 1024. ``inference`` defaults to
-    the model's recorded top-k and box clipping (``InferenceConfig.for_model``)."""
+    Images: with ``short_edge``, the shortest edge to it and the longest at most ``max_size`` (a benchmark's
+    protocol; padding to a multiple of 32); with ``image_size``, the longer side to it and square padding
+    (LSJ-trained models); without either, the model's recorded evaluation resize (``OpenSeeDConfig.eval_short_edge``
+    / ``eval_max_size``; converted released checkpoints: shortest edge 800, longest 1333), else 1024. ``inference``
+    defaults to the model's recorded top-k and box clipping (``InferenceConfig.for_model``). ``limit``: only the
+    first batches holding that many images (a smoke run)."""
+    import itertools
+
     from torch.utils.data import DataLoader
 
     from openseed.data.datamodule import EvalDataset
-    from openseed.data.transforms import eval_resize_for
+    from openseed.data.transforms import EvalResize, eval_resize_for
     from openseed.evaluation.common import world
 
+    if short_edge is not None and image_size is not None:
+        raise ValueError("give short_edge (and max_size) or image_size, not both")
     shards = ShardSet.open(shards_dir)
     rank, world_size = world()
     config = model.config
-    resize, pad_to = eval_resize_for(config, image_size)
+    if short_edge is not None:
+        resize, pad_to = EvalResize(short_edge, max_size), None
+    else:
+        resize, pad_to = eval_resize_for(config, image_size)
     dataset = EvalDataset(shards, batch_size, resize, rank, world_size, pad_to=pad_to)
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
+    batches = loader if limit is None else itertools.islice(loader, math.ceil(limit / batch_size))
     evaluator = DatasetEvaluator.for_shards(shards, inference or InferenceConfig.for_model(config))
-    return evaluate_batches(model.to(device).eval(), loader, evaluator, device)
+    return evaluate_batches(model.to(device).eval(), batches, evaluator, device)
 
 
 @torch.no_grad()
