@@ -23,8 +23,18 @@ from openseed.core.codecs import decode_panoptic_png, encode_panoptic_png, segme
 from openseed.core.vocabulary import Vocabulary
 from openseed.data.coco import DataError, ImageRecord
 from openseed.data.images import exif_orientation, rgb_array, upright_size
-from openseed.data.shards import (JPEG_MAGIC, MANIFEST, PANOPTIC_KEY, SCHEMA_VERSION, SEMANTIC_KEY, TASKS, VOCAB,
-                                  VOID, sample_key, semantic_ignore_label)
+from openseed.data.shards import (
+    JPEG_MAGIC,
+    MANIFEST,
+    PANOPTIC_KEY,
+    SCHEMA_VERSION,
+    SEMANTIC_KEY,
+    TASKS,
+    VOCAB,
+    VOID,
+    sample_key,
+    semantic_ignore_label,
+)
 
 log = logging.getLogger(__name__)
 

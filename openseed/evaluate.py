@@ -93,8 +93,9 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
 
 
 def evaluate_benchmark(cfg: DictConfig, path: Path) -> dict[str, dict]:
-    """One protocol of conf/benchmark (``cfg.benchmark``, composed by Hydra) on its sets under ``cfg.benchmark_root``; writes
-    ``benchmarks.json`` / ``benchmarks.md`` to ``cfg.output_dir`` and returns ``{set name: metrics}``."""
+    """One protocol of conf/benchmark (``cfg.benchmark``, composed by Hydra) on its sets under
+    ``cfg.benchmark_root``; writes ``benchmarks.json`` / ``benchmarks.md`` to ``cfg.output_dir`` and returns
+    ``{set name: metrics}``."""
     from openseed.evaluation.benchmark import PAPER_MODELS, Protocol, model_evaluator, run_benchmarks, write_report
     from openseed.modeling.openseed import load_model
 

@@ -68,7 +68,8 @@ def test_run_benchmarks_fills_columns_skips_missing_sets_and_aggregates_suites(t
         _fake_set(tmp_path, name)
     figures = {"ade20k_panoptic_val": {"PQ": 0.2, "mIoU": 0.3, "mask_AP": 0.9},
                "ade20k_instance_val": {"mask_AP": 0.15, "box_AP": 0.16},
-               "seginw_a_valid": {"mask_AP": 0.1}, "seginw_b_valid": {"mask_AP": 0.4}, "seginw_c_valid": {"mask_AP": 0.7}}
+               "seginw_a_valid": {"mask_AP": 0.1}, "seginw_b_valid": {"mask_AP": 0.4},
+               "seginw_c_valid": {"mask_AP": 0.7}}
     calls = []
 
     def evaluate_set(folder, protocol):

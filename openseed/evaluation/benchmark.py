@@ -157,8 +157,8 @@ class Report:
             lines += ["", f"## Table {table}", "", "| benchmark | metric | ours | paper |", "|---|---|---|---|"]
             for protocol in done:
                 ours, paper = self.ours(protocol), protocol.paper.get(self.paper_model, {})
-                for column in protocol.columns:
-                    lines.append(f"| {protocol.title} | {column} | {_cell(ours[column])} | {_cell(paper.get(column))} |")
+                lines += [f"| {protocol.title} | {column} | {_cell(ours[column])} | {_cell(paper.get(column))} |"
+                          for column in protocol.columns]
             for protocol in (p for p in done if p.suite_sets):
                 lines += ["", f"{protocol.title}, per set ({protocol.suite_metric}, x100):", "",
                           "| set | ours |", "|---|---|"]

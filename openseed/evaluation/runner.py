@@ -43,7 +43,6 @@ from openseed.evaluation.semantic import SemanticEvaluator
 from openseed.modeling.postprocess import InferenceConfig, postprocess_batch
 
 
-
 class DatasetEvaluator:
     """Accumulates predictions and ground truth of one data set on every rank; ``compute`` gathers them once.
 
