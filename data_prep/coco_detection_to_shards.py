@@ -21,9 +21,10 @@ from openseed.data.coco import load_coco_detection
 
 
 def convert(json_path, image_dir, out, name, maxcount=1000, workers=0, skip_missing=False, limit=None,
-            progress=True, keep_masks=True, drop_empty=False, source=None) -> ConversionSummary:
+            progress=True, keep_masks=True, drop_empty=False, source=None, data=None) -> ConversionSummary:
+    """``data``: the JSON's content when the caller has read (and adapted) it; errors still name ``json_path``."""
     vocab, records, report = load_coco_detection(json_path, image_dir, skip_missing=skip_missing,
-                                                 drop_empty=drop_empty)
+                                                 drop_empty=drop_empty, data=data)
     records = records[:limit] if limit is not None else records
     has_masks = keep_masks and any(ann.get("segmentation") for r in records for ann in r.objects)
     mask_format = "rle" if has_masks else "none"

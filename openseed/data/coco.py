@@ -102,14 +102,15 @@ def resolve_image(image_dir: Path, file_name: str) -> Path | None:
 def _image_file_name(image: dict) -> str:
     if image.get("file_name"):
         return str(image["file_name"])
-    if image.get("coco_url"):  # LVIS v1 gives only the COCO url
-        return str(image["coco_url"]).rsplit("/", 1)[-1]
+    if image.get("coco_url"):  # LVIS v1 gives only the COCO url: <split folder>/<file>, e.g. val2017/000000000139.jpg
+        return "/".join(str(image["coco_url"]).rstrip("/").split("/")[-2:])
     raise KeyError("file_name")
 
 
-def _load_coco(json_path: Path) -> tuple[dict, Vocabulary, dict[int, dict]]:
-    """The JSON, its vocabulary and its images by id, with the checks both kinds of file share."""
-    data = load_json(json_path)
+def _load_coco(json_path: Path, data: dict | None = None) -> tuple[dict, Vocabulary, dict[int, dict]]:
+    """The JSON (``data`` when the caller has read it already), its vocabulary and its images by id, with the checks
+    both kinds of file share."""
+    data = load_json(json_path) if data is None else data
     _require(data, ("images", "annotations", "categories"), json_path)
     try:
         vocab = Vocabulary.from_coco_categories(data["categories"], default_is_thing=True)
@@ -148,16 +149,18 @@ def _locate(image: dict, image_dir: Path, json_path: Path, skip_missing: bool, r
 
 
 def load_coco_detection(json_path: str | Path, image_dir: str | Path, skip_missing: bool = False,
-                        drop_empty: bool = False) -> tuple[Vocabulary, list[ImageRecord], ReadReport]:
+                        drop_empty: bool = False, data: dict | None = None
+                        ) -> tuple[Vocabulary, list[ImageRecord], ReadReport]:
     """Read a COCO detection/instances JSON (COCO, LVIS, Objects365 v1/v2, labelme exports).
 
     Crowd annotations are kept (flagged). Boxes with NaN/inf coordinates, degenerate boxes (w or h <= 0) and boxes
     entirely outside the image (the JSON's width x height) are dropped and counted (skipped objects); boxes partly
     outside are clipped to the image and counted (adjusted objects, "box clipped to image"). Images without
-    annotations are kept unless ``drop_empty`` (evaluation needs them: they hold false positives).
+    annotations are kept unless ``drop_empty`` (evaluation needs them: they hold false positives). ``data``: the
+    file's content when the caller has read (and adapted) it already; errors still name ``json_path``.
     """
     json_path, image_dir = Path(json_path), Path(image_dir)
-    data, vocab, images = _load_coco(json_path)
+    data, vocab, images = _load_coco(json_path, data)
     report = ReadReport()
     per_image: dict[int, list[dict]] = {image_id: [] for image_id in images}
     for ann in data["annotations"]:
