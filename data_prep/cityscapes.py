@@ -45,6 +45,7 @@ import numpy as np
 from PIL import Image
 
 from data_prep._cli import converter_options, run
+from data_prep.layout import image_size
 from data_prep.shard_writer import (
     ConversionSummary,
     Encoded,
@@ -167,15 +168,6 @@ def image_files(root: Path, split: str) -> list[Path]:
     return files
 
 
-def _image_size(image_path: Path) -> tuple[int, int]:
-    """(width, height) from the header; (0, 0) when unreadable (the writer then counts the image as unreadable)."""
-    try:
-        with Image.open(image_path) as image:
-            return image.size
-    except Exception:  # PIL raises many types for broken files
-        return 0, 0
-
-
 def _read_ids(path: Path, what: str) -> np.ndarray:
     """An 8/16/32-bit grey id PNG as int64 [H, W]; ``Unreadable`` for a broken file or an RGB / float one."""
     try:
@@ -279,7 +271,7 @@ def _records_from_files(files: list[Path], suffix: str | None, skip_missing: boo
                     raise DataError(message + " (skip_missing=true counts and skips such images)")
                 report.skip_image("missing annotation file", message)
                 continue
-        width, height = _image_size(image_path)
+        height, width = image_size(image_path)
         records.append(ImageRecord(index, image_path, height, width, []))
     return records
 
@@ -325,7 +317,7 @@ def _records_from_panoptic_json(files: list[Path], json_path: Path, png_dir: Pat
                 raise DataError(problem[1] + " (skip_missing=true counts and skips such images)")
             report.skip_image(*problem)
             continue
-        width, height = _image_size(image_path)
+        height, width = image_size(image_path)
         records.append(ImageRecord(index, image_path, height, width, ann["segments"],
                                    panoptic_path=png_dir / ann["file_name"]))
     for stem in sorted(set(by_stem) - {p.name[: -len(IMAGE_SUFFIX)] for p in files}):

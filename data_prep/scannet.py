@@ -33,7 +33,7 @@ from functools import partial
 from pathlib import Path
 
 from data_prep._cli import converter_options, run
-from data_prep.bdd100k import image_size, label_record, read_label_png, require_dir
+from data_prep.layout import image_size, label_record, read_label_png, require_dir
 from data_prep.shard_writer import ConversionSummary, encode_panoptic, encode_semantic, write_shards
 from openseed.cli import Option, one_of, path
 from openseed.core.vocabulary import Vocabulary
