@@ -15,19 +15,18 @@ from data_prep.shard_writer import encode_panoptic, encode_semantic
 from openseed.core.codecs import decode_label_png, decode_panoptic_png, id_to_rgb
 from openseed.core.predictions import SemanticSegmentation
 from openseed.data.shards import ShardSet, read_shards
-from openseed.evaluation.oracle import oracle_predictions
-from tests.test_convert_bdd100k import (
+from openseed.evaluation.oracle import oracle_predictions, score
+from tests._benchmark_checks import (
     PANOPTIC_METRICS,
     SEMANTIC_METRICS,
     H,
     W,
-    _tight_box,
     assert_oracle_perfect,
     panopticapi_pq,
     perturbed_panoptic,
     plain_miou,
     pycocotools_ap,
-    score_with,
+    tight_box,
     write_grey,
     write_jpeg,
 )
@@ -53,7 +52,7 @@ def _semantic_perturbation_matches(out, maps, num_classes):
         pred[block] = 0  # the first class
         return {"semantic": SemanticSegmentation(pred, image_id=sample.image_id)}
 
-    got = score_with(out, perturbed)
+    got = score(out, perturbed)
     pairs = []
     for values in maps:
         truth = np.where(values == 0, 255, values - 1)
@@ -106,7 +105,7 @@ def test_sunrgbd_reads_back_and_scores(sun_root, tmp_path):
 
 
 def _xyxy(mask):
-    x, y, w, h = _tight_box(mask)
+    x, y, w, h = tight_box(mask)
     return [x, y, x + w, y + h]
 
 
@@ -241,7 +240,7 @@ def test_scannet_panoptic_reads_back_and_matches_panopticapi_and_pycocotools(sca
     block = (slice(0, 5), slice(0, 10))
     drop = {40: 1001, 41: None, 42: 555}
     shift = {40: None, 41: 775, 42: 1001}
-    got = score_with(out, lambda sample, v: perturbed_panoptic(
+    got = score(out, lambda sample, v: perturbed_panoptic(
         sample, v, drop[sample.image_id], shift[sample.image_id], 2.0, block, 4))
     truth, preds, pairs, thing_truth, detections = {}, {}, [], {}, []
     for k in range(3):
@@ -261,7 +260,7 @@ def test_scannet_panoptic_reads_back_and_matches_panopticapi_and_pycocotools(sca
         thing_truth[image_id] = [(ids == s["id"], s["category_id"], s["iscrowd"]) for s in things]
         for s in things:
             if not s["iscrowd"] and s["id"] != drop[image_id]:
-                box = _tight_box(ids == s["id"])
+                box = tight_box(ids == s["id"])
                 box[0] += 2.0 if s["id"] == shift[image_id] else 0.0
                 detections.append((image_id, s["category_id"], ids == s["id"], box))
     categories = [{"id": i, "name": n, "isthing": int(t)} for i, n, t in scannet.PANOPTIC_CATEGORIES]
