@@ -63,10 +63,10 @@ def _fake_set(root: Path, name: str) -> None:
 
 
 def test_run_benchmarks_fills_columns_skips_missing_sets_and_aggregates_suites(tmp_path):
-    for name in ("ade20k_panoptic_val", "ade20k_instance_val", "seginw_a_valid", "seginw_b_valid", "seginw_c_valid",
+    for name in ("ade20k_panoptic_val", "ade20k_instance_val", "ade20k_semantic_val", "seginw_a_valid", "seginw_b_valid", "seginw_c_valid",
                  "seginw_c_train"):
         _fake_set(tmp_path, name)
-    figures = {"ade20k_panoptic_val": {"PQ": 0.2, "mIoU": 0.3, "mask_AP": 0.9},
+    figures = {"ade20k_panoptic_val": {"PQ": 0.2, "mIoU": 0.5, "mask_AP": 0.9}, "ade20k_semantic_val": {"mIoU": 0.3},
                "ade20k_instance_val": {"mask_AP": 0.15, "box_AP": 0.16},
                "seginw_a_valid": {"mask_AP": 0.1}, "seginw_b_valid": {"mask_AP": 0.4},
                "seginw_c_valid": {"mask_AP": 0.7}}
@@ -78,6 +78,7 @@ def test_run_benchmarks_fills_columns_skips_missing_sets_and_aggregates_suites(t
 
     report = B.run_benchmarks(evaluate_set, tmp_path, [B.Protocol.load(n) for n in ("ade20k", "cityscapes", "seginw")])
     assert sorted(calls) == [("ade20k_instance_val", 640, 2560), ("ade20k_panoptic_val", 640, 2560),
+                             ("ade20k_semantic_val", 640, 2560),
                              ("seginw_a_valid", 800, 1333), ("seginw_b_valid", 800, 1333),
                              ("seginw_c_valid", 800, 1333)]  # each set once, at its protocol's size; not c_train
     assert report.skipped == {"cityscapes": ["cityscapes_instance_val", "cityscapes_panoptic_val"]}

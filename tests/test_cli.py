@@ -58,7 +58,7 @@ TOOLS = ["openseed/predict.py", "openseed/convert_checkpoint.py", "openseed/eval
          "openseed/evaluation/panoptic.py", "openseed/evaluation/runner.py", "openseed/evaluation/box_prompts.py",
          "openseed/evaluation/benchmark.py", "openseed/evaluation/oracle.py",
          "openseed/ops/benchmark.py", "data_prep/coco_detection_to_shards.py", "data_prep/coco_panoptic_to_shards.py",
-         "data_prep/inspect_shards.py", "data_prep/cityscapes.py", "data_prep/lvis.py", "data_prep/roboflow_sets.py",
+         "data_prep/inspect_shards.py", "data_prep/ade20k.py", "data_prep/cityscapes.py", "data_prep/lvis.py", "data_prep/roboflow_sets.py",
          "data_prep/bdd100k.py", "data_prep/sunrgbd.py", "data_prep/scannet.py",
          "data_prep/prepare_synthshapes.py", "data_prep/pseudo_masks.py", "data_prep/synthetic.py",
          "data_prep/benchmark.py", "experiments/paper_claims/run.py", "experiments/paper_claims/gather.py",
