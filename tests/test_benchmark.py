@@ -63,7 +63,8 @@ def _fake_set(root: Path, name: str) -> None:
 
 
 def test_run_benchmarks_fills_columns_skips_missing_sets_and_aggregates_suites(tmp_path):
-    for name in ("ade20k_panoptic_val", "ade20k_instance_val", "ade20k_semantic_val", "seginw_a_valid", "seginw_b_valid", "seginw_c_valid",
+    for name in ("ade20k_panoptic_val", "ade20k_instance_val", "ade20k_semantic_val", "seginw_a_valid",
+                 "seginw_b_valid", "seginw_c_valid",
                  "seginw_c_train"):
         _fake_set(tmp_path, name)
     figures = {"ade20k_panoptic_val": {"PQ": 0.2, "mIoU": 0.5, "mask_AP": 0.9}, "ade20k_semantic_val": {"mIoU": 0.3},
@@ -135,7 +136,7 @@ def test_suite_command_scores_the_sets_found_at_the_protocols_size(sun_root, tmp
                    "benchmarks=[sunrgbd,ade20k]", "batch_size=2"]) == 0
     assert sizes == [(512, 768)] * 3  # 40 x 60 -> shortest edge 512 (the reference's SUN size)
     written = json.loads((out / "benchmarks.json").read_text())
-    assert written["skipped"] == {"ade20k": ["ade20k_instance_val", "ade20k_panoptic_val"]}
+    assert written["skipped"] == {"ade20k": ["ade20k_instance_val", "ade20k_panoptic_val", "ade20k_semantic_val"]}
     ours = written["benchmarks"]["sunrgbd"]["ours"]["mIoU"]
     model = load_model(sun_root / "tiny.pt")
     direct = evaluate_shards(model, sun_root / "data" / "sunrgbd_val", batch_size=2, short_edge=512, max_size=1024)
