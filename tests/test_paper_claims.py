@@ -103,6 +103,20 @@ def test_records_carry_a_study_across_machines(fake_study, tmp_path, capsys):
     assert table9["baseline"][3] == "43.7 ± 3.5" and table9["no_conditioned"][1:4] == ["0", "500", "41.0"]
 
 
+def test_an_offline_run_pairs_with_its_teacher_when_it_is_not_the_recorded_baseline(fake_study, tmp_path):
+    # seed 1's pseudo masks came from a baseline trained again on another machine (unseen mask AP 0.115, not 0.12)
+    _fake_run(fake_study / "runs" / "teacher-s1", ["ablation=baseline", "seed=1"], {"PQ": 0.43},
+              {"mask_AP": 0.2, "mask_AP_unseen": 0.115})
+    assert gather.describe(fake_study / "runs" / "teacher-s1") == ("teacher", 1)
+    assert gather.main([f"study={fake_study}", f"out={tmp_path / 'out'}"]) == 0
+    text = (tmp_path / "out" / "results.md").read_text()
+    table9 = {row[0]: row for row in _section(text, "Table 9")[2:]}
+    assert table9["baseline"][1:4] == ["0,1,2", "500", "44.0 ± 4.0"]  # the teacher is not a Table 9 baseline
+    table7 = {row[0]: row for row in _section(text, "Table 7")[2:]}
+    assert table7["teacher"][1:4] == ["1", "500", "43.0"]
+    assert table7["offline - its teacher (paired)"][-1] == "2.2 ± 1.1"  # +3.0 (seed 0), +1.5 (seed 1)
+
+
 def test_records_rounded_in_a_table_compare_within_their_rounding(capsys):
     record = {"resolution": 0.001, ("seg_val", "PQ"): 0.458}
     assert gather.differences(record, {("seg_val", "PQ"): 0.45812}, [("seg_val", "PQ")]) == []

@@ -39,18 +39,22 @@ SEG, DET = "seg_val", "det_val"  # a run's validation sets by role: synthshapes[
 COLUMNS = ((SEG, "PQ", "PQ"), (SEG, "PQ_things", "PQ things"), (SEG, "PQ_stuff", "PQ stuff"), (SEG, "mIoU", "mIoU"),
            (SEG, "mask_AP", "seg mask AP"), (DET, "box_AP", "det box AP"), (DET, "mask_AP", "det mask AP"),
            (DET, "box_AP_unseen", "box AP unseen"), (DET, "mask_AP_unseen", "mask AP unseen"))
-VARIANTS = ("baseline", "no_decoupled", "no_mask_assistance", "no_conditioned", "offline")
+VARIANTS = ("baseline", "no_decoupled", "no_mask_assistance", "no_conditioned", "teacher", "offline")
 TABLE9 = VARIANTS[:4]
 
 
 def describe(run: Path) -> tuple[str, int]:
-    """(variant, seed) of a training folder, from its Hydra overrides."""
+    """(variant, seed) of a training folder, from its Hydra overrides; a baseline folder named ``teacher-s<seed>`` is
+    a ``teacher``: the baseline an offline run's pseudo masks came from when it is not the recorded baseline of its
+    seed (a rerun on another machine, whose figures differ)."""
     overrides_file = run / ".hydra" / "overrides.yaml"
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
     values = dict(item.split("=", 1) for item in overrides or [] if "=" in item)
     variant = values.get("ablation", "baseline")
     if variant == "baseline" and values.get("data.det_masks", "false").lower() == "true":
         variant = "offline"
+    elif variant == "baseline" and run.name.startswith("teacher-"):
+        variant = "teacher"
     return variant, int(values.get("seed", 0))
 
 
@@ -229,13 +233,16 @@ def table9(runs: list[dict], variants=TABLE9) -> list[str]:
 
 
 def table7(runs: list[dict]) -> list[str]:
-    """Baseline vs offline pseudo-mask training, and the per-seed (paired: each offline run learns from its own
-    seed's baseline) difference."""
-    lines = table9(runs, ("baseline", "offline"))
+    """Baseline vs offline pseudo-mask training, and the per-seed difference, paired with the model each offline run
+    learned from: its seed's ``teacher`` where there is one, else its seed's baseline."""
+    lines = table9(runs, ("baseline", "teacher", "offline"))
     base = {r["seed"]: r for r in runs if r["variant"] == "baseline"}
+    base.update({r["seed"]: r for r in runs if r["variant"] == "teacher"})
     pairs = [(base[r["seed"]], r) for r in runs if r["variant"] == "offline" and r["seed"] in base]
     if pairs:
-        lines.append(_row(["offline - baseline (paired)", ",".join(str(o["seed"]) for _, o in pairs), ""]
+        label = "offline - its teacher (paired)" if any(b["variant"] == "teacher" for b, _ in pairs) \
+            else "offline - baseline (paired)"
+        lines.append(_row([label, ",".join(str(o["seed"]) for _, o in pairs), ""]
                           + [cell([o[d, k] - b[d, k] for b, o in pairs if o[d, k] is not None and b[d, k] is not None])
                              for d, k, _ in COLUMNS]))
     return lines
