@@ -21,8 +21,10 @@ from openseed.data.coco import load_coco_detection
 
 
 def convert(json_path, image_dir, out, name, maxcount=1000, workers=0, skip_missing=False, limit=None,
-            progress=True, keep_masks=True, drop_empty=False, source=None, data=None) -> ConversionSummary:
-    """``data``: the JSON's content when the caller has read (and adapted) it; errors still name ``json_path``."""
+            progress=True, keep_masks=True, drop_empty=False, source=None, data=None,
+            category_frequency=None) -> ConversionSummary:
+    """``data``: the JSON's content when the caller has read (and adapted) it; errors still name ``json_path``.
+    ``category_frequency``: LVIS's per-category frequency, for a set scored with the federated protocol."""
     vocab, records, report = load_coco_detection(json_path, image_dir, skip_missing=skip_missing,
                                                  drop_empty=drop_empty, data=data)
     records = records[:limit] if limit is not None else records
@@ -32,7 +34,8 @@ def convert(json_path, image_dir, out, name, maxcount=1000, workers=0, skip_miss
     return write_shards(records, encode, out, name, "det", mask_format, vocab,
                         maxcount=maxcount, workers=workers, progress=progress,
                         reader_skips=(report.skipped_images, report.skipped_objects),
-                        reader_adjusted=report.adjusted_objects, source=source)
+                        reader_adjusted=report.adjusted_objects, source=source,
+                        category_frequency=category_frequency)
 
 
 OPTIONS = converter_options(

@@ -10,8 +10,10 @@ and an LVIS image names its file only through ``coco_url`` (``http://images.coco
 is looked up as ``<coco_root>/val2017/000000000139.jpg``, as the reference's ``register_lvis_eval.py`` does). The JSON
 is read by the COCO detection reader of ``data_prep.coco_detection_to_shards`` (``openseed.data.coco``): polygons
 become compressed RLE, each category's LVIS ``synonyms`` become the vocabulary's synonyms, and each image's
-``neg_category_ids`` / ``not_exhaustive_category_ids`` are kept in the sample's ``extra``. Images without annotations
-are kept (evaluation needs them). ``name`` defaults to ``lvis_v1_<split>``. ``--help`` lists every key.
+``neg_category_ids`` / ``not_exhaustive_category_ids`` are kept in the sample's ``extra`` and each category's
+``frequency`` ("r" / "c" / "f") in the manifest's ``category_frequency``: the set is then scored with LVIS's federated
+protocol (``openseed.evaluation.lvis``: APr / APc / APf beside AP). Images without annotations are kept (evaluation
+needs them). ``name`` defaults to ``lvis_v1_<split>``. ``--help`` lists every key.
 
 Class names: the vocabulary keeps LVIS's raw ``name`` (``aerosol_can``, ``bow_(weapon)``); the reference OpenSeeD code
 prompts LVIS with ``utils/constants.py`` ``LVIS_CATEGORIES``, which is each category's first LVIS synonym as written
@@ -29,7 +31,9 @@ from data_prep._cli import converter_options, run
 from data_prep.coco_detection_to_shards import convert as convert_coco_detection
 from data_prep.shard_writer import ConversionSummary
 from openseed.cli import Option, one_of, path
-from openseed.data.coco import DataError
+from openseed.core.vocabulary import FREQUENCIES
+from openseed.data.coco import DataError, load_json
+from openseed.evaluation.lvis import FEDERATED_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +55,32 @@ def convert(json_path, coco_root, split, out, name=None, maxcount=1000, workers=
                         "coco_root is the COCO 2017 image root holding both")
     name = name or f"lvis_v1_{split}"
     source = {"json": str(json_path), "coco_root": str(coco_root), "split": split}
+    data = load_json(json_path)
+    frequency = category_frequency(data, json_path)
     # the COCO reader finds an LVIS image as <coco_root>/<folder>/<file> from its coco_url (openseed.data.coco)
     return convert_coco_detection(json_path, coco_root, out, name, maxcount, workers, skip_missing, limit, progress,
-                                  keep_masks=True, drop_empty=False, source=source)
+                                  keep_masks=True, drop_empty=False, source=source, data=data,
+                                  category_frequency=frequency)
+
+
+def category_frequency(data: dict, json_path: Path) -> dict[int, str]:
+    """Each category's LVIS ``frequency`` ("r" / "c" / "f"); a category without one is an error naming it (the
+    federated protocol reports AP per frequency group, and an LVIS v1 JSON gives every category one)."""
+    out = {}
+    if not isinstance(data.get("categories"), list):
+        raise DataError(f"{json_path}: no 'categories' list; is this an LVIS v1 JSON?")
+    for category in data["categories"]:
+        if not isinstance(category, dict) or category.get("frequency") not in FREQUENCIES:
+            what = category.get("id") if isinstance(category, dict) else category
+            raise DataError(f"{json_path}: category {what!r:.80} has no LVIS 'frequency' ('r', 'c' or 'f'); is this "
+                            f"an LVIS v1 JSON?")
+        out[int(category["id"])] = category["frequency"]
+    for image in data.get("images") or ():
+        missing = [k for k in FEDERATED_KEYS if not isinstance(image.get(k), list)]
+        if missing:
+            raise DataError(f"{json_path}: image {image.get('id')!r} has no {' / '.join(missing)} list (LVIS's "
+                            f"federated evaluation needs both on every image); is this an LVIS v1 JSON?")
+    return out
 
 
 OPTIONS = converter_options(

@@ -32,6 +32,7 @@ from openseed.data.shards import (
     TASKS,
     VOCAB,
     VOID,
+    check_category_frequency,
     sample_key,
     semantic_ignore_label,
 )
@@ -312,13 +313,15 @@ class ConversionSummary:
 def write_shards(records: list[ImageRecord], encode: Callable[[ImageRecord], Encoded], out_dir: str | Path,
                  name: str, task: str, mask_format: str, vocab: Vocabulary, maxcount: int = 1000, workers: int = 0,
                  progress: bool = True, reader_skips: tuple[Counter, Counter] | None = None,
-                 source: dict | None = None, reader_adjusted: Counter | None = None) -> ConversionSummary:
+                 source: dict | None = None, reader_adjusted: Counter | None = None,
+                 category_frequency: dict[int, str] | None = None) -> ConversionSummary:
     """Encode ``records`` (in ``workers`` processes; 0 = in this process) and write them in order to shards.
 
     ``encode`` must be picklable when ``workers > 0`` (a module-level function or a ``functools.partial`` of one).
     ``source`` is stored in the manifest (what was converted), so that callers can tell a stale conversion.
     ``reader_skips`` (images, objects) and ``reader_adjusted`` (objects) are what the JSON reader counted
-    (``ReadReport``); they are added to the summary.
+    (``ReadReport``); they are added to the summary. ``category_frequency`` (category id -> "r" / "c" / "f", every
+    category of ``vocab``) marks a data set that is scored with LVIS's federated protocol; it goes into the manifest.
     """
     from tqdm import tqdm
     from webdataset import TarWriter
@@ -385,5 +388,8 @@ def write_shards(records: list[ImageRecord], encode: Callable[[ImageRecord], Enc
     manifest = {"schema_version": SCHEMA_VERSION, "name": name, "task": task, "mask_format": mask_format,
                 "num_samples": summary.written, "shards": summary.shards, "summary": summary.as_dict(),
                 "source": source or {}}
+    if category_frequency is not None:  # an LVIS-style federated data set (ShardSet.category_frequency)
+        manifest["category_frequency"] = {str(k): v for k, v in check_category_frequency(category_frequency, vocab,
+                                                                                          name).items()}
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return summary

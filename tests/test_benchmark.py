@@ -45,6 +45,9 @@ def test_every_protocol_loads_with_the_papers_figures():
     assert (protocols["cityscapes"].short_edge, protocols["cityscapes"].max_size) == (1024, 2048)
     assert protocols["seginw"].suite_metric == "mask_AP" and protocols["odinw"].suite_metric == "box_AP"
     assert protocols["ade20k"].columns["mask AP"] == ("ade20k_instance_val", "mask_AP")
+    # LVIS's protocol scores up to 300 detections per image; the others keep the model's recorded settings
+    assert protocols["lvis"].inference == {"top_k": 300}
+    assert all(p.inference == {} for name, p in protocols.items() if name != "lvis")
 
 
 def test_a_protocol_file_with_a_mistake_is_named():
@@ -55,6 +58,24 @@ def test_a_protocol_file_with_a_mistake_is_named():
                                    "columns": {"mIoU": ["s", "mIoU"]}, "paper": {"swint": {"PQ": 1}}})
     with pytest.raises(ValueError, match="unknown benchmark 'ade'; known: ade20k, ade20k_full"):
         B.Protocol.load("ade")
+    base = {"title": "X", "table": 2, "resize": {"short_edge": 1, "max_size": 2}, "columns": {"mIoU": ["s", "mIoU"]},
+            "paper": {}}
+    with pytest.raises(ValueError, match="x.yaml: unknown inference settings \\['topk'\\]"):
+        B.Protocol.from_dict("x", {**base, "inference": {"topk": 300}}, "x.yaml")
+
+
+def test_the_protocols_inference_settings_reach_the_evaluation(monkeypatch, tmp_path):
+    from openseed.evaluation import runner
+
+    seen = []
+    monkeypatch.setattr(runner, "evaluate_shards", lambda model, folder, **kw: seen.append(kw["inference"]) or {})
+    model = build_openseed("tiny")
+    evaluate_set = B.model_evaluator(model)
+    evaluate_set(tmp_path, B.Protocol.load("lvis"))
+    evaluate_set(tmp_path, B.Protocol.load("sunrgbd"))
+    recorded = model.config.test_top_k or 100
+    assert [i.top_k for i in seen] == [300, recorded]
+    assert seen[0].clip_boxes == seen[1].clip_boxes  # the rest as the model records it
 
 
 def _fake_set(root: Path, name: str) -> None:

@@ -1,6 +1,6 @@
 """data_prep.lvis: LVIS v1 in its published layout (an LVIS JSON whose images name their file only by ``coco_url``, the
 COCO 2017 image root with train2017/ and val2017/) -> detection shards with RLE masks, read back pixel-exact, scored by
-the oracle and against pycocotools run directly on the JSON the test wrote."""
+the oracle and against LVIS's federated protocol run directly on the JSON the test wrote."""
 
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ from pycocotools.cocoeval import COCOeval
 from data_prep.lvis import main
 from openseed.core.predictions import Instances
 from openseed.core.vocabulary import Vocabulary
+from openseed.data.coco import DataError
 from openseed.data.shards import ShardSet, read_shards
+from openseed.evaluation.lvis import evaluate_lvis
 from openseed.evaluation.oracle import annotation_of, oracle_predictions, score
 from openseed.evaluation.runner import DatasetEvaluator
 
@@ -155,49 +157,109 @@ def test_lvis_vocabulary_and_reference_names(tmp_path):
 def test_lvis_oracle_is_perfect(tmp_path):
     _, out = convert(tmp_path)
     metrics = {k: v for k, v in score(out).items() if k != "per_class"}
-    assert set(metrics) == {"box_AP", "box_AP50", "mask_AP", "mask_AP50"}
-    assert all(v == 1.0 for v in metrics.values()), metrics
+    # a federated set (the manifest's category_frequency): LVIS's protocol, with AP per frequency group
+    assert set(metrics) == {f"{p}_{k}" for p in ("box", "mask") for k in ("AP", "AP50", "APr", "APc", "APf")}
+    # (the group means round: two classes' APs of 1.0 average to 0.9999999999999998, in the lvis-api too)
+    assert metrics == pytest.approx(dict.fromkeys(metrics, 1.0), abs=1e-12)
 
 
-def test_lvis_perturbed_matches_pycocotools(tmp_path):
+def test_lvis_manifest_keeps_category_frequency(tmp_path):
+    _, out = convert(tmp_path)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["category_frequency"] == {str(c["id"]): c["frequency"] for c in CATEGORIES}
+    assert ShardSet.open(out).category_frequency == {c["id"]: c["frequency"] for c in CATEGORIES}
+    # a manifest whose frequencies do not fit the vocabulary is refused, naming the file
+    for broken, message in (({**manifest["category_frequency"], "1": "x"}, "must be one of"),
+                            ({k: v for k, v in manifest["category_frequency"].items() if k != "3"}, "missing \\[3\\]")):
+        (out / "manifest.json").write_text(json.dumps({**manifest, "category_frequency": broken}))
+        with pytest.raises(DataError, match=message) as error:
+            ShardSet.open(out)
+        assert str(out / "manifest.json") in str(error.value)
+
+
+def test_lvis_perturbed_matches_federated_evaluation_of_the_json(tmp_path):
+    """Perturbed predictions scored through the shards equal LVIS's federated protocol run on the JSON the test
+    wrote; the detections the federated rules treat differently from COCO's (a class verified absent, a class not
+    annotated exhaustively, a class not checked on the image) make the figures differ from pycocotools'."""
     json_path, out = convert(tmp_path)
     shards = ShardSet.open(out)
     vocab = shards.vocabulary
     evaluator = DatasetEvaluator.for_shards(shards)
+    assert evaluator.federated
     coco = _coco(json_path)
     box_results, mask_results = [], []
     for sample in read_shards(out):
         prediction = oracle_predictions(sample, vocab)["instances"]
         anns = coco.loadAnns(coco.getAnnIds(imgIds=[sample.image_id]))
-        keep = list(range(len(anns)))
+        labels = prediction.labels.clone()
         boxes = prediction.boxes.clone()
-        masks = None if prediction.masks is None else prediction.masks.clone()
+        masks = prediction.masks.clone() if prediction.masks is not None else torch.zeros(0, *sample.orig_size,
+                                                                                          dtype=torch.bool)
         scores = torch.linspace(0.9, 0.5, len(anns)) if anns else torch.zeros(0)
+        keep = list(range(len(anns)))
+        extra = []  # (category id, box xyxy, score): detections with no ground truth
         if sample.image_id == 139:
             keep.remove(1)  # one instance dropped
             boxes[0] += torch.tensor([3.0, 2.0, 3.0, 2.0])  # one box shifted
             masks[2, :, :6] = True  # one mask grown by a block of pixels
+            # 136 is verified absent here (a false positive), 3 is not exhaustive (forgiven), 1 is positive (a
+            # false positive under both protocols)
+            extra = [(136, [30.0, 2.0, 50.0, 20.0], 0.95), (3, [40.0, 20.0, 60.0, 40.0], 0.97),
+                     (1, [0.0, 20.0, 10.0, 30.0], 0.55)]
+        if sample.image_id == 632:
+            extra = [(3, [1.0, 1.0, 20.0, 20.0], 0.99)]  # 3 is neither annotated nor verified absent: dropped
         index = torch.tensor(keep, dtype=torch.long)
-        perturbed = Instances(scores=scores[index], labels=prediction.labels[index], queries=index,
-                              boxes=boxes[index], masks=None if masks is None else masks[index],
-                              image_id=sample.image_id)
+        labels, boxes, masks, scores = labels[index], boxes[index], masks[index], scores[index]
+        categories = [anns[k]["category_id"] for k in keep]
+        for category_id, box, score_value in extra:
+            mask = torch.zeros(1, *sample.orig_size, dtype=torch.bool)
+            x0, y0, x1, y1 = (int(v) for v in box)
+            mask[0, y0:y1, x0:x1] = True
+            labels = torch.cat([labels, torch.tensor([vocab.index_of_id(category_id)])])
+            boxes = torch.cat([boxes, torch.tensor([box])])
+            masks = torch.cat([masks, mask])
+            scores = torch.cat([scores, torch.tensor([score_value])])
+            categories.append(category_id)
+        perturbed = Instances(scores=scores, labels=labels, queries=torch.arange(len(labels)), boxes=boxes,
+                              masks=masks, image_id=sample.image_id)
         evaluator.add(annotation_of(sample), instances=perturbed)
-        for k in keep:
+        for k, category_id in enumerate(categories):
             x0, y0, x1, y1 = boxes[k].tolist()
-            common = {"image_id": sample.image_id, "category_id": anns[k]["category_id"], "score": float(scores[k])}
+            common = {"image_id": sample.image_id, "category_id": category_id, "score": float(scores[k])}
             box_results.append({**common, "bbox": [x0, y0, x1 - x0, y1 - y0]})
             rle = mask_utils.encode(np.asfortranarray(masks[k].numpy().astype(np.uint8)))
             rle["counts"] = rle["counts"].decode()
             mask_results.append({**common, "segmentation": rle})
     metrics = evaluator.compute()
-    expected = {}
+    gt = json.loads(json_path.read_text())
     for iou_type, results in (("bbox", box_results), ("segm", mask_results)):
-        stats = _cocoeval(coco, copy.deepcopy(results), iou_type)
+        expected = evaluate_lvis(gt, copy.deepcopy(results), iou_type)
+        coco_ap = _cocoeval(coco, copy.deepcopy(results), iou_type)[0]
         prefix = "box" if iou_type == "bbox" else "mask"
-        expected[f"{prefix}_AP"], expected[f"{prefix}_AP50"] = stats[0], stats[1]
-    assert 0.3 < expected["box_AP"] < 0.95 and 0.3 < expected["mask_AP"] < 0.95  # the perturbation shows
-    for key, value in expected.items():
-        assert metrics[key] == pytest.approx(value, abs=1e-12), key
+        assert 0.3 < expected["AP"] < 0.95  # the perturbation shows
+        assert abs(expected["AP"] - coco_ap) > 0.02  # and the federated rules matter
+        for key in ("AP", "AP50", "APr", "APc", "APf"):
+            assert metrics[f"{prefix}_{key}"] == pytest.approx(expected[key], abs=1e-12), (prefix, key)
+        assert {c["name"]: c["AP"] for c in expected["per_category"]} == \
+            pytest.approx(metrics["per_class"][f"{prefix}_AP"], abs=1e-12)
+
+
+def test_lvis_federated_set_needs_the_per_image_lists(tmp_path, capsys):
+    json_path, coco_root = write_lvis(tmp_path)
+    data = json.loads(json_path.read_text())
+    del data["images"][1]["neg_category_ids"]
+    json_path.write_text(json.dumps(data))
+    assert main(["split=val", f"json={json_path}", f"coco_root={coco_root}", f"out={tmp_path / 'out'}",
+                 "progress=false"]) == 2
+    err = capsys.readouterr().err
+    assert str(json_path) in err and "image 9" in err and "neg_category_ids" in err
+    data["images"][1]["neg_category_ids"] = []
+    del data["categories"][2]["frequency"]
+    json_path.write_text(json.dumps(data))
+    assert main(["split=val", f"json={json_path}", f"coco_root={coco_root}", f"out={tmp_path / 'out'}",
+                 "progress=false"]) == 2
+    err = capsys.readouterr().err
+    assert str(json_path) in err and "category 136" in err and "frequency" in err
 
 
 def test_lvis_images_from_both_coco_folders(tmp_path):

@@ -43,6 +43,10 @@ NAME_STYLES = ("openseed", "reference")
 _KEEP_ORDER = {"window-blind": "window blind"}
 
 
+#: LVIS's category frequency groups (rare, common, frequent), as its ``frequency`` field writes them.
+FREQUENCIES = ("r", "c", "f")
+
+
 def clean_class_name(name: str) -> str:
     """Turn a data set's raw class name into plain words for the text encoder.
 

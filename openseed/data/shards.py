@@ -3,7 +3,8 @@
 Layout of a converted data set (a folder)::
 
     DIR/manifest.json    {"schema_version", "name", "task": "seg"|"det"|"sem", "mask_format", "num_samples",
-                          "shards": [{"file": "NAME-000000.tar", "count": N}, ...], "summary": {...}}
+                          "shards": [{"file": "NAME-000000.tar", "count": N}, ...], "summary": {...},
+                          "category_frequency": {"<id>": "r"|"c"|"f", ...} (LVIS-style federated sets only)}
     DIR/vocab.json       the ``Vocabulary`` (ids, raw names, isthing, synonyms)
     DIR/NAME-000000.tar  ...
 
@@ -19,6 +20,11 @@ One sample per image; its key is the zero-padded image id (no dots: webdataset s
                        "objects": [{"category_id", "label", "is_thing", "iscrowd", "bbox": [x0, y0, x1, y1],
                                     "area", "segment_id" (panoptic), "rle": {"size", "counts"} (rle, optional),
                                     "pseudo_mask": bool}], "extra": {...}}
+
+``extra`` keeps per-image fields of the source worth keeping: LVIS's ``neg_category_ids`` (classes verified absent)
+and ``not_exhaustive_category_ids`` (classes not annotated exhaustively). A set whose manifest has
+``category_frequency`` is scored with LVIS's federated protocol (``openseed.evaluation.lvis``), which needs both
+lists on every image.
 
 ``label`` indexes the vocabulary; ``bbox`` is xyxy in pixels of the stored image with exclusive max (see
 ``openseed.core.batch``); panoptic boxes and areas are recomputed from the PNG, not copied from the JSON. A semantic
@@ -42,7 +48,7 @@ import torch
 from PIL import Image
 
 from openseed.core.codecs import decode_label_png, decode_panoptic_png, decode_rle
-from openseed.core.vocabulary import Vocabulary
+from openseed.core.vocabulary import FREQUENCIES, Vocabulary
 from openseed.data.coco import DataError
 
 log = logging.getLogger(__name__)
@@ -56,6 +62,23 @@ TASKS = {"seg": "panoptic", "det": "detection (boxes, with or without masks)", "
 VOID = -1  # the category id a semantic reader gives unlabelled / ignored pixels (data_prep.shard_writer)
 JPEG_MAGIC = b"\xff\xd8\xff"
 CROWD_INDEX = 255  # crowd pixels in a Sample.segment_map
+
+
+def check_category_frequency(frequency: dict, vocab: Vocabulary, where: str) -> dict[int, str]:
+    """``frequency`` (category id -> "r" / "c" / "f", ids as ints or strings) checked against ``vocab``: every
+    category has one, no other id appears. Returns it with int keys; a bad one is a DataError naming ``where``."""
+    try:
+        out = {int(k): v for k, v in frequency.items()}
+    except (AttributeError, TypeError, ValueError) as err:
+        raise DataError(f"{where}: category_frequency must map category ids to 'r' / 'c' / 'f' ({err})") from None
+    bad = {k: v for k, v in out.items() if v not in FREQUENCIES}
+    if bad:
+        raise DataError(f"{where}: category_frequency values must be one of {FREQUENCIES}; got {bad!r:.200}")
+    missing, unknown = sorted(set(vocab.ids) - set(out)), sorted(set(out) - set(vocab.ids))
+    if missing or unknown:
+        raise DataError(f"{where}: category_frequency must cover exactly the vocabulary's ids; missing "
+                        f"{missing[:10]}, unknown {unknown[:10]}")
+    return out
 
 
 def semantic_ignore_label(num_classes: int) -> int:
@@ -81,6 +104,8 @@ class ShardSet:
     vocabulary: Vocabulary
     urls: tuple[str, ...]
     counts: tuple[int, ...]
+    #: category id -> LVIS frequency ("r" / "c" / "f") for a federated set (scored with LVIS's protocol), else None
+    category_frequency: dict[int, str] | None = None
 
     @property
     def num_samples(self) -> int:
@@ -106,8 +131,12 @@ class ShardSet:
         if missing:
             raise FileNotFoundError(f"{root}: {len(missing)} shard(s) listed in {MANIFEST} are missing, "
                                     f"e.g. {missing[0]}")
-        return cls(root, manifest["name"], manifest["task"], manifest["mask_format"], Vocabulary.load(root / VOCAB),
-                   tuple(str(root / s["file"]) for s in shards), tuple(int(s["count"]) for s in shards))
+        vocabulary = Vocabulary.load(root / VOCAB)
+        frequency = manifest.get("category_frequency")
+        if frequency is not None:
+            frequency = check_category_frequency(frequency, vocabulary, str(manifest_path))
+        return cls(root, manifest["name"], manifest["task"], manifest["mask_format"], vocabulary,
+                   tuple(str(root / s["file"]) for s in shards), tuple(int(s["count"]) for s in shards), frequency)
 
 
 @dataclass

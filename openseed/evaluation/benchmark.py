@@ -14,6 +14,8 @@ paper's columns, and the paper's numbers::
     suite: null                       # or {sets: "seginw_*_valid", metric: mask_AP} for a suite of many sets:
                                       # columns are then aggregates (average, median) over its sets, each set
                                       # also reported on its own
+    inference: {top_k: 300}           # optional: post-processing settings of this protocol (InferenceConfig
+                                      # fields) over the model's recorded ones
     paper: {swint: {PQ: 19.8, ...}, swinl: {...}}   # the paper's figures (x100); a missing one prints as "-"
 
 ``run_benchmarks(model, root, names)`` evaluates every protocol whose sets exist under ``root`` (a missing set makes
@@ -36,7 +38,7 @@ import logging
 import statistics
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -44,6 +46,7 @@ from omegaconf import OmegaConf
 from openseed.cli import Option, choice, command, integer, path, string_list
 from openseed.config import CONF
 from openseed.data.shards import MANIFEST
+from openseed.modeling.postprocess import InferenceConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,7 @@ class Protocol:
     paper: dict[str, dict[str, float]]
     suite_sets: str | None = None  # a glob of shard folder names (suites)
     suite_metric: str | None = None
+    inference: dict = field(default_factory=dict)  # InferenceConfig fields over the model's recorded ones
 
     @classmethod
     def from_dict(cls, name: str, data: dict, source: str = "") -> Protocol:
@@ -89,8 +93,14 @@ class Protocol:
             extra = set(figures) - set(columns)
             if extra:
                 raise ValueError(f"{where}: paper figures for {model} name columns it does not have: {sorted(extra)}")
+        inference = dict(data.get("inference") or {})
+        known = {f.name for f in fields(InferenceConfig)}
+        unknown = sorted(set(inference) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown inference settings {unknown} (known: {sorted(known)})")
+        InferenceConfig(**inference)  # a bad value fails here, before any model is read
         return cls(name, str(data["title"]), int(data["table"]), int(resize["short_edge"]), int(resize["max_size"]),
-                   columns, paper, suite["sets"] if suite else None, suite["metric"] if suite else None)
+                   columns, paper, suite["sets"] if suite else None, suite["metric"] if suite else None, inference)
 
     @classmethod
     def load(cls, name: str) -> Protocol:
@@ -200,12 +210,15 @@ def run_benchmarks(evaluate_set: EvaluateSet, root: str | Path, protocols: Seque
 def model_evaluator(model, batch_size: int = 4, device: str = "cpu", num_workers: int = 0,
                     limit: int | None = None) -> EvaluateSet:
     """``evaluate_set`` for ``run_benchmarks``: ``model`` on one shard set at the protocol's resize (shortest edge,
-    longest at most, padding to a multiple of 32), its own vocabulary with the prompt ensemble."""
+    longest at most, padding to a multiple of 32) and post-processing (the model's recorded settings, then the
+    protocol's ``inference``), its own vocabulary with the prompt ensemble."""
     from openseed.evaluation.runner import evaluate_shards
 
     def evaluate_set(shards_dir: Path, protocol: Protocol) -> dict:
+        inference = InferenceConfig.for_model(model.config, **protocol.inference)
         return evaluate_shards(model, shards_dir, batch_size=batch_size, device=device, num_workers=num_workers,
-                               short_edge=protocol.short_edge, max_size=protocol.max_size, limit=limit)
+                               inference=inference, short_edge=protocol.short_edge, max_size=protocol.max_size,
+                               limit=limit)
     return evaluate_set
 
 

@@ -52,6 +52,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from openseed.core.codecs import segmentation_to_rle
+from openseed.core.vocabulary import FREQUENCIES
 from openseed.evaluation.instances import (
     IOU_TYPES,
     EvaluationInputError,
@@ -61,7 +62,8 @@ from openseed.evaluation.instances import (
 )
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf", "AR", "ARs", "ARm", "ARl")
-FREQUENCIES = ("r", "c", "f")
+#: The per-image lists of a federated ground truth.
+FEDERATED_KEYS = ("neg_category_ids", "not_exhaustive_category_ids")
 MAX_DETS = 300
 # as the lvis-api's Params (np.linspace, not arange: 0.5 and 0.75 must be exact for AP50 / AP75)
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)

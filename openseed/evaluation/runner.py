@@ -6,7 +6,8 @@ original image size:
 
 - panoptic data (``task == "seg"``): PQ / SQ / RQ (all, things, stuff), mask and box AP of the thing classes
   (COCO instance protocol on the thing segments; crowd segments as crowd), mIoU (void = ignore);
-- detection data: box AP, and mask AP when the data set has masks;
+- detection data: box AP, and mask AP when the data set has masks; a federated set (LVIS: its manifest has
+  ``category_frequency``) with LVIS's own protocol (``openseed.evaluation.lvis``), which adds APr / APc / APf;
 - semantic data (``task == "sem"``): mIoU, fwIoU, pixel and mean class accuracy (void = ignore).
 
 The model runs in evaluation mode, so class names are embedded with the prompt ensemble. Metrics are fractions
@@ -38,6 +39,7 @@ from openseed.core.vocabulary import Vocabulary
 from openseed.data.shards import TASKS, ShardSet
 from openseed.evaluation.common import gather_to_all
 from openseed.evaluation.instances import evaluate_coco
+from openseed.evaluation.lvis import FEDERATED_KEYS, evaluate_lvis
 from openseed.evaluation.panoptic import PanopticEvaluator
 from openseed.evaluation.semantic import SemanticEvaluator
 from openseed.modeling.postprocess import InferenceConfig, postprocess_batch
@@ -51,12 +53,28 @@ class DatasetEvaluator:
         task: "seg" (panoptic data), "det" (detection data) or "sem" (semantic data).
         mask_format: the shard set's mask format ("panoptic", "rle", "none" or "semantic").
         inference: post-processing thresholds.
+        category_frequency: category id -> LVIS frequency ("r" / "c" / "f") for a federated data set
+            (``ShardSet.category_frequency``): box / mask AP then follow LVIS's protocol (``evaluate_lvis``: 300
+            detections per image over all classes, each class scored only on the images where it is annotated or
+            verified absent, unmatched detections of not-exhaustively annotated classes forgiven) and add APr /
+            APc / APf. Every image's stored ``extra`` must then hold ``neg_category_ids`` and
+            ``not_exhaustive_category_ids``.
     """
 
-    def __init__(self, vocabulary: Vocabulary, task: str, mask_format: str, inference: InferenceConfig | None = None):
+    def __init__(self, vocabulary: Vocabulary, task: str, mask_format: str, inference: InferenceConfig | None = None,
+                 category_frequency: dict[int, str] | None = None):
         self.vocabulary, self.task, self.mask_format = vocabulary, task, mask_format
         self.inference = inference or InferenceConfig()
         self.categories = [{"id": c.id, "name": c.name, "isthing": int(c.is_thing)} for c in vocabulary.categories]
+        self.federated = category_frequency is not None
+        if self.federated:
+            if task != "det":
+                raise ValueError(f"LVIS's federated protocol scores detection data, not {task!r} data")
+            missing = [c["id"] for c in self.categories if c["id"] not in category_frequency]
+            if missing:
+                raise ValueError(f"category_frequency lacks categories {missing[:10]}")
+            for category in self.categories:
+                category["frequency"] = category_frequency[category["id"]]
         if task not in TASKS:
             raise ValueError(f"task must be one of {sorted(TASKS)}, not {task!r}")
         self.with_masks = mask_format in ("panoptic", "rle")
@@ -72,7 +90,7 @@ class DatasetEvaluator:
 
     @classmethod
     def for_shards(cls, shards: ShardSet, inference: InferenceConfig | None = None) -> DatasetEvaluator:
-        return cls(shards.vocabulary, shards.task, shards.mask_format, inference)
+        return cls(shards.vocabulary, shards.task, shards.mask_format, inference, shards.category_frequency)
 
     # ------------------------------------------------------------------------------------------------ update
     def score(self, model, batch: Batch, text: torch.Tensor | None = None) -> Outputs:
@@ -144,8 +162,17 @@ class DatasetEvaluator:
 
     def add_instance_truth(self, meta: dict, gt_ids: np.ndarray | None) -> None:
         """Record one image's thing objects (stored JSON ``meta``) as COCO ground truth; masks from the panoptic id
-        map ``gt_ids`` when given, else from the objects' stored ``rle``."""
-        self.gt_images.append({"id": int(meta["image_id"]), "height": meta["height"], "width": meta["width"]})
+        map ``gt_ids`` when given, else from the objects' stored ``rle``. A federated set's images keep their
+        ``neg_category_ids`` / ``not_exhaustive_category_ids`` (from the stored ``extra``)."""
+        image = {"id": int(meta["image_id"]), "height": meta["height"], "width": meta["width"]}
+        if self.federated:
+            extra = meta.get("extra") or {}
+            missing = [k for k in FEDERATED_KEYS if not isinstance(extra.get(k), list)]
+            if missing:
+                raise ValueError(f"image {image['id']} ({meta.get('file_name')}) of a federated (LVIS) data set has "
+                                 f"no {' / '.join(missing)} in its stored 'extra'; convert it with data_prep.lvis")
+            image.update({k: extra[k] for k in FEDERATED_KEYS})
+        self.gt_images.append(image)
         for obj in meta["objects"]:
             if not obj["is_thing"]:
                 continue
@@ -187,7 +214,11 @@ class DatasetEvaluator:
             for iou_type, prefix in (("bbox", "box"), ("segm", "mask")):
                 if iou_type == "segm" and not self.with_masks:
                     continue
-                stats = evaluate_coco(gt, detections, iou_type)
+                if self.federated:
+                    stats = evaluate_lvis(gt, detections, iou_type)
+                    metrics.update({f"{prefix}_{k}": stats[k] for k in ("APr", "APc", "APf")})
+                else:
+                    stats = evaluate_coco(gt, detections, iou_type)
                 metrics[f"{prefix}_AP"], metrics[f"{prefix}_AP50"] = stats["AP"], stats["AP50"]
                 per_class[f"{prefix}_AP"] = {c["name"]: c["AP"] for c in stats["per_category"]}
         metrics["per_class"] = per_class
