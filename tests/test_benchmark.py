@@ -48,6 +48,9 @@ def test_every_protocol_loads_with_the_papers_figures():
     # LVIS's protocol scores up to 300 detections per image; the others keep the model's recorded settings
     assert protocols["lvis"].inference == {"top_k": 300}
     assert all(p.inference == {} for name, p in protocols.items() if name != "lvis")
+    # instance AP inside the panoptic run's vocabulary, as the reference scores ADE20K and Cityscapes
+    assert protocols["ade20k"].prompt_with == {"ade20k_instance_val": "ade20k_panoptic_val"}
+    assert protocols["cityscapes"].prompt_with == {"cityscapes_instance_val": "cityscapes_panoptic_val"}
 
 
 def test_a_protocol_file_with_a_mistake_is_named():
@@ -62,20 +65,36 @@ def test_a_protocol_file_with_a_mistake_is_named():
             "paper": {}}
     with pytest.raises(ValueError, match="x.yaml: unknown inference settings \\['topk'\\]"):
         B.Protocol.from_dict("x", {**base, "inference": {"topk": 300}}, "x.yaml")
+    with pytest.raises(ValueError, match="x.yaml: prompt_with names sets that no column reads: \\['t'\\]"):
+        B.Protocol.from_dict("x", {**base, "prompt_with": {"t": "s"}}, "x.yaml")
 
 
 def test_the_protocols_inference_settings_reach_the_evaluation(monkeypatch, tmp_path):
     from openseed.evaluation import runner
 
     seen = []
-    monkeypatch.setattr(runner, "evaluate_shards", lambda model, folder, **kw: seen.append(kw["inference"]) or {})
+    monkeypatch.setattr(runner, "evaluate_shards", lambda model, folder, **kw: seen.append(kw) or {})
     model = build_openseed("tiny")
     evaluate_set = B.model_evaluator(model)
     evaluate_set(tmp_path, B.Protocol.load("lvis"))
     evaluate_set(tmp_path, B.Protocol.load("sunrgbd"))
     recorded = model.config.test_top_k or 100
-    assert [i.top_k for i in seen] == [300, recorded]
-    assert seen[0].clip_boxes == seen[1].clip_boxes  # the rest as the model records it
+    assert [kw["inference"].top_k for kw in seen] == [300, recorded]
+    assert seen[0]["inference"].clip_boxes == seen[1]["inference"].clip_boxes  # the rest as the model records it
+    assert seen[0]["prompt_vocabulary"] is None
+
+
+def test_prompt_with_reads_the_other_sets_vocabulary(sun_root, monkeypatch):
+    from openseed.evaluation import runner
+
+    seen = []
+    monkeypatch.setattr(runner, "evaluate_shards", lambda model, folder, **kw: seen.append(kw) or {})
+    protocol = B.Protocol.from_dict("x", {"title": "X", "table": 2, "resize": {"short_edge": 8, "max_size": 16},
+                                          "columns": {"AP": ["things_val", "mask_AP"]}, "paper": {},
+                                          "prompt_with": {"things_val": "sunrgbd_val"}})
+    assert protocol.shard_sets(sun_root / "data") == ([], ["things_val"])  # the prompting set is not scored itself
+    B.model_evaluator(build_openseed("tiny"))(sun_root / "data" / "things_val", protocol)
+    assert seen[0]["prompt_vocabulary"].names == ["wall", "floor", "bed"]
 
 
 def _fake_set(root: Path, name: str) -> None:

@@ -8,13 +8,16 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from data_prep import ade20k
 from openseed.core.codecs import decode_label_png, decode_panoptic_png, decode_rle, id_to_rgb
 from openseed.core.predictions import Instances, SemanticSegmentation
+from openseed.core.vocabulary import Vocabulary
 from openseed.data.shards import ShardSet, read_shards
-from openseed.evaluation.oracle import oracle_predictions, score
+from openseed.evaluation.oracle import annotation_of, oracle_predictions, score
+from openseed.evaluation.runner import DatasetEvaluator
 from tests._benchmark_checks import (
     PANOPTIC_METRICS,
     SEMANTIC_METRICS,
@@ -358,6 +361,36 @@ def test_instance_read_back_oracle_and_pycocotools(ade_root, tmp_path, layout):
         assert got[f"{metric}_AP"] == pytest.approx(ap, abs=1e-9), metric
         assert got[f"{metric}_AP50"] == pytest.approx(ap50, abs=1e-9), metric
     assert got["box_AP"] < 1.0 and got["mask_AP"] < 1.0
+
+
+def test_instance_set_prompted_with_the_150_names_as_the_reference(ade_root, tmp_path):
+    """The ade20k protocol scores the instance set prompting all 150 classes (prompt_with): the panoptic
+    vocabulary holds the 100 things under the same ids; detections of stuff classes are dropped before scoring."""
+    out = tmp_path / "det"
+    assert _convert(ade_root, out, "kind=instance") == 0
+    shards = ShardSet.open(out)
+    prompt = ade20k.vocabulary("panoptic")
+    evaluator = DatasetEvaluator.for_shards(shards, prompt_vocabulary=prompt)
+    assert evaluator.prompt_vocabulary is prompt
+    wall = prompt.index_of_id(0)
+    for sample in read_shards(out):
+        inst = oracle_predictions(sample, shards.vocabulary)["instances"]
+        labels = torch.tensor([prompt.index_of_id(shards.vocabulary.ids[int(k)]) for k in inst.labels],
+                              dtype=torch.long)
+        # a confident "wall" (stuff) detection covering the image: dropped, so it costs nothing
+        full = torch.ones(1, *sample.orig_size, dtype=torch.bool)
+        h, w = sample.orig_size
+        evaluator.add(annotation_of(sample), instances=Instances(
+            scores=torch.cat([inst.scores, torch.ones(1)]), labels=torch.cat([labels, torch.tensor([wall])]),
+            queries=torch.arange(len(labels) + 1), boxes=torch.cat([inst.boxes, torch.tensor([[0.0, 0, w, h]])]),
+            masks=torch.cat([inst.masks, full]), image_id=sample.image_id))
+    metrics = {k: v for k, v in evaluator.compute().items() if k != "per_class"}
+    assert metrics == {"box_AP": 1.0, "box_AP50": 1.0, "mask_AP": 1.0, "mask_AP50": 1.0}
+    with pytest.raises(ValueError, match="categories \\[7, 8, 10,.* are things in one vocabulary and stuff"):
+        DatasetEvaluator.for_shards(shards, prompt_vocabulary=ade20k.vocabulary("full"))  # 847 classes, all stuff
+    with pytest.raises(ValueError, match="lacks categories \\[7, 8, 10"):
+        DatasetEvaluator.for_shards(shards, prompt_vocabulary=Vocabulary(
+            [c for c in prompt.categories if c.id < 5]))
 
 
 def assert_oracle_perfect_det(out):

@@ -16,6 +16,8 @@ paper's columns, and the paper's numbers::
                                       # also reported on its own
     inference: {top_k: 300}           # optional: post-processing settings of this protocol (InferenceConfig
                                       # fields) over the model's recorded ones
+    prompt_with: {ade20k_instance_val: ade20k_panoptic_val}  # optional: score a detection set prompting with
+                                      # another set's (larger) vocabulary, detections of its other classes dropped
     paper: {swint: {PQ: 19.8, ...}, swinl: {...}}   # the paper's figures (x100); a missing one prints as "-"
 
 ``run_benchmarks(model, root, names)`` evaluates every protocol whose sets exist under ``root`` (a missing set makes
@@ -69,6 +71,7 @@ class Protocol:
     suite_sets: str | None = None  # a glob of shard folder names (suites)
     suite_metric: str | None = None
     inference: dict = field(default_factory=dict)  # InferenceConfig fields over the model's recorded ones
+    prompt_with: dict = field(default_factory=dict)  # shard folder -> the folder whose vocabulary prompts it
 
     @classmethod
     def from_dict(cls, name: str, data: dict, source: str = "") -> Protocol:
@@ -99,8 +102,14 @@ class Protocol:
         if unknown:
             raise ValueError(f"{where}: unknown inference settings {unknown} (known: {sorted(known)})")
         InferenceConfig(**inference)  # a bad value fails here, before any model is read
+        prompt_with = {str(k): str(v) for k, v in (data.get("prompt_with") or {}).items()}
+        used = {folder for folder, _ in columns.values()}
+        stray = sorted(set(prompt_with) - used) if not suite else sorted(prompt_with)
+        if stray:
+            raise ValueError(f"{where}: prompt_with names sets that no column reads: {stray}")
         return cls(name, str(data["title"]), int(data["table"]), int(resize["short_edge"]), int(resize["max_size"]),
-                   columns, paper, suite["sets"] if suite else None, suite["metric"] if suite else None, inference)
+                   columns, paper, suite["sets"] if suite else None, suite["metric"] if suite else None, inference,
+                   prompt_with)
 
     @classmethod
     def load(cls, name: str) -> Protocol:
@@ -113,14 +122,16 @@ class Protocol:
         return cls.from_dict(name, data, str(file))
 
     def shard_sets(self, root: Path) -> tuple[list[str], list[str]]:
-        """(found, missing) shard folder names under ``root``: a suite's matching folders (missing: none found)."""
+        """(found, missing) shard folder names under ``root``: the sets the columns score that are there, and every
+        needed set (scored or prompting another) that is not; a suite's matching folders (missing: none found)."""
         if self.suite_sets is not None:
             found = sorted(p.name for p in root.glob(self.suite_sets) if (p / MANIFEST).is_file()) \
                 if root.is_dir() else []
             return found, ([] if found else [self.suite_sets])
-        wanted = sorted({folder for folder, _ in self.columns.values()})
-        found = [f for f in wanted if (root / f / MANIFEST).is_file()]
-        return found, [f for f in wanted if f not in found]
+        scored = {folder for folder, _ in self.columns.values()}
+        wanted = sorted(scored | set(self.prompt_with.values()))  # a prompting set is needed, not scored itself
+        present = [f for f in wanted if (root / f / MANIFEST).is_file()]
+        return [f for f in present if f in scored], [f for f in wanted if f not in present]
 
 
 def available() -> list[str]:
@@ -211,14 +222,18 @@ def model_evaluator(model, batch_size: int = 4, device: str = "cpu", num_workers
                     limit: int | None = None) -> EvaluateSet:
     """``evaluate_set`` for ``run_benchmarks``: ``model`` on one shard set at the protocol's resize (shortest edge,
     longest at most, padding to a multiple of 32) and post-processing (the model's recorded settings, then the
-    protocol's ``inference``), its own vocabulary with the prompt ensemble."""
+    protocol's ``inference``), its own vocabulary with the prompt ensemble (or, where the protocol's
+    ``prompt_with`` says so, the vocabulary of another set beside it)."""
+    from openseed.data.shards import ShardSet
     from openseed.evaluation.runner import evaluate_shards
 
     def evaluate_set(shards_dir: Path, protocol: Protocol) -> dict:
         inference = InferenceConfig.for_model(model.config, **protocol.inference)
+        prompt = protocol.prompt_with.get(shards_dir.name)
+        prompt_vocabulary = ShardSet.open(shards_dir.parent / prompt).vocabulary if prompt else None
         return evaluate_shards(model, shards_dir, batch_size=batch_size, device=device, num_workers=num_workers,
                                inference=inference, short_edge=protocol.short_edge, max_size=protocol.max_size,
-                               limit=limit)
+                               limit=limit, prompt_vocabulary=prompt_vocabulary)
     return evaluate_set
 
 

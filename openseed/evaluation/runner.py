@@ -59,11 +59,18 @@ class DatasetEvaluator:
             verified absent, unmatched detections of not-exhaustively annotated classes forgiven) and add APr /
             APc / APf. Every image's stored ``extra`` must then hold ``neg_category_ids`` and
             ``not_exhaustive_category_ids``.
+        prompt_vocabulary: detection data only: prompt the model with this larger vocabulary instead (it must hold
+            every category of ``vocabulary``, under the same id and thing flag), as the reference scores ADE20K's
+            instance AP inside its 150-class panoptic run: the top-k runs over all its classes, and detections of
+            categories outside ``vocabulary`` are dropped before scoring.
     """
 
     def __init__(self, vocabulary: Vocabulary, task: str, mask_format: str, inference: InferenceConfig | None = None,
-                 category_frequency: dict[int, str] | None = None):
+                 category_frequency: dict[int, str] | None = None, prompt_vocabulary: Vocabulary | None = None):
         self.vocabulary, self.task, self.mask_format = vocabulary, task, mask_format
+        self.prompt_vocabulary = prompt_vocabulary or vocabulary
+        if prompt_vocabulary is not None:
+            _check_prompt_vocabulary(prompt_vocabulary, vocabulary, task)
         self.inference = inference or InferenceConfig()
         self.categories = [{"id": c.id, "name": c.name, "isthing": int(c.is_thing)} for c in vocabulary.categories]
         self.federated = category_frequency is not None
@@ -89,15 +96,18 @@ class DatasetEvaluator:
         self.non_finite = 0  # detections with a NaN / infinite score or box, left out (see update)
 
     @classmethod
-    def for_shards(cls, shards: ShardSet, inference: InferenceConfig | None = None) -> DatasetEvaluator:
-        return cls(shards.vocabulary, shards.task, shards.mask_format, inference, shards.category_frequency)
+    def for_shards(cls, shards: ShardSet, inference: InferenceConfig | None = None,
+                   prompt_vocabulary: Vocabulary | None = None) -> DatasetEvaluator:
+        return cls(shards.vocabulary, shards.task, shards.mask_format, inference, shards.category_frequency,
+                   prompt_vocabulary)
 
     # ------------------------------------------------------------------------------------------------ update
     def score(self, model, batch: Batch, text: torch.Tensor | None = None) -> Outputs:
         """The one evaluation step (training validation, ``openseed.evaluate``, ``evaluate_batches``): the model's
-        predictions for ``batch`` (``text``: its vocabulary's embeddings, when computed once for the data set),
-        added to the evaluation; returns them."""
-        outputs = model.forward_images(batch.images, batch.padding_mask, batch.vocabulary, text=text)
+        predictions for ``batch`` (``text``: the prompt vocabulary's embeddings, when computed once for the data
+        set), added to the evaluation; returns them."""
+        vocabulary = batch.vocabulary if self.prompt_vocabulary is self.vocabulary else self.prompt_vocabulary
+        outputs = model.forward_images(batch.images, batch.padding_mask, vocabulary, text=text)
         self.update(outputs, batch)
         return outputs
 
@@ -110,7 +120,7 @@ class DatasetEvaluator:
         if self.task != "sem":  # semantic data has whole classes, not instances: mIoU alone
             # as the reference on panoptic data: the top-k runs over every class and the stuff pairs are dropped
             # after it (only thing classes are scored; detection data has only things, where this changes nothing)
-            instances = postprocess_batch(outputs, batch.targets, self.vocabulary, padded, "instance",
+            instances = postprocess_batch(outputs, batch.targets, self.prompt_vocabulary, padded, "instance",
                                           self.inference, things_only=True)
         if self.task in ("seg", "sem"):
             semantic = postprocess_batch(outputs, batch.targets, self.vocabulary, padded, "semantic", self.inference)
@@ -147,7 +157,10 @@ class DatasetEvaluator:
                                  image_id=image_id)
             self.semantic.update(semantic.sem_seg.cpu().numpy(), self._semantic_truth(gt_ids, meta))
         self.add_instance_truth(meta, gt_ids)
-        records = instances_to_coco(instances.cpu(), image_id, self.vocabulary.ids)
+        records = instances_to_coco(instances.cpu(), image_id, self.prompt_vocabulary.ids)
+        if self.prompt_vocabulary is not self.vocabulary:  # prompted with more classes than the data set scores
+            scored = set(self.vocabulary.ids)
+            records = [r for r in records if r["category_id"] in scored]
         # a diverged model's NaN / infinite scores or boxes cannot be scored (the COCO evaluator refuses them):
         # they are left out, counted, and reported with a warning by compute()
         finite = [r for r in records if math.isfinite(r["score"]) and all(math.isfinite(v) for v in r["bbox"])]
@@ -232,10 +245,23 @@ class DatasetEvaluator:
                 "annotations": [{**a, "id": k + 1} for k, a in enumerate(annotations)]}
 
 
+def _check_prompt_vocabulary(prompt: Vocabulary, vocabulary: Vocabulary, task: str) -> None:
+    if task != "det":
+        raise ValueError(f"a prompt vocabulary other than the data set's scores detection data, not {task!r} data")
+    by_id = {c.id: c for c in prompt.categories}
+    missing = [c.id for c in vocabulary.categories if c.id not in by_id]
+    if missing:
+        raise ValueError(f"the prompt vocabulary lacks categories {missing[:10]} of the data set")
+    differ = [c.id for c in vocabulary.categories if by_id[c.id].is_thing != c.is_thing]
+    if differ:
+        raise ValueError(f"categories {differ[:10]} are things in one vocabulary and stuff in the other")
+
+
 @torch.no_grad()
 def evaluate_shards(model, shards_dir, image_size: int | None = None, batch_size: int = 4, device: str = "cpu",
                     num_workers: int = 0, inference: InferenceConfig | None = None, short_edge: int | None = None,
-                    max_size: int | None = None, limit: int | None = None) -> dict:
+                    max_size: int | None = None, limit: int | None = None,
+                    prompt_vocabulary: Vocabulary | None = None) -> dict:
     """Evaluate ``model`` on one converted data set (its own vocabulary, the prompt ensemble); on every rank of a
     process group each rank scores its share and all get the same metrics.
 
@@ -244,7 +270,7 @@ def evaluate_shards(model, shards_dir, image_size: int | None = None, batch_size
     (LSJ-trained models); without either, the model's recorded evaluation resize (``OpenSeeDConfig.eval_short_edge``
     / ``eval_max_size``; converted released checkpoints: shortest edge 800, longest 1333), else 1024. ``inference``
     defaults to the model's recorded top-k and box clipping (``InferenceConfig.for_model``). ``limit``: only the
-    first batches holding that many images (a smoke run)."""
+    first batches holding that many images (a smoke run). ``prompt_vocabulary``: see ``DatasetEvaluator``."""
     import itertools
 
     from torch.utils.data import DataLoader
@@ -265,7 +291,8 @@ def evaluate_shards(model, shards_dir, image_size: int | None = None, batch_size
     dataset = EvalDataset(shards, batch_size, resize, rank, world_size, pad_to=pad_to)
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
     batches = loader if limit is None else itertools.islice(loader, math.ceil(limit / batch_size))
-    evaluator = DatasetEvaluator.for_shards(shards, inference or InferenceConfig.for_model(config))
+    evaluator = DatasetEvaluator.for_shards(shards, inference or InferenceConfig.for_model(config),
+                                            prompt_vocabulary)
     return evaluate_batches(model.to(device).eval(), batches, evaluator, device)
 
 
@@ -273,7 +300,7 @@ def evaluate_shards(model, shards_dir, image_size: int | None = None, batch_size
 def evaluate_batches(model, batches: Iterable[Batch], evaluator: DatasetEvaluator, device: str | torch.device) -> dict:
     """The evaluation loop outside training (``evaluate_shards``, ``openseed.evaluate``): every batch of one data set
     scored (``DatasetEvaluator.score``) with its vocabulary embedded once; the metrics."""
-    text = model.embed_vocabulary(evaluator.vocabulary)
+    text = model.embed_vocabulary(evaluator.prompt_vocabulary)
     for batch in batches:
         evaluator.score(model, batch.to(device), text)
     return evaluator.compute()
