@@ -8,6 +8,8 @@
     images/10k/{train,val}/NAME.jpg
     labels/sem_seg/masks/{train,val}/NAME.png      kind=semantic: 8-bit, 0..18 the 19 train classes, 255 unknown
     labels/pan_seg/bitmasks/{train,val}/NAME.png   kind=panoptic: RGBA bitmasks (below)
+    labels/pan_seg/meta/coco_{train,val}.json      kind=panoptic, the toolkit's COCO-panoptic export (below), with
+    labels/pan_seg/coco_pano/{train,val}/NAME.png  its PNGs: where the reference reads BDD100K panoptic from
 
 A panoptic bitmask stores, per pixel, R = the category id (1..40; 0 "unlabeled"), G = the attribute bits
 ``(truncated << 3) | (occluded << 2) | (crowd << 1) | ignore``, and the annotation id ``(B << 8) + A``. Each
@@ -15,6 +17,14 @@ annotation id is one segment (as the toolkit's own evaluator, ``bdd100k.eval.pan
 pixels of category 0, of annotation id 0 or with the ignore bit are void; the crowd bit makes a crowd segment.
 Labels are paired with images by file name; image ids are positions in the sorted list of label files (BDD100K has
 no numeric ids), the file name is stored with each sample. Task "seg" (PQ, mIoU, thing AP) or "sem" (mIoU).
+
+The COCO-panoptic export is what the toolkit's ``python -m bdd100k.label.to_coco_panseg -i <bitmasks> -o <json>
+-pb <png folder>`` writes from the bitmasks: PNG id = the annotation id (R = A, G = B), categories 1..40 as above,
+images named like their bitmask (``NAME.png``; the image is ``NAME.jpg``), and its own reading of the attributes:
+an ignored annotation becomes a crowd segment, and all annotations of one stuff category are listed as one segment
+under the first one's id (the others' pixels keep their ids in the PNG, which makes them void, as the evaluator
+reads ids it has no segment for). ``gt=auto`` (the default) reads the export where its JSON is there, else the
+bitmasks; ``gt=bitmasks`` or ``gt=coco_panoptic`` choose (``json=`` and ``png_dir=`` point at an export elsewhere).
 ``--help`` lists every key.
 """
 
@@ -22,6 +32,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -30,10 +41,18 @@ from PIL import Image
 
 from data_prep._cli import converter_options, run
 from data_prep.layout import label_record, pair_by_name, read_label_png, require_dir
-from data_prep.shard_writer import ConversionSummary, IdMap, Unreadable, encode_panoptic, encode_semantic, write_shards
+from data_prep.shard_writer import (
+    ConversionSummary,
+    IdMap,
+    Unreadable,
+    encode_panoptic,
+    encode_semantic,
+    read_coco_panoptic,
+    write_shards,
+)
 from openseed.cli import Option, one_of, path
 from openseed.core.vocabulary import Vocabulary
-from openseed.data.coco import DataError, ImageRecord
+from openseed.data.coco import DataError, ImageRecord, load_json
 
 # The 40 panoptic categories (id, name, thing) of BDD100K's label table (bdd100k/label/label.py, doc/source/format.rst:
 # "classes 1-30 are stuffs, 31-40 are things"), the names the reference prompts with (register_bdd100k_panoseg.py,
@@ -56,6 +75,7 @@ SEMANTIC_CLASSES = (
 )
 SEMANTIC_IGNORE = 255
 IGNORE_BIT, CROWD_BIT = 1, 2
+GT_SOURCES = ("auto", "bitmasks", "coco_panoptic")
 KINDS = {"panoptic": ("labels/pan_seg/bitmasks", "seg", "panoptic"),
          "semantic": ("labels/sem_seg/masks", "sem", "semantic")}
 
@@ -111,6 +131,56 @@ def read_bitmask(record: ImageRecord, first_thing_id: int = FIRST_THING_ID) -> I
 read_semantic_mask = partial(read_label_png, void=(SEMANTIC_IGNORE,))
 
 
+# ------------------------------------------------------------------------------------- the COCO-panoptic export
+def export_paths(root: Path, split: str) -> tuple[Path, Path]:
+    """Where the reference reads the toolkit's export: (JSON, PNG folder)."""
+    pan_seg = root / "labels" / "pan_seg"
+    return pan_seg / "meta" / f"coco_{split}.json", pan_seg / "coco_pano" / split
+
+
+def records_of_export(root: Path, split: str, json_path: Path, png_dir: Path,
+                      skip_missing: bool = False) -> tuple[list[ImageRecord], Counter]:
+    """Records of the toolkit's COCO-panoptic export, in sorted image-name order (the bitmasks' image ids)."""
+    image_dir = require_dir(root / "images" / "10k" / split, "BDD100K image")
+    require_dir(png_dir, "BDD100K COCO-panoptic PNG")
+    data = load_json(json_path)
+    if not isinstance(data.get("annotations"), list):
+        raise DataError(f"{json_path}: no 'annotations' list; is this the toolkit's to_coco_panseg output?")
+    vocab = panoptic_vocabulary()
+    by_stem: dict[str, dict] = {}
+    for ann in data["annotations"]:
+        try:
+            png_name, segments = str(ann["file_name"]), list(ann["segments_info"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise DataError(f"{json_path}: annotation {ann!r:.120} lacks a valid {err}") from None
+        stem = Path(png_name).stem
+        if stem in by_stem:
+            raise DataError(f"{json_path}: two annotations for {png_name!r}")
+        for segment in segments:
+            if "id" not in segment or segment.get("category_id") not in vocab:
+                raise DataError(f"{json_path}: segment {segment!r:.120} of {png_name!r} has no id or a category id "
+                                f"outside BDD100K's 1..40")
+        by_stem[stem] = {"png": png_name, "segments": segments}
+    records, skipped = [], Counter()
+    images = {p.stem for p in image_dir.glob("*.jpg")}
+    for index, stem in enumerate(sorted(by_stem)):
+        image, png = image_dir / f"{stem}.jpg", png_dir / by_stem[stem]["png"]
+        missing = None if image.is_file() else ("missing image file", image)
+        missing = missing or (None if png.is_file() else ("missing panoptic PNG", png))
+        if missing is not None:
+            if not skip_missing:
+                raise FileNotFoundError(f"{missing[1]} not found (listed in {json_path}; skip_missing=true counts "
+                                        f"and skips such images)")
+            skipped[missing[0]] += 1
+            continue
+        record = label_record(index, image, png)
+        records.append(replace(record, objects=by_stem[stem]["segments"]))
+    unlabelled = len(images - set(by_stem))
+    if unlabelled:
+        skipped["image without a label file"] += unlabelled
+    return records, skipped
+
+
 # ------------------------------------------------------------------------------------- conversion
 def records_of(root, split: str, kind: str, skip_missing: bool = False) -> tuple[list[ImageRecord], Counter]:
     root = Path(root)
@@ -121,27 +191,42 @@ def records_of(root, split: str, kind: str, skip_missing: bool = False) -> tuple
 
 
 def convert(root, split, kind, out, name=None, maxcount=1000, workers=0, skip_missing=False, limit=None,
-            progress=True) -> ConversionSummary:
+            progress=True, gt="auto", json_path=None, png_dir=None) -> ConversionSummary:
+    root = Path(root)
     name = name or f"bdd100k_{kind}_{split}"
-    records, skipped = records_of(root, split, kind, skip_missing)
+    default_json, default_png_dir = export_paths(root, split)
+    json_path, png_dir = Path(json_path or default_json), Path(png_dir or default_png_dir)
+    if gt not in GT_SOURCES:
+        raise ValueError(f"gt must be one of {GT_SOURCES}, not {gt!r}")
+    use_export = kind == "panoptic" and (gt == "coco_panoptic" or (gt == "auto" and json_path.is_file()))
+    if use_export:
+        records, skipped = records_of_export(root, split, json_path, png_dir, skip_missing)
+    else:
+        records, skipped = records_of(root, split, kind, skip_missing)
     records = records[:limit] if limit is not None else records
     _, task, mask_format = KINDS[kind]
+    source = {"dataset": "bdd100k", "root": str(root), "split": split, "kind": kind}
     if kind == "panoptic":
         vocab = panoptic_vocabulary()
-        encode = partial(encode_panoptic, vocab=vocab, dataset=name, read=read_bitmask)
+        read = read_coco_panoptic if use_export else read_bitmask
+        encode = partial(encode_panoptic, vocab=vocab, dataset=name, read=read)
+        source["gt"] = f"coco_panoptic {json_path}" if use_export else "bitmasks"
     else:
         vocab = semantic_vocabulary()
         encode = partial(encode_semantic, vocab=vocab, dataset=name, read=read_semantic_mask)
     return write_shards(records, encode, out, name, task, mask_format, vocab, maxcount=maxcount, workers=workers,
-                        progress=progress, reader_skips=(skipped, Counter()),
-                        source={"dataset": "bdd100k", "root": str(root), "split": split, "kind": kind})
+                        progress=progress, reader_skips=(skipped, Counter()), source=source)
 
 
 OPTIONS = converter_options(
     root=Option("the BDD100K folder (holds images/10k and labels/)", required=True, check=path),
     split=Option("train or val", "val", one_of(("train", "val"))),
-    kind=Option("panoptic (labels/pan_seg/bitmasks) or semantic (labels/sem_seg/masks)", "panoptic",
-                one_of(tuple(KINDS))),
+    kind=Option("panoptic (labels/pan_seg/bitmasks or the COCO-panoptic export) or semantic (labels/sem_seg/masks)",
+                "panoptic", one_of(tuple(KINDS))),
+    gt=Option("panoptic source: auto (the export where its JSON is), bitmasks or coco_panoptic", "auto",
+              one_of(GT_SOURCES)),
+    json=Option("the export's JSON (default labels/pan_seg/meta/coco_<split>.json)", None, path),
+    png_dir=Option("the export's PNG folder (default labels/pan_seg/coco_pano/<split>)", None, path),
 )
 OPTIONS["name"] = Option("data set name; prefix of the shard files (no dots); default bdd100k_{kind}_{split}", None,
                          path)
@@ -149,7 +234,7 @@ OPTIONS["name"] = Option("data set name; prefix of the shard files (no dots); de
 
 def main(argv=None) -> int:
     return run(lambda a: convert(a.root, a.split, a.kind, a.out, a.name, a.maxcount, a.workers, a.skip_missing,
-                                 a.limit, a.progress),
+                                 a.limit, a.progress, a.gt, a.json, a.png_dir),
                argv, OPTIONS, "python -m data_prep.bdd100k", __doc__.split("\n\n")[0])
 
 

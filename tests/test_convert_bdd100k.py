@@ -261,3 +261,80 @@ def test_help_lists_the_keys(capsys):
     assert done.value.code == 0
     text = capsys.readouterr().out
     assert all(f"  {key}" in text for key in ("root", "split", "kind", "out", "name", "workers", "skip_missing"))
+
+
+# ------------------------------------------------------------------------------------------- COCO-panoptic export
+def _toolkit_export(root, scenes):
+    """What the toolkit's ``bdd100k.label.to_coco_panseg`` writes from these bitmasks, at the paths the reference
+    reads (labels/pan_seg/meta/coco_val.json, labels/pan_seg/coco_pano/val/): PNG R = A, G = B (the annotation id);
+    one segment per (category, attributes, id) with category 0 left out, in id order, iscrowd = crowd or ignore;
+    a later annotation of an already listed stuff category (1..30) is not listed, its area added to the segment at
+    index 4 (the toolkit takes the index from the size of a segment dict), whose iscrowd it clears."""
+    images, annotations = [], []
+    for image_id, (name, (cat, attr, ann)) in enumerate(zip(NAMES, scenes), start=1):
+        png = np.zeros((H, W, 3), np.uint8)
+        png[..., 0], png[..., 1] = ann & 0xFF, ann >> 8
+        path = root / "labels/pan_seg/coco_pano/val" / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(png).save(path)
+        identity = (cat << 24) + (attr << 16) + ann
+        instances = []
+        for value in np.unique(identity).tolist():
+            category, attributes, instance = value >> 24, (value >> 16) & 255, value & 65535
+            if category:
+                instances.append((instance, category, attributes, int((identity == value).sum())))
+        segments, stuff_seen = [], set()
+        for instance, category, attributes, area in sorted(instances, key=lambda i: i[0]):
+            if category not in stuff_seen:
+                segments.append({"id": instance, "category_id": category, "area": area,
+                                 "iscrowd": int(bool(attributes & 0b11)), "ignore": 0})
+                if category <= 30:
+                    stuff_seen.add(category)
+            else:
+                segments[4]["area"] += area
+                segments[4]["iscrowd"] = 0
+        images.append({"id": image_id, "file_name": f"{name}.png", "height": H, "width": W})
+        annotations.append({"image_id": image_id, "file_name": f"{name}.png", "segments_info": segments})
+    categories = [{"id": i, "name": n, "supercategory": "x", "isthing": i >= 31, "color": [0, 0, 0]}
+                  for i, n in bdd100k.PANOPTIC_CATEGORIES]
+    meta = root / "labels/pan_seg/meta/coco_val.json"
+    meta.parent.mkdir(parents=True, exist_ok=True)
+    meta.write_text(json.dumps({"categories": categories, "images": images, "annotations": annotations}))
+    return {name: a["segments_info"] for name, a in zip(NAMES, annotations)}
+
+
+def test_panoptic_from_the_toolkits_coco_export(bdd_root, tmp_path, capsys):
+    scenes = [(cat, attr, ann) for cat, attr, ann, _, _ in _bitmasks()]
+    cat, attr, ann = (a.copy() for a in scenes[1])
+    cat[21:24, :10], attr[21:24, :10], ann[21:24, :10] = 7, 0, 600  # a second road: unlisted, void
+    scenes[1] = (cat, attr, ann)
+    listed = _toolkit_export(bdd_root, scenes)
+    assert [s["id"] for s in listed[NAMES[1]]] == [1, 2, 3, 4, 258]  # 600 merged into index 4 (the bicycle)
+    out = tmp_path / "export"
+    assert _convert(bdd_root, out, "panoptic") == 0  # gt=auto: the export, since its JSON is there
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["gt"].startswith("coco_panoptic ")
+    assert manifest["summary"]["skipped_images"] == {"image without a label file": 1}
+    samples = [s.materialised() for s in read_shards(out)]
+    assert [s.image_id for s in samples] == [0, 1]
+    for sample, name, (_, _, ann) in zip(samples, NAMES, scenes):
+        np.testing.assert_array_equal(decode_panoptic_png(sample.panoptic_png), ann)  # the PNG as written
+        objects = {o["segment_id"]: o for o in sample.annotation["objects"]}
+        assert {s: (o["category_id"], o["iscrowd"]) for s, o in objects.items()} == \
+            {s["id"]: (s["category_id"], s["iscrowd"]) for s in listed[name]}
+        for segment_id, obj in objects.items():
+            assert obj["area"] == (ann == segment_id).sum()  # from the PNG, not the JSON's merged area
+    # what the export changes: the ignored car is a crowd segment, the unlisted ids (7, 600) void
+    assert samples[0].annotation["objects"][4]["segment_id"] == 6 and samples[0].annotation["objects"][4]["iscrowd"]
+    assert 600 not in {o["segment_id"] for o in samples[1].annotation["objects"]}
+    assert_oracle_perfect(out, PANOPTIC_METRICS)
+    # gt=bitmasks still reads the bitmasks; a segment with a category outside 1..40 names the JSON
+    assert _convert(bdd_root, tmp_path / "bits", "panoptic", "gt=bitmasks") == 0
+    assert json.loads((tmp_path / "bits" / "manifest.json").read_text())["source"]["gt"] == "bitmasks"
+    meta = bdd_root / "labels/pan_seg/meta/coco_val.json"
+    data = json.loads(meta.read_text())
+    data["annotations"][0]["segments_info"][0]["category_id"] = 41
+    meta.write_text(json.dumps(data))
+    assert _convert(bdd_root, tmp_path / "bad", "panoptic") == 2
+    err = capsys.readouterr().err
+    assert str(meta) in err and "outside BDD100K's 1..40" in err

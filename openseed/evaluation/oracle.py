@@ -35,8 +35,9 @@ def annotation_of(sample: Sample) -> dict:
 
 def oracle_predictions(sample: Sample, vocabulary: Vocabulary) -> Predictions:
     """The ground truth of ``sample`` (read at its stored size, dense masks) as perfect predictions: every
-    non-crowd object once with score 1, the panoptic map without its crowd segments, every labelled pixel's class,
-    crowd regions included (void pixels get class 0: they are not scored)."""
+    non-crowd object once with score 1, the panoptic map without its crowd segments and without the stored PNG's ids
+    that no object lists (void in the ground truth), every labelled pixel's class, crowd regions included (void
+    pixels get class 0: they are not scored)."""
     meta = sample.annotation
     kept = [o for o in meta["objects"] if not o["iscrowd"]]
     height, width = sample.orig_size
@@ -48,8 +49,7 @@ def oracle_predictions(sample: Sample, vocabulary: Vocabulary) -> Predictions:
         return predictions
     if meta["mask_format"] == "panoptic":
         ids = decode_panoptic_png(sample.panoptic_png)
-        crowd = [o["segment_id"] for o in meta["objects"] if o["iscrowd"]]
-        ids = np.where(np.isin(ids, crowd), 0, ids).astype(np.int32)
+        ids = np.where(np.isin(ids, [o["segment_id"] for o in kept]), ids, 0).astype(np.int32)
         segments = [{"id": o["segment_id"], "category_id": o["category_id"], "isthing": bool(o["is_thing"]),
                      "score": 1.0, "area": int(o["area"]),
                      "bbox": [o["bbox"][0], o["bbox"][1], o["bbox"][2] - o["bbox"][0], o["bbox"][3] - o["bbox"][1]]}
