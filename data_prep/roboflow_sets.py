@@ -27,7 +27,11 @@ categories from 0 and writes its project as category 0, the super-category of ev
 ``supercategory`` is ``"none"`` and other categories name it as theirs) is left out of the vocabulary, the summary
 says so, and an annotation that uses it is an error naming the file. Category 0 of the benchmark JSONs above (where
 GLIP and X-Decoder already removed it, e.g. SegInW Cows ``{"id": 0, "name": "cow", "supercategory": "cow"}``) is a
-class and stays. Class names are the JSON's own (the benchmark code prompts with them). ``--help`` lists every key.
+class and stays. Class names: SegInW's are the JSON's own (X-Decoder prompts with them); ODinW's are, with
+``names=glip`` (the default), the ones GLIP prompts each set with (its configs' ``OVERRIDE_CATEGORY``,
+``data_prep.odinw_names``), matched by category id; a class the table does not name, or names blank (Chess Pieces'
+id 1), keeps the JSON's name. The manifest's ``source`` lists every renamed class. ``names=json`` keeps the JSON's
+names. ``--help`` lists every key.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from pathlib import Path
 
 from data_prep._cli import CONVERTER_OPTIONS, run
 from data_prep.coco_detection_to_shards import convert as convert_coco_detection
+from data_prep.odinw_names import GLIP_ODINW_NAMES
 from data_prep.shard_writer import ConversionSummary
 from openseed.cli import Option, one_of, path, string_list
 from openseed.data.coco import DataError, load_json
@@ -73,6 +78,7 @@ ODINW_SETS = (
 )
 
 SUITE_SETS = {"seginw": SEGINW_SETS, "odinw": ODINW_SETS}
+NAME_SOURCES = ("glip", "json")
 #: Annotation files of a split folder, in the order they are preferred: the benchmark's own, then Roboflow's.
 SPLIT_FOLDER_JSONS = {"seginw": ("_annotations_min1cat.coco.json", "_annotations.coco.json"),
                       "odinw": ("annotations_without_background.json", "_annotations.coco.json")}
@@ -183,9 +189,26 @@ def super_categories(data: dict, json_path: Path) -> list[dict]:
     return supers
 
 
+def glip_names(data: dict, set_name: str) -> tuple[dict, list[dict]]:
+    """``data`` with its categories named as GLIP prompts ODinW set ``set_name`` (``GLIP_ODINW_NAMES``, by id), and
+    the renamings ``[{"id", "from", "to"}]``. Categories the table does not name (or names blank) keep their name."""
+    table = dict(GLIP_ODINW_NAMES.get(set_name, ()))
+    renamed, categories = [], []
+    for category in data.get("categories") or []:
+        new = table.get(category.get("id")) if isinstance(category, dict) else None
+        if new is not None and new.strip() and new != category.get("name"):
+            renamed.append({"id": category["id"], "from": category.get("name"), "to": new})
+            category = {**category, "name": new}
+            category.pop("synonyms", None)
+        categories.append(category)
+    return ({**data, "categories": categories} if renamed else data), renamed
+
+
 def convert_set(suite: str, found: FoundSet, split: str, out_dir: Path, name: str, maxcount=1000, workers=0,
-                skip_missing=False, limit=None, progress=True) -> tuple[list[dict], ConversionSummary]:
-    """One set: its JSON without the Roboflow super-category, through the COCO detection converter."""
+                skip_missing=False, limit=None, progress=True, names: str = "glip"
+                ) -> tuple[list[dict], ConversionSummary]:
+    """One set: its JSON without the Roboflow super-category (ODinW: with GLIP's class names unless ``names`` is
+    "json"), through the COCO detection converter."""
     data = load_json(found.json_path)  # a missing or malformed file is named here
     left_out = super_categories(data, found.json_path)
     if left_out:
@@ -193,6 +216,10 @@ def convert_set(suite: str, found: FoundSet, split: str, out_dir: Path, name: st
         data = {**data, "categories": [c for c in data["categories"] if id(c) not in dropped]}
     source = {"suite": suite, "set": found.name, "split": split, "json": str(found.json_path),
               "left_out_categories": [{"id": c.get("id"), "name": c.get("name")} for c in left_out]}
+    if suite == "odinw" and names == "glip":
+        data, renamed = glip_names(data, found.name)
+        source.update(names="glip" if found.name in GLIP_ODINW_NAMES else "json (no GLIP config for this set)",
+                      renamed_categories=renamed)
     summary = convert_coco_detection(found.json_path, found.image_dir, out_dir, name, maxcount, workers, skip_missing,
                                      limit, progress, keep_masks=suite == "seginw", drop_empty=False, source=source,
                                      data=data)
@@ -200,7 +227,7 @@ def convert_set(suite: str, found: FoundSet, split: str, out_dir: Path, name: st
 
 
 def convert(suite, root, split, out, sets=None, maxcount=1000, workers=0, skip_missing=False, limit=None,
-            progress=True) -> SuiteSummary:
+            progress=True, names="glip") -> SuiteSummary:
     if suite not in SUITES:
         raise ValueError(f"suite must be one of {SUITES}, not {suite!r}")
     root, out = Path(root), Path(out)
@@ -217,15 +244,15 @@ def convert(suite, root, split, out, sets=None, maxcount=1000, workers=0, skip_m
         if unknown:
             raise DataError(f"{root}: set(s) {unknown} not found; found: {[f.name for f in found]}")
         found = list({id(known[s]): known[s] for s in sets}.values())
-    names = {f.name for f in everything}
+    found_names = {f.name for f in everything}
     expected = SUITE_SETS[suite]
-    summary = SuiteSummary(suite, root, split, found, missing=[s for s in expected if s not in names],
-                           outside=sorted(n for n in names if n not in expected))
+    summary = SuiteSummary(suite, root, split, found, missing=[s for s in expected if s not in found_names],
+                           outside=sorted(n for n in found_names if n not in expected))
     print(f"{suite} ({split}): found {len(found)} set(s) under {root}: {', '.join(f.name for f in found)}", flush=True)
     for one in found:
         name = shard_name(suite, one.name, split)
         left_out, result = convert_set(suite, one, split, out / name, name, maxcount, workers, skip_missing, limit,
-                                       progress)
+                                       progress, names)
         summary.results.append((one, out / name, left_out, result))
     return summary
 
@@ -241,6 +268,8 @@ OPTIONS = {
     "split": Option("train, valid or test", "valid", one_of(SPLITS)),
     "sets": Option("convert only these sets ([name,...]: folder path under root, or shard name); null: all", None,
                    _set_list),
+    "names": Option("ODinW class names: glip (as GLIP prompts each set) or json (the JSON's own)", "glip",
+                    one_of(NAME_SOURCES)),
     **{k: v for k, v in CONVERTER_OPTIONS.items() if k != "name"},
 }
 OPTIONS["out"] = Option("output folder; each set goes to <out>/<suite>_<set>_<split>", required=True, check=path)
@@ -248,7 +277,7 @@ OPTIONS["out"] = Option("output folder; each set goes to <out>/<suite>_<set>_<sp
 
 def main(argv=None) -> int:
     return run(lambda a: convert(a.suite, a.root, a.split, a.out, a.sets, a.maxcount, a.workers, a.skip_missing,
-                                 a.limit, a.progress),
+                                 a.limit, a.progress, a.names),
                argv, OPTIONS, "python -m data_prep.roboflow_sets", __doc__.split("\n\n")[0])
 
 

@@ -303,3 +303,31 @@ def _perturbed(shard_dir, json_path, masks: bool):
             evaluation.summarize()
         expected[f"{prefix}_AP"], expected[f"{prefix}_AP50"] = evaluation.stats[0], evaluation.stats[1]
     return expected, metrics
+
+
+def test_odinw_classes_named_as_glip_prompts_them(tmp_path, capsys):
+    from data_prep.odinw_names import GLIP_ODINW_NAMES
+    from data_prep.roboflow_sets import ODINW_SETS
+
+    assert set(GLIP_ODINW_NAMES) == set(ODINW_SETS)
+    assert dict(GLIP_ODINW_NAMES["MaskWearing/raw"]) == {1: "mask", 2: "no-mask"}  # GLIP's MaskWearing_raw.yaml
+    root = tmp_path / "odinw"
+    categories = [{"id": 1, "name": "face_mask", "supercategory": "people"},
+                  {"id": 2, "name": "no_mask", "supercategory": "people"},
+                  {"id": 3, "name": "visor", "supercategory": "people"}]  # not in GLIP's table: kept
+    write_roboflow(root / "MaskWearing" / "raw" / "valid", DET_IMAGES, categories, masks=False,
+                   json_name="annotations_without_background.json")
+    chess = [{"id": 1, "name": "pieces", "supercategory": "pieces"}]  # GLIP names id 1 blank: the JSON's name stays
+    write_roboflow(root / "ChessPieces" / "Chess Pieces.v23-raw.coco" / "valid", DET_IMAGES[:1], chess,
+                   masks=False, json_name="annotations_without_background.json")
+    run_suite("odinw", root, tmp_path / "glip", capsys)
+    masks = tmp_path / "glip" / "odinw_MaskWearing_raw_valid"
+    assert ShardSet.open(masks).vocabulary.names == ["mask", "no-mask", "visor"]
+    source = json.loads((masks / "manifest.json").read_text())["source"]
+    assert source["names"] == "glip" and source["renamed_categories"] == [
+        {"id": 1, "from": "face_mask", "to": "mask"}, {"id": 2, "from": "no_mask", "to": "no-mask"}]
+    chess_set = tmp_path / "glip" / "odinw_ChessPieces_Chess_Pieces_v23-raw_coco_valid"
+    assert ShardSet.open(chess_set).vocabulary.names == ["pieces"]
+    assert json.loads((chess_set / "manifest.json").read_text())["source"]["renamed_categories"] == []
+    run_suite("odinw", root, tmp_path / "json", capsys, "names=json")
+    assert ShardSet.open(tmp_path / "json" / masks.name).vocabulary.names == ["face_mask", "no_mask", "visor"]
