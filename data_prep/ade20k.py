@@ -41,15 +41,13 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from data_prep._cli import converter_options, run
-from data_prep.layout import image_size
+from data_prep.layout import encode_instance_map, image_size, read_array
 from data_prep.shard_writer import (
     ConversionSummary,
     Encoded,
@@ -62,7 +60,6 @@ from data_prep.shard_writer import (
     write_shards,
 )
 from openseed.cli import Option, one_of, path
-from openseed.core.codecs import encode_rle
 from openseed.core.vocabulary import Vocabulary
 from openseed.data.coco import DataError, ImageRecord, ReadReport, load_coco_detection, load_json
 from openseed.data.shards import VOID
@@ -249,23 +246,6 @@ def image_ids(files: list[Path]) -> dict[str, int]:
     return {p.stem: index for index, p in enumerate(files)}
 
 
-def _read_array(path: Path, what: str, modes: tuple[str, ...]) -> np.ndarray:
-    """A label file as an array; ``Unreadable`` for a missing, broken or wrong-kind file."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode not in modes:
-                raise Unreadable(f"{what} of the wrong kind", path, f"mode {image.mode}, expected one of "
-                                                                    f"{', '.join(modes)}")
-            return np.asarray(image).astype(np.int64)
-    except Unreadable:
-        raise
-    except FileNotFoundError:
-        raise Unreadable(f"missing {what}", path, "not found") from None
-    except Exception as err:  # PIL raises many types for broken files
-        raise Unreadable(f"unreadable {what}", path, f"{type(err).__name__}: {err}") from None
-
-
 def _class_ids(values: np.ndarray, path: Path, offset: int, void: int, count: int, what: str) -> np.ndarray:
     """Stored values -> class ids (value - offset), ``VOID`` where the value is ``void``; a value that is neither
     void nor a class is an ``Unreadable`` naming the values."""
@@ -280,19 +260,19 @@ def _class_ids(values: np.ndarray, path: Path, offset: int, void: int, count: in
 def read_release_semantic(record: ImageRecord) -> tuple[np.ndarray, Path]:
     """``annotations/<split>/X.png``: 0 = other (void), 1..150 -> class 0..149."""
     path = annotation_path(record.image_path, "annotations")
-    return _class_ids(_read_array(path, "label PNG", _LABEL_MODES), path, 1, 0, 150, "label PNG"), path
+    return _class_ids(read_array(path, "label PNG", _LABEL_MODES), path, 1, 0, 150, "label PNG"), path
 
 
 def read_detectron2_semantic(record: ImageRecord) -> tuple[np.ndarray, Path]:
     """``annotations_detectron2/<split>/X.png`` (prepare_ade20k_sem_seg.py): class 0..149, 255 = void."""
     path = annotation_path(record.image_path, "annotations_detectron2")
-    return _class_ids(_read_array(path, "label PNG", _LABEL_MODES), path, 0, 255, 150, "label PNG"), path
+    return _class_ids(read_array(path, "label PNG", _LABEL_MODES), path, 0, 255, 150, "label PNG"), path
 
 
 def read_full_semantic(record: ImageRecord) -> tuple[np.ndarray, Path]:
     """``annotations_detectron2/<split>/X.tif`` (prepare_ade20k_full_sem_seg.py): class 0..846, 65535 = void."""
     path = annotation_path(record.image_path, "annotations_detectron2", ".tif")
-    values = _read_array(path, "label TIFF", _TIFF_MODES)
+    values = read_array(path, "label TIFF", _TIFF_MODES)
     return _class_ids(values, path, 0, _FULL_IGNORE, len(ADE847_CLASSES), "label TIFF"), path
 
 
@@ -300,7 +280,7 @@ def read_instances(path: Path) -> tuple[tuple[int, int], list[tuple[int, int, np
     """``annotations_instance/<split>/X.png`` -> its (height, width) and (G instance index, 0-based 150-class id,
     mask) for each non-zero G, in G order. An instance spanning several R classes, or an R outside 1..100, is an
     ``Unreadable``."""
-    pixels = _read_array(path, "instance PNG", ("RGB", "RGBA"))
+    pixels = read_array(path, "instance PNG", ("RGB", "RGBA"))
     if pixels.ndim != 3 or pixels.shape[2] < 3:
         raise Unreadable("instance PNG of the wrong kind", path, f"shape {pixels.shape}, expected H x W x 3")
     classes, index = pixels[..., 0], pixels[..., 1]
@@ -342,21 +322,11 @@ def read_release_panoptic(record: ImageRecord) -> IdMap:
 def encode_release_instances(record: ImageRecord, vocab: Vocabulary, dataset: str) -> Encoded:
     """One object per instance of ``annotations_instance/<split>/X.png`` (RLE mask, tight box, pixel area)."""
     path = annotation_path(record.image_path, "annotations_instance")
-    try:
+
+    def read():
         shape, instances = read_instances(path)
-    except Unreadable as err:
-        return Encoded(None, skip_reason=err.reason, skip_detail=str(err))
-    if record.width and shape != (record.height, record.width):  # width 0: unreadable image, counted below
-        return Encoded(None, skip_reason="instance map size differs from the image",
-                       skip_detail=f"{path}: {shape[1]}x{shape[0]} vs {record.width}x{record.height}")
-    objects = []
-    for g, class_id, mask in instances:
-        ys, xs = np.nonzero(mask)
-        x0, y0 = int(xs.min()), int(ys.min())
-        objects.append({"id": g, "category_id": class_id, "iscrowd": 0,
-                        "bbox": [x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0],
-                        "area": int(mask.sum()), "segmentation": encode_rle(mask[None])[0]})
-    return encode_detection(replace(record, objects=objects), vocab, dataset, "rle")
+        return shape, [(g, class_id, 0, mask) for g, class_id, mask in instances]
+    return encode_instance_map(record, vocab, dataset, path, read)
 
 
 # ---------------------------------------------------------------------------------------------------- records

@@ -36,29 +36,25 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image
 
 from data_prep._cli import converter_options, run
-from data_prep.layout import image_size
+from data_prep.layout import encode_instance_map, image_size, read_array
 from data_prep.shard_writer import (
     ConversionSummary,
     Encoded,
     IdMap,
     Unreadable,
-    encode_detection,
     encode_panoptic,
     encode_semantic,
     read_coco_panoptic,
     write_shards,
 )
 from openseed.cli import Option, one_of, path
-from openseed.core.codecs import encode_rle
 from openseed.core.vocabulary import Vocabulary
 from openseed.data.coco import DataError, ImageRecord, ReadReport, load_json
 from openseed.data.shards import VOID
@@ -170,19 +166,7 @@ def image_files(root: Path, split: str) -> list[Path]:
 
 def _read_ids(path: Path, what: str) -> np.ndarray:
     """An 8/16/32-bit grey id PNG as int64 [H, W]; ``Unreadable`` for a broken file or an RGB / float one."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode not in _ID_MODES:
-                raise Unreadable(f"unexpected {what} PNG mode", path, f"mode {image.mode}, expected one of "
-                                                                      f"{', '.join(_ID_MODES)}")
-            return np.asarray(image).astype(np.int64)
-    except Unreadable:
-        raise
-    except FileNotFoundError:
-        raise Unreadable(f"missing {what} file", path, "not found") from None
-    except Exception as err:
-        raise Unreadable(f"unreadable {what} PNG", path, f"{type(err).__name__}: {err}") from None
+    return read_array(path, f"{what} PNG", _ID_MODES)
 
 
 def _unknown(values: np.ndarray, path: Path) -> None:
@@ -233,27 +217,18 @@ def read_instance_ids(record: ImageRecord) -> IdMap:
 def encode_instances(record: ImageRecord, vocab: Vocabulary, dataset: str) -> Encoded:
     """Instance (detection) encoder: one object per thing instance of ``*_gtFine_instanceIds.png`` (RLE mask, tight
     box, pixel area), plus one crowd object per thing class for its pixels without an instance index."""
-    try:
-        path = annotation_path(record.image_path, INSTANCE_IDS_SUFFIX)
+    path = annotation_path(record.image_path, INSTANCE_IDS_SUFFIX)
+
+    def read():
         ids = _read_ids(path, "instanceIds")
         _labels_of_instance_ids(ids, path)  # refuses values that are not Cityscapes label ids
-    except Unreadable as err:
-        return Encoded(None, skip_reason=err.reason, skip_detail=str(err))
-    if record.width and ids.shape != (record.height, record.width):  # width 0: unreadable image, counted below
-        return Encoded(None, skip_reason="instance map size differs from the image",
-                       skip_detail=f"{path}: {ids.shape[1]}x{ids.shape[0]} vs {record.width}x{record.height}")
-    objects = []
-    for value in np.unique(ids).tolist():
-        label = _BY_ID[value // 1000 if value >= 1000 else value]
-        if label.id not in vocab:
-            continue  # stuff, void, or a thing class ignored in evaluation (caravan, trailer)
-        mask = ids == value
-        ys, xs = np.nonzero(mask)
-        x0, y0 = int(xs.min()), int(ys.min())
-        objects.append({"id": value, "category_id": label.id, "iscrowd": int(value < 1000),
-                        "bbox": [x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0],
-                        "area": int(mask.sum()), "segmentation": encode_rle(mask[None])[0]})
-    return encode_detection(replace(record, objects=objects), vocab, dataset, "rle")
+        instances = []
+        for value in np.unique(ids).tolist():
+            label = _BY_ID[value // 1000 if value >= 1000 else value]
+            if label.id in vocab:  # not stuff, void, or a thing class ignored in evaluation (caravan, trailer)
+                instances.append((value, label.id, int(value < 1000), ids == value))
+        return ids.shape, instances
+    return encode_instance_map(record, vocab, dataset, path, read)
 
 
 # ---------------------------------------------------------------------------------------------------- records

@@ -1,16 +1,21 @@
-"""Reading a data set's own folder tree: the pieces several converters share (BDD100K, SUN RGB-D, ScanNet,
-Cityscapes): a required folder, an image's size from its header, an image paired with its label file, a
-single-channel label PNG as category ids, images and labels paired by file name."""
+"""Reading a data set's own folder tree: the pieces several converters share (ADE20K, BDD100K, Cityscapes, SUN RGB-D,
+ScanNet): a required folder, an image's size from its header, an image paired with its label file, a label image as
+an array, a single-channel label PNG as category ids, images and labels paired by file name, and an instance map
+turned into a detection sample."""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from data_prep.shard_writer import Unreadable
+from data_prep.shard_writer import Encoded, Unreadable, encode_detection
+from openseed.core.codecs import encode_rle
+from openseed.core.vocabulary import Vocabulary
 from openseed.data.coco import DataError, ImageRecord
 from openseed.data.shards import VOID
 
@@ -38,23 +43,61 @@ def label_record(image_id: int, image: Path, label: Path) -> ImageRecord:
     return ImageRecord(image_id, image, height, width, [], panoptic_path=label)
 
 
+def read_array(path: Path, what: str, modes: tuple[str, ...]) -> np.ndarray:
+    """A label image (``what``: "label PNG", "instanceIds PNG", ...) as an int64 array; ``Unreadable`` ("missing
+    <what>", "unreadable <what>", "<what> of the wrong kind") for a missing or broken file or a mode not in
+    ``modes``."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode not in modes:
+                raise Unreadable(f"{what} of the wrong kind", path, f"mode {image.mode}, expected one of "
+                                                                    f"{', '.join(modes)}")
+            return np.asarray(image).astype(np.int64)
+    except Unreadable:
+        raise
+    except FileNotFoundError:
+        raise Unreadable(f"missing {what}", path, "not found") from None
+    except Exception as err:  # PIL raises many types for broken files
+        raise Unreadable(f"unreadable {what}", path, f"{type(err).__name__}: {err}") from None
+
+
 def read_label_png(record: ImageRecord, void: tuple[int, ...] = (), offset: int = 0,
                    modes: tuple[str, ...] = ("L", "P")) -> tuple[np.ndarray, Path]:
     """A single-channel label PNG (``record.panoptic_path``) -> category ids per pixel: the stored value minus
     ``offset``, ``VOID`` where the stored value is one of ``void``. Values outside the vocabulary reach
     ``encode_semantic``, which stops with an error naming the file."""
     source = record.panoptic_path
-    try:
-        with Image.open(source) as image:
-            mode = image.mode
-            values = np.asarray(image).astype(np.int64) if mode in modes else None
-    except Exception as err:
-        raise Unreadable("unreadable label PNG", source, f"{type(err).__name__}: {err}") from None
-    if values is None:
-        raise Unreadable("label PNG of the wrong kind", source, f"mode {mode}, expected one of {list(modes)}")
+    values = read_array(source, "label PNG", modes)
     ids = values - offset
     ids[np.isin(values, void)] = VOID
     return ids, source
+
+
+#: One instance of an instance map: (its id in the map, category id, iscrowd, bool mask [H, W]).
+Instance = tuple[int, int, int, np.ndarray]
+
+
+def encode_instance_map(record: ImageRecord, vocab: Vocabulary, dataset: str, path: Path,
+                        read: Callable[[], tuple[tuple[int, int], list[Instance]]]) -> Encoded:
+    """A detection sample (RLE masks) from an instance map: ``read()`` gives the map's (height, width) and its
+    instances, or raises ``Unreadable`` (a counted skip naming ``path``, as is a map whose size differs from the
+    image's). Each instance becomes one object with its tight box, pixel area and RLE mask."""
+    try:
+        shape, instances = read()
+    except Unreadable as err:
+        return Encoded(None, skip_reason=err.reason, skip_detail=str(err))
+    if record.width and tuple(shape) != (record.height, record.width):  # width 0: unreadable image, counted later
+        return Encoded(None, skip_reason="instance map size differs from the image",
+                       skip_detail=f"{path}: {shape[1]}x{shape[0]} vs {record.width}x{record.height}")
+    objects = []
+    for instance_id, category_id, iscrowd, mask in instances:
+        ys, xs = np.nonzero(mask)
+        x0, y0 = int(xs.min()), int(ys.min())
+        objects.append({"id": instance_id, "category_id": category_id, "iscrowd": iscrowd,
+                        "bbox": [x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0],
+                        "area": int(mask.sum()), "segmentation": encode_rle(mask[None])[0]})
+    return encode_detection(replace(record, objects=objects), vocab, dataset, "rle")
 
 
 def pair_by_name(image_dir: Path, label_dir: Path, image_suffix: str, label_suffix: str,

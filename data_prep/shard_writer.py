@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from openseed.core.codecs import decode_panoptic_png, encode_panoptic_png, segmentation_to_rle
+from openseed.core.codecs import decode_panoptic_png, encode_label_png, encode_panoptic_png, segmentation_to_rle
 from openseed.core.vocabulary import Vocabulary
 from openseed.data.coco import DataError, ImageRecord
 from openseed.data.images import exif_orientation, rgb_array, upright_size
@@ -228,10 +228,8 @@ def encode_semantic(record: ImageRecord, vocab: Vocabulary, dataset: str,
                         "iscrowd": 0, "segment_id": label,
                         "bbox": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
                         "area": int(area), "pseudo_mask": False})
-    buffer = io.BytesIO()
-    Image.fromarray(labels).save(buffer, format="PNG")
     header = {**_header(record, dataset, "semantic"), "ignore_label": ignore}
-    result.sample = {"__key__": sample_key(record.image_id), "jpg": image, SEMANTIC_KEY: buffer.getvalue(),
+    result.sample = {"__key__": sample_key(record.image_id), "jpg": image, SEMANTIC_KEY: encode_label_png(labels),
                      "json": json.dumps({**header, "objects": objects}).encode()}
     result.num_objects = len(objects)
     return result

@@ -460,7 +460,7 @@ def test_unreadable_annotations_are_counted_skips(tree, tmp_path):
     assert summary["skipped_images"] == {"unreadable instanceIds PNG": 1} and summary["written"] == 2
     assert _convert(root, tmp_path / "sem", "kind=semantic") == 0
     summary = json.loads((tmp_path / "sem" / "manifest.json").read_text())["summary"]
-    assert summary["skipped_images"] == {"unexpected labelIds PNG mode": 1, "unknown Cityscapes label id": 1}
+    assert summary["skipped_images"] == {"labelIds PNG of the wrong kind": 1, "unknown Cityscapes label id": 1}
     assert [s.image_id for s in read_shards(tmp_path / "sem")] == [0]
 
 

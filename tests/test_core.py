@@ -10,8 +10,10 @@ from PIL import Image
 
 from openseed.core.boxes import model_boxes_to_pixels, stored_box_xywh, targets_to_model_boxes, xyxy_to_xywh
 from openseed.core.codecs import (
+    decode_label_png,
     decode_panoptic_png,
     decode_rle,
+    encode_label_png,
     encode_rle,
     id_to_rgb,
     rgb_to_id,
@@ -27,6 +29,18 @@ def test_panoptic_ids_survive_a_png_round_trip():
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG")
     assert np.array_equal(decode_panoptic_png(buffer.getvalue()), ids)
+
+
+def test_label_maps_survive_a_png_round_trip_at_8_and_16_bits():
+    small = np.array([[0, 1, 254], [255, 7, 0]], dtype=np.uint8)
+    large = np.array([[0, 846, 65535], [255, 256, 1]], dtype=np.uint16)
+    for labels, mode in ((small, "L"), (large, "I;16")):
+        data = encode_label_png(labels)
+        with Image.open(io.BytesIO(data)) as image:
+            assert image.mode == mode  # what the readers of other tools see too
+        assert np.array_equal(decode_label_png(data), labels.astype(np.int64))
+    with pytest.raises(ValueError, match="uint8 or uint16"):
+        encode_label_png(large.astype(np.int32))
 
 
 def test_rle_round_trip_and_pycocotools_agreement():

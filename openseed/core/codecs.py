@@ -39,6 +39,17 @@ def decode_label_png(data: bytes) -> np.ndarray:
         return np.asarray(image).astype(np.int64)
 
 
+def encode_label_png(labels: np.ndarray) -> bytes:
+    """A label map (uint8 or uint16 [H, W]: a class index per pixel) -> the bytes of an 8- or 16-bit grey PNG, which
+    ``decode_label_png`` reads back exactly."""
+    labels = np.asarray(labels)
+    if labels.dtype not in (np.uint8, np.uint16) or labels.ndim != 2:
+        raise ValueError(f"a label map must be uint8 or uint16 [H, W], not {labels.dtype} {labels.shape}")
+    buffer = io.BytesIO()
+    Image.fromarray(labels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def encode_panoptic_png(ids: np.ndarray) -> bytes:
     """Segment ids [H, W] (< 2^24) -> the bytes of a COCO panoptic PNG."""
     buffer = io.BytesIO()
