@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[dev]' $(TORCH_PIN)
 	# the official PQ reference the tests compare against; its metadata pins numpy<2, so without its deps
 	$(PY) -m pip install --no-deps 'panopticapi-lite>=0.2'
+	# cityscapes' instance evaluation, the reference tests/test_eval_cityscapes.py compares against; its metadata
+	# requires the 'typing' backport, which does not install on Python 3: without its deps, plus the one it imports
+	$(PY) -m pip install --no-deps 'cityscapesscripts==2.3.0' 'pyquaternion>=0.9'
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -325,7 +325,7 @@ def encode_release_instances(record: ImageRecord, vocab: Vocabulary, dataset: st
 
     def read():
         shape, instances = read_instances(path)
-        return shape, [(g, class_id, 0, mask) for g, class_id, mask in instances]
+        return shape, [(g, class_id, 0, mask) for g, class_id, mask in instances], {}
     return encode_instance_map(record, vocab, dataset, path, read)
 
 

@@ -21,6 +21,8 @@ semantic.
 - ``instance`` (task "det", RLE masks): the 8 evaluated thing classes, one object per instance (instanceIds value
   >= 1000), as cityscapes' instance evaluation counts them; each class's pixels without an instance index (groups)
   are kept as one crowd object (``iscrowd``: an ignore region, as that evaluation ignores predictions on groups).
+  Each sample's ``extra["void_rle"]`` holds the pixels whose instanceIds value is an ignored label id, and the
+  manifest asks for cityscapes' own instance AP beside COCO's (``protocol: cityscapes_instances``).
 - ``semantic`` (task "sem"): ``*_gtFine_labelIds.png`` mapped to the 19 trainIds (the stored label map holds the
   trainId, the vocabulary index); every other label id is void.
 
@@ -55,6 +57,7 @@ from data_prep.shard_writer import (
     write_shards,
 )
 from openseed.cli import Option, one_of, path
+from openseed.core.codecs import encode_rle
 from openseed.core.vocabulary import Vocabulary
 from openseed.data.coco import DataError, ImageRecord, ReadReport, load_json
 from openseed.data.shards import VOID
@@ -120,6 +123,8 @@ EVAL_LABELS: tuple[Label, ...] = tuple(sorted((lab for lab in LABELS if not lab.
                                               key=lambda lab: lab.train_id))
 THING_LABELS: tuple[Label, ...] = tuple(lab for lab in EVAL_LABELS if lab.has_instances)
 _BY_ID = {lab.id: lab for lab in LABELS if lab.id >= 0}
+#: Label ids ignored in evaluation (cityscapes' instance evaluation calls pixels of these values void).
+IGNORED_LABEL_IDS = tuple(lab.id for lab in LABELS if lab.ignore_in_eval and lab.id >= 0)
 # label id -> itself when evaluated, VOID when ignored, -2 when not a Cityscapes label id (0..33)
 _UNKNOWN = -2
 _EVAL_ID = np.full(256, _UNKNOWN, dtype=np.int64)
@@ -227,7 +232,10 @@ def encode_instances(record: ImageRecord, vocab: Vocabulary, dataset: str) -> En
             label = _BY_ID[value // 1000 if value >= 1000 else value]
             if label.id in vocab:  # not stuff, void, or a thing class ignored in evaluation (caravan, trailer)
                 instances.append((value, label.id, int(value < 1000), ids == value))
-        return ids.shape, instances
+        # cityscapes' instance evaluation ignores predicted pixels whose instanceIds value is the label id of a class
+        # ignored in evaluation (its groups and stuff: a caravan *instance*, value >= 1000, is not void there)
+        void = np.isin(ids, IGNORED_LABEL_IDS)
+        return ids.shape, instances, {"void_rle": encode_rle(void[None])[0]}
     return encode_instance_map(record, vocab, dataset, path, read)
 
 
@@ -343,7 +351,8 @@ def convert(root, split, kind, out, name=None, gt="auto", maxcount=1000, workers
               "gt": ("panoptic_json" if use_json else
                      "labelIds" if kind == "semantic" else "instanceIds")}
     return write_shards(records, encode, out, name, task, mask_format, vocab, maxcount=maxcount, workers=workers,
-                        progress=progress, reader_skips=(report.skipped_images, Counter()), source=source)
+                        progress=progress, reader_skips=(report.skipped_images, Counter()), source=source,
+                        protocol="cityscapes_instances" if kind == "instance" else None)
 
 
 OPTIONS = converter_options(

@@ -79,12 +79,13 @@ Instance = tuple[int, int, int, np.ndarray]
 
 
 def encode_instance_map(record: ImageRecord, vocab: Vocabulary, dataset: str, path: Path,
-                        read: Callable[[], tuple[tuple[int, int], list[Instance]]]) -> Encoded:
-    """A detection sample (RLE masks) from an instance map: ``read()`` gives the map's (height, width) and its
-    instances, or raises ``Unreadable`` (a counted skip naming ``path``, as is a map whose size differs from the
-    image's). Each instance becomes one object with its tight box, pixel area and RLE mask."""
+                        read: Callable[[], tuple[tuple[int, int], list[Instance], dict]]) -> Encoded:
+    """A detection sample (RLE masks) from an instance map: ``read()`` gives the map's (height, width), its
+    instances and what to add to the sample's ``extra``, or raises ``Unreadable`` (a counted skip naming ``path``, as
+    is a map whose size differs from the image's). Each instance becomes one object with its tight box, pixel area
+    and RLE mask."""
     try:
-        shape, instances = read()
+        shape, instances, extra = read()
     except Unreadable as err:
         return Encoded(None, skip_reason=err.reason, skip_detail=str(err))
     if record.width and tuple(shape) != (record.height, record.width):  # width 0: unreadable image, counted later
@@ -97,7 +98,7 @@ def encode_instance_map(record: ImageRecord, vocab: Vocabulary, dataset: str, pa
         objects.append({"id": instance_id, "category_id": category_id, "iscrowd": iscrowd,
                         "bbox": [x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0],
                         "area": int(mask.sum()), "segmentation": encode_rle(mask[None])[0]})
-    return encode_detection(replace(record, objects=objects), vocab, dataset, "rle")
+    return encode_detection(replace(record, objects=objects, extra={**record.extra, **extra}), vocab, dataset, "rle")
 
 
 def pair_by_name(image_dir: Path, label_dir: Path, image_suffix: str, label_suffix: str,

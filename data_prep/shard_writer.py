@@ -27,6 +27,7 @@ from openseed.data.shards import (
     JPEG_MAGIC,
     MANIFEST,
     PANOPTIC_KEY,
+    PROTOCOLS,
     SCHEMA_VERSION,
     SEMANTIC_KEY,
     TASKS,
@@ -312,7 +313,7 @@ def write_shards(records: list[ImageRecord], encode: Callable[[ImageRecord], Enc
                  name: str, task: str, mask_format: str, vocab: Vocabulary, maxcount: int = 1000, workers: int = 0,
                  progress: bool = True, reader_skips: tuple[Counter, Counter] | None = None,
                  source: dict | None = None, reader_adjusted: Counter | None = None,
-                 category_frequency: dict[int, str] | None = None) -> ConversionSummary:
+                 category_frequency: dict[int, str] | None = None, protocol: str | None = None) -> ConversionSummary:
     """Encode ``records`` (in ``workers`` processes; 0 = in this process) and write them in order to shards.
 
     ``encode`` must be picklable when ``workers > 0`` (a module-level function or a ``functools.partial`` of one).
@@ -386,6 +387,10 @@ def write_shards(records: list[ImageRecord], encode: Callable[[ImageRecord], Enc
     manifest = {"schema_version": SCHEMA_VERSION, "name": name, "task": task, "mask_format": mask_format,
                 "num_samples": summary.written, "shards": summary.shards, "summary": summary.as_dict(),
                 "source": source or {}}
+    if protocol is not None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, not {protocol!r}")
+        manifest["protocol"] = protocol
     if category_frequency is not None:  # an LVIS-style federated data set (ShardSet.category_frequency)
         manifest["category_frequency"] = {str(k): v for k, v in check_category_frequency(category_frequency, vocab,
                                                                                           name).items()}

@@ -4,7 +4,8 @@ Layout of a converted data set (a folder)::
 
     DIR/manifest.json    {"schema_version", "name", "task": "seg"|"det"|"sem", "mask_format", "num_samples",
                           "shards": [{"file": "NAME-000000.tar", "count": N}, ...], "summary": {...},
-                          "category_frequency": {"<id>": "r"|"c"|"f", ...} (LVIS-style federated sets only)}
+                          "category_frequency": {"<id>": "r"|"c"|"f", ...} (LVIS-style federated sets only),
+                          "protocol": "cityscapes_instances" (a data set's own metric beside the standard ones)}
     DIR/vocab.json       the ``Vocabulary`` (ids, raw names, isthing, synonyms)
     DIR/NAME-000000.tar  ...
 
@@ -24,7 +25,9 @@ One sample per image; its key is the zero-padded image id (no dots: webdataset s
 ``extra`` keeps per-image fields of the source worth keeping: LVIS's ``neg_category_ids`` (classes verified absent)
 and ``not_exhaustive_category_ids`` (classes not annotated exhaustively). A set whose manifest has
 ``category_frequency`` is scored with LVIS's federated protocol (``openseed.evaluation.lvis``), which needs both
-lists on every image.
+lists on every image. A set whose manifest has ``protocol: cityscapes_instances`` (``data_prep.cityscapes``
+``kind=instance``) keeps each image's void region in ``extra["void_rle"]`` and is also scored with cityscapes' own
+instance AP (``openseed.evaluation.cityscapes``).
 
 ``label`` indexes the vocabulary; ``bbox`` is xyxy in pixels of the stored image with exclusive max (see
 ``openseed.core.batch``); panoptic boxes and areas are recomputed from the PNG, not copied from the JSON. A semantic
@@ -58,6 +61,8 @@ MANIFEST = "manifest.json"
 VOCAB = "vocab.json"
 PANOPTIC_KEY = "panoptic.png"
 SEMANTIC_KEY = "semantic.png"
+#: Data sets' own metrics a manifest can ask for, beside the standard ones (``ShardSet.protocol``).
+PROTOCOLS = {"cityscapes_instances": "cityscapes' instance-level AP (needs extra['void_rle'] on every image)"}
 TASKS = {"seg": "panoptic", "det": "detection (boxes, with or without masks)", "sem": "semantic"}
 VOID = -1  # the category id a semantic reader gives unlabelled / ignored pixels (data_prep.shard_writer)
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -106,6 +111,8 @@ class ShardSet:
     counts: tuple[int, ...]
     #: category id -> LVIS frequency ("r" / "c" / "f") for a federated set (scored with LVIS's protocol), else None
     category_frequency: dict[int, str] | None = None
+    #: a data set's own metric computed beside the standard ones (``PROTOCOLS``), else None
+    protocol: str | None = None
 
     @property
     def num_samples(self) -> int:
@@ -135,8 +142,12 @@ class ShardSet:
         frequency = manifest.get("category_frequency")
         if frequency is not None:
             frequency = check_category_frequency(frequency, vocabulary, str(manifest_path))
+        protocol = manifest.get("protocol")
+        if protocol is not None and protocol not in PROTOCOLS:
+            raise DataError(f"{manifest_path}: unknown protocol {protocol!r} (known: {sorted(PROTOCOLS)})")
         return cls(root, manifest["name"], manifest["task"], manifest["mask_format"], vocabulary,
-                   tuple(str(root / s["file"]) for s in shards), tuple(int(s["count"]) for s in shards), frequency)
+                   tuple(str(root / s["file"]) for s in shards), tuple(int(s["count"]) for s in shards), frequency,
+                   protocol)
 
 
 @dataclass

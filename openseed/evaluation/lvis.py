@@ -132,7 +132,7 @@ def _limit_per_image(images: np.ndarray, scores: np.ndarray, max_dets: int | Non
     return keep
 
 
-def _mask_areas(rles: list[dict]) -> np.ndarray:
+def mask_areas(rles: list[dict]) -> np.ndarray:
     """Pixel areas of compressed RLEs. In chunks: pycocotools' ``area`` fails on a list of 256 or more under NumPy
     2 (OverflowError: ... out of bounds for uint8)."""
     areas = [np.asarray(mask_utils.area(rles[k:k + 255]), dtype=np.float64).reshape(-1)
@@ -268,7 +268,7 @@ def evaluate_lvis(gt: str | Path | dict, detections: str | Path | list, iou_type
         det_areas = regions[:, 2] * regions[:, 3]
     else:
         regions = [d["segmentation"] for d in dets]
-        det_areas = _mask_areas(regions)
+        det_areas = mask_areas(regions)
     keep &= (det_areas > 0) & (det_areas < np.inf)
     by_pair: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i in np.flatnonzero(keep).tolist():

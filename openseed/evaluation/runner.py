@@ -37,6 +37,7 @@ from openseed.core.outputs import Outputs
 from openseed.core.predictions import Instances, PanopticSegmentation, SemanticSegmentation
 from openseed.core.vocabulary import Vocabulary
 from openseed.data.shards import TASKS, ShardSet
+from openseed.evaluation.cityscapes import evaluate_cityscapes_instances
 from openseed.evaluation.common import gather_to_all
 from openseed.evaluation.instances import evaluate_coco
 from openseed.evaluation.lvis import FEDERATED_KEYS, evaluate_lvis
@@ -59,6 +60,9 @@ class DatasetEvaluator:
             verified absent, unmatched detections of not-exhaustively annotated classes forgiven) and add APr /
             APc / APf. Every image's stored ``extra`` must then hold ``neg_category_ids`` and
             ``not_exhaustive_category_ids``.
+        protocol: a data set's own metric beside the standard ones (``ShardSet.protocol``): "cityscapes_instances"
+            adds ``mask_AP_cityscapes`` / ``mask_AP50_cityscapes`` (cityscapes' instance-level AP,
+            ``openseed.evaluation.cityscapes``; every image's stored ``extra`` must hold its ``void_rle``).
         prompt_vocabulary: detection data only: prompt the model with this larger vocabulary instead (it must hold
             every category of ``vocabulary``, under the same id and thing flag), as the reference scores ADE20K's
             instance AP inside its 150-class panoptic run: the top-k runs over all its classes, and detections of
@@ -66,13 +70,20 @@ class DatasetEvaluator:
     """
 
     def __init__(self, vocabulary: Vocabulary, task: str, mask_format: str, inference: InferenceConfig | None = None,
-                 category_frequency: dict[int, str] | None = None, prompt_vocabulary: Vocabulary | None = None):
+                 category_frequency: dict[int, str] | None = None, prompt_vocabulary: Vocabulary | None = None,
+                 protocol: str | None = None):
         self.vocabulary, self.task, self.mask_format = vocabulary, task, mask_format
         self.prompt_vocabulary = prompt_vocabulary or vocabulary
         if prompt_vocabulary is not None:
             _check_prompt_vocabulary(prompt_vocabulary, vocabulary, task)
         self.inference = inference or InferenceConfig()
         self.categories = [{"id": c.id, "name": c.name, "isthing": int(c.is_thing)} for c in vocabulary.categories]
+        if protocol not in (None, "cityscapes_instances"):
+            raise ValueError(f"unknown protocol {protocol!r}")
+        if protocol == "cityscapes_instances" and mask_format != "rle":
+            raise ValueError("cityscapes' instance AP scores masks: the data set must have RLE masks")
+        self.protocol = protocol
+        self.void: dict[int, dict] = {}  # image id -> void region (cityscapes_instances)
         self.federated = category_frequency is not None
         if self.federated:
             if task != "det":
@@ -99,7 +110,7 @@ class DatasetEvaluator:
     def for_shards(cls, shards: ShardSet, inference: InferenceConfig | None = None,
                    prompt_vocabulary: Vocabulary | None = None) -> DatasetEvaluator:
         return cls(shards.vocabulary, shards.task, shards.mask_format, inference, shards.category_frequency,
-                   prompt_vocabulary)
+                   prompt_vocabulary, shards.protocol)
 
     # ------------------------------------------------------------------------------------------------ update
     def score(self, model, batch: Batch, text: torch.Tensor | None = None) -> Outputs:
@@ -185,6 +196,12 @@ class DatasetEvaluator:
                 raise ValueError(f"image {image['id']} ({meta.get('file_name')}) of a federated (LVIS) data set has "
                                  f"no {' / '.join(missing)} in its stored 'extra'; convert it with data_prep.lvis")
             image.update({k: extra[k] for k in FEDERATED_KEYS})
+        if self.protocol == "cityscapes_instances":
+            void = (meta.get("extra") or {}).get("void_rle")
+            if not isinstance(void, dict):
+                raise ValueError(f"image {image['id']} ({meta.get('file_name')}) has no void_rle in its stored "
+                                 f"'extra' (cityscapes' instance AP needs it); convert it with data_prep.cityscapes")
+            self.void[image["id"]] = void
         self.gt_images.append(image)
         for obj in meta["objects"]:
             if not obj["is_thing"]:
@@ -234,8 +251,26 @@ class DatasetEvaluator:
                     stats = evaluate_coco(gt, detections, iou_type)
                 metrics[f"{prefix}_AP"], metrics[f"{prefix}_AP50"] = stats["AP"], stats["AP50"]
                 per_class[f"{prefix}_AP"] = {c["name"]: c["AP"] for c in stats["per_category"]}
+        if self.protocol == "cityscapes_instances" and gt["images"]:
+            cityscapes = self._cityscapes_ap(gt, detections)
+            metrics["mask_AP_cityscapes"], metrics["mask_AP50_cityscapes"] = cityscapes["AP"], cityscapes["AP50"]
+            names = {c["id"]: c["name"] for c in self.categories}
+            per_class["mask_AP_cityscapes"] = {names[k]: v["AP"] for k, v in cityscapes["per_category"].items()}
         metrics["per_class"] = per_class
         return metrics
+
+    def _cityscapes_ap(self, gt: dict, detections: list[dict]) -> dict:
+        void = {}
+        for part in gather_to_all([self.void]):
+            void.update(part)
+        images = {image["id"]: {"gt": [], "void": void[image["id"]], "predictions": []} for image in gt["images"]}
+        for ann in gt["annotations"]:
+            images[ann["image_id"]]["gt"].append((ann["category_id"], bool(ann["iscrowd"]), int(ann["area"]),
+                                                  ann["segmentation"]))
+        for det in detections:
+            if "segmentation" in det:
+                images[det["image_id"]]["predictions"].append((det["category_id"], det["score"], det["segmentation"]))
+        return evaluate_cityscapes_instances(list(images.values()), [c["id"] for c in gt["categories"]])
 
     def coco_truth(self) -> dict:
         """The instance ground truth gathered from every rank, as a COCO dict (thing categories only)."""
