@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow train data lint bench clean
+.PHONY: install test test-slow train data lint bench gpu-check clean
 
 install: $(STAMP)
 
@@ -37,6 +37,13 @@ train: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m data_prep.benchmark
+
+# Every GPU figure in one run (docs/kernels.md, "GPU check"): the gpu tests, the deformable-attention benchmark, a
+# full-size Swin-T training step at 1024 px in bf16, converted Swin-T inference at 800 x 1333, a few FSDP steps.
+# Writes $(GPU_CHECK_OUT)/gpu_check.json and gpu_check.md; without CUDA it says so and exits 0.
+GPU_CHECK_OUT ?= runs/gpu_check
+gpu-check: $(STAMP)
+	$(PY) -m openseed.gpu_check out=$(GPU_CHECK_OUT)
 
 lint: $(STAMP)
 	$(PY) -m ruff check openseed data_prep tests experiments
