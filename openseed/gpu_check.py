@@ -61,8 +61,8 @@ def synthetic_batch(task: str, batch_size: int, size: int, vocabulary, device, s
         boxes = torch.stack([x0, y0, (x0 + w).clamp(max=size), (y0 + h).clamp(max=size)], dim=1).float()
         is_thing = torch.ones(n, dtype=torch.bool)
         labels = torch.randint(0, num_things, (n,), generator=generator)
-        if task == "seg":  # the last quarter are stuff bands across the image
-            stuff = n // 4
+        stuff = n // 4 if task == "seg" else 0  # the last quarter are stuff bands across the image
+        if stuff:
             is_thing[-stuff:] = False
             labels[-stuff:] = num_things + torch.randint(0, len(vocabulary) - num_things, (stuff,), generator=generator)
             band = size // stuff

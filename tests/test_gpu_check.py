@@ -55,6 +55,8 @@ def test_synthetic_batches_are_valid_training_batches():
             x0, y0, x1, y1 = box.long().tolist()
             assert mask.sum() == (x1 - x0) * (y1 - y0) > 0
     assert all(t.masks is None and t.is_thing.all() and (t.labels < 5).all() for t in det.targets)
+    few = gpu_check.synthetic_batch("seg", 1, 64, vocabulary, "cpu", objects=3)  # too few for a stuff band
+    assert few.targets[0].is_thing.all() and (few.targets[0].labels < 5).all()
 
 
 def test_fsdp_overrides_compose_with_the_configs(tmp_path):
