@@ -36,7 +36,7 @@ from openseed.core.codecs import decode_label_png, decode_panoptic_png, encode_r
 from openseed.core.outputs import Outputs
 from openseed.core.predictions import Instances, PanopticSegmentation, SemanticSegmentation
 from openseed.core.vocabulary import Vocabulary
-from openseed.data.shards import TASKS, ShardSet
+from openseed.data.shards import PROTOCOLS, TASKS, ShardSet
 from openseed.evaluation.cityscapes import evaluate_cityscapes_instances
 from openseed.evaluation.common import gather_to_all
 from openseed.evaluation.instances import evaluate_coco
@@ -78,8 +78,8 @@ class DatasetEvaluator:
             _check_prompt_vocabulary(prompt_vocabulary, vocabulary, task)
         self.inference = inference or InferenceConfig()
         self.categories = [{"id": c.id, "name": c.name, "isthing": int(c.is_thing)} for c in vocabulary.categories]
-        if protocol not in (None, "cityscapes_instances"):
-            raise ValueError(f"unknown protocol {protocol!r}")
+        if protocol is not None and protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r} (known: {sorted(PROTOCOLS)})")
         if protocol == "cityscapes_instances" and mask_format != "rle":
             raise ValueError("cityscapes' instance AP scores masks: the data set must have RLE masks")
         self.protocol = protocol
