@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep._cli import converter_options, run
-from data_prep.layout import encode_instance_map, image_size, read_array
+from data_prep.layout import encode_instance_map, image_size, panoptic_annotations, read_array
 from data_prep.shard_writer import (
     ConversionSummary,
     Encoded,
@@ -374,20 +374,7 @@ def _records_from_panoptic_json(files: list[Path], ids: dict[str, int], json_pat
     _check_categories(data, json_path, vocab)
     if not png_dir.is_dir():
         raise DataError(f"ADE20K panoptic PNG folder not found: {png_dir} (beside {json_path})")
-    by_stem: dict[str, dict] = {}
-    for ann in data["annotations"]:
-        try:
-            png_name, segments = str(ann["file_name"]), list(ann["segments_info"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise DataError(f"{json_path}: annotation {ann!r:.120} lacks a valid {err}") from err
-        stem = _stem(png_name)
-        if stem in by_stem:
-            raise DataError(f"{json_path}: two annotations for image {stem!r}")
-        for segment in segments:
-            if "id" not in segment or int(segment.get("category_id", -1)) not in vocab:
-                raise DataError(f"{json_path}: segment {segment!r:.120} of {png_name!r} has no id or an unknown "
-                                f"category id")
-        by_stem[stem] = {"file_name": png_name, "segments": segments}
+    by_stem = panoptic_annotations(data, json_path, vocab, lambda ann: _stem(ann["file_name"]))
     records = []
     for image_path in files:
         ann = by_stem.get(image_path.stem)

@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from data_prep._cli import converter_options, run
-from data_prep.layout import label_record, pair_by_name, read_label_png, require_dir
+from data_prep.layout import label_record, pair_by_name, panoptic_annotations, read_label_png, require_dir
 from data_prep.shard_writer import (
     ConversionSummary,
     IdMap,
@@ -143,28 +143,12 @@ def records_of_export(root: Path, split: str, json_path: Path, png_dir: Path,
     """Records of the toolkit's COCO-panoptic export, in sorted image-name order (the bitmasks' image ids)."""
     image_dir = require_dir(root / "images" / "10k" / split, "BDD100K image")
     require_dir(png_dir, "BDD100K COCO-panoptic PNG")
-    data = load_json(json_path)
-    if not isinstance(data.get("annotations"), list):
-        raise DataError(f"{json_path}: no 'annotations' list; is this the toolkit's to_coco_panseg output?")
-    vocab = panoptic_vocabulary()
-    by_stem: dict[str, dict] = {}
-    for ann in data["annotations"]:
-        try:
-            png_name, segments = str(ann["file_name"]), list(ann["segments_info"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise DataError(f"{json_path}: annotation {ann!r:.120} lacks a valid {err}") from None
-        stem = Path(png_name).stem
-        if stem in by_stem:
-            raise DataError(f"{json_path}: two annotations for {png_name!r}")
-        for segment in segments:
-            if "id" not in segment or segment.get("category_id") not in vocab:
-                raise DataError(f"{json_path}: segment {segment!r:.120} of {png_name!r} has no id or a category id "
-                                f"outside BDD100K's 1..40")
-        by_stem[stem] = {"png": png_name, "segments": segments}
+    by_stem = panoptic_annotations(load_json(json_path), json_path, panoptic_vocabulary(),
+                                   lambda ann: Path(str(ann["file_name"])).stem, "BDD100K's 1..40")
     records, skipped = [], Counter()
     images = {p.stem for p in image_dir.glob("*.jpg")}
     for index, stem in enumerate(sorted(by_stem)):
-        image, png = image_dir / f"{stem}.jpg", png_dir / by_stem[stem]["png"]
+        image, png = image_dir / f"{stem}.jpg", png_dir / by_stem[stem]["file_name"]
         missing = None if image.is_file() else ("missing image file", image)
         missing = missing or (None if png.is_file() else ("missing panoptic PNG", png))
         if missing is not None:

@@ -45,7 +45,7 @@ from typing import NamedTuple
 import numpy as np
 
 from data_prep._cli import converter_options, run
-from data_prep.layout import encode_instance_map, image_size, read_array
+from data_prep.layout import encode_instance_map, image_size, panoptic_annotations, read_array
 from data_prep.shard_writer import (
     ConversionSummary,
     Encoded,
@@ -272,19 +272,8 @@ def _records_from_panoptic_json(files: list[Path], json_path: Path, png_dir: Pat
     if unknown:
         raise DataError(f"{json_path}: category ids {unknown} are not the evaluated Cityscapes label ids "
                         f"{vocab.ids} (a --use-train-id file?)")
-    by_stem: dict[str, dict] = {}
-    for ann in data["annotations"]:
-        try:
-            stem, png_name, segments = str(ann["image_id"]), str(ann["file_name"]), list(ann["segments_info"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise DataError(f"{json_path}: annotation {ann!r:.120} lacks a valid {err}") from err
-        if stem in by_stem:
-            raise DataError(f"{json_path}: two annotations for image {stem!r}")
-        for segment in segments:
-            if "id" not in segment or int(segment.get("category_id", -1)) not in vocab:
-                raise DataError(f"{json_path}: segment {segment!r:.120} of {png_name!r} has no id or an unknown "
-                                f"category id")
-        by_stem[stem] = {"file_name": png_name, "segments": segments}
+    by_stem = panoptic_annotations(data, json_path, vocab, lambda ann: str(ann["image_id"]),
+                                   "the evaluated Cityscapes label ids")
     records = []
     for index, image_path in enumerate(files):
         stem = image_path.name[: -len(IMAGE_SUFFIX)]

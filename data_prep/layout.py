@@ -74,6 +74,34 @@ def read_label_png(record: ImageRecord, void: tuple[int, ...] = (), offset: int 
     return ids, source
 
 
+def panoptic_annotations(data: dict, json_path: Path, vocab: Vocabulary, key: Callable[[dict], str],
+                         categories: str = "the vocabulary") -> dict[str, dict]:
+    """A COCO panoptic JSON's ``annotations`` by ``key(annotation)`` (an image id, a file stem):
+    ``{"file_name": PNG name, "segments": segments_info}``. An annotation without ``file_name`` / ``segments_info``,
+    two annotations under one key, or a segment without an id or with a category outside ``vocab`` (``categories``
+    names what it should be in) is a ``DataError`` naming ``json_path``."""
+    if not isinstance(data.get("annotations"), list):
+        raise DataError(f"{json_path}: no 'annotations' list; is this a COCO panoptic JSON?")
+    out: dict[str, dict] = {}
+    for ann in data["annotations"]:
+        try:
+            name, segments, where = str(ann["file_name"]), list(ann["segments_info"]), key(ann)
+        except (KeyError, TypeError, ValueError) as err:
+            raise DataError(f"{json_path}: annotation {ann!r:.120} lacks a valid {err}") from None
+        if where in out:
+            raise DataError(f"{json_path}: two annotations for image {where!r}")
+        for segment in segments:
+            try:
+                known = "id" in segment and int(segment.get("category_id", -1)) in vocab
+            except (TypeError, ValueError):
+                known = False
+            if not known:
+                raise DataError(f"{json_path}: segment {segment!r:.120} of {name!r} has no id or a category id "
+                                f"outside {categories}")
+        out[where] = {"file_name": name, "segments": segments}
+    return out
+
+
 #: One instance of an instance map: (its id in the map, category id, iscrowd, bool mask [H, W]).
 Instance = tuple[int, int, int, np.ndarray]
 
