@@ -42,30 +42,29 @@ OVERLAPS = np.arange(0.5, 1.0, 0.05)
 MIN_REGION_SIZE = 100
 
 
-def _intersections(predictions: list[dict], regions: list[dict]) -> np.ndarray:
-    """Pixel counts [P, R] of each prediction's intersection with each region (compressed RLEs)."""
+def _intersections(predictions: list[dict], areas: np.ndarray, regions: list[dict]) -> np.ndarray:
+    """Pixel counts [P, R] of each prediction's intersection with each region (compressed RLEs; ``areas``: the
+    predictions' pixel counts)."""
     if not predictions or not regions:
         return np.zeros((len(predictions), len(regions)), dtype=np.int64)
     # with the crowd flag, pycocotools' iou is intersection / prediction area: times that area it is the count
     ratio = np.asarray(mask_utils.iou(predictions, regions, [1] * len(regions)), dtype=np.float64)
-    areas = mask_areas(predictions).reshape(-1, 1)
-    return np.rint(ratio.reshape(len(predictions), len(regions)) * areas).astype(np.int64)
+    return np.rint(ratio.reshape(len(predictions), len(regions)) * areas[:, None]).astype(np.int64)
 
 
 def _match_image(image: dict, category_id: int):
-    """One image and class: (counted instance areas, the predictions' scores, areas, void overlap, and their
-    intersections with every instance / group of the class, with the instances' areas and group flags)."""
+    """One image and class: (the class's instances and groups, the non-empty predictions' scores and pixel counts,
+    their overlap with the void region [P], and their intersections with each instance / group [P, G])."""
     gts = [g for g in image["gt"] if g[0] == category_id]
     preds = [p for p in image["predictions"] if p[0] == category_id]
-    pred_rles = [p[2] for p in preds]
-    pred_areas = mask_areas(pred_rles).astype(np.int64)
+    pred_areas = mask_areas([p[2] for p in preds]).astype(np.int64)
     keep = pred_areas > 0  # the script skips an empty predicted mask
     preds = [p for p, k in zip(preds, keep) if k]
-    pred_rles, pred_areas = [p[2] for p in preds], pred_areas[keep]
-    inter = _intersections(pred_rles, [g[3] for g in gts])
-    void = _intersections(pred_rles, [image["void"]])[:, 0] if image.get("void") is not None and preds \
-        else np.zeros(len(preds), dtype=np.int64)
-    return gts, np.array([p[1] for p in preds], dtype=np.float64), pred_areas, void, inter
+    pred_areas = pred_areas[keep]
+    regions = [g[3] for g in gts] + ([image["void"]] if image.get("void") is not None else [])
+    inter = _intersections([p[2] for p in preds], pred_areas, regions)
+    void = inter[:, len(gts)] if len(regions) > len(gts) else np.zeros(len(preds), dtype=np.int64)
+    return gts, np.array([p[1] for p in preds], dtype=np.float64), pred_areas, void, inter[:, :len(gts)]
 
 
 def _average_precision(y_true: np.ndarray, y_score: np.ndarray, hard_fns: int) -> float:
