@@ -271,3 +271,60 @@ def test_precomputed_points_give_the_same_matching_as_drawn_points():
     for (q1, t1), (q2, t2), t in zip(reference, mask_only(pred, flipped), precomputed, strict=True):
         n = t["labels"].numel()
         assert dict(zip(t1.tolist(), q1.tolist())) == {n - 1 - j: q for j, q in zip(t2.tolist(), q2.tolist())}
+
+
+def _per_group_reference(matcher: HungarianMatcher, pred: Prediction, targets: list[dict],
+                         groups: list[list]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The matching written image by image and group by group with ``cost_matrix`` and ``solve_assignment``."""
+    out = []
+    for b, target in enumerate(targets):
+        n = target["labels"].numel()
+        points = values = None
+        if target.get("masks") is not None and n > 0:
+            points, values = target["point_coords"], target["point_values"]
+        pred_points = None if points is None else point_sample_shared(pred.masks[b], points)
+        queries, found = [], []
+        for query_sel, target_sel in groups[b]:
+            q_idx = torch.arange(pred.logits.shape[1])[query_sel] if isinstance(query_sel, slice) else query_sel
+            t_idx = torch.arange(n) if target_sel is None else target_sel
+            if q_idx.numel() == 0 or t_idx.numel() == 0:
+                continue
+            valid = target.get("mask_valid")
+            cost = matcher.cost_matrix(pred.logits[b, q_idx], pred.boxes[b, q_idx], target["labels"][t_idx],
+                                       target["boxes"][t_idx],
+                                       None if pred_points is None else pred_points[q_idx],
+                                       None if values is None else values[t_idx],
+                                       None if valid is None or pred_points is None else valid[t_idx])
+            rows, cols = solve_assignment(cost)
+            queries.append(q_idx[rows])
+            found.append(t_idx[cols])
+        q_all = torch.cat(queries) if queries else torch.zeros(0, dtype=torch.long)
+        t_all = torch.cat(found) if found else torch.zeros(0, dtype=torch.long)
+        order = torch.argsort(q_all)
+        out.append((q_all[order], t_all[order]))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_batched_matching_equals_the_per_group_matching(seed):
+    """The batch's costs computed at once (targets padded) give each image and group the assignment of its own
+    cost matrix: images without targets, without masks, with invalid masks, decoupled groups, detection."""
+    gen = torch.Generator().manual_seed(seed)
+    num_fg, num_bg, batch, points = 7, 4, 4, 200
+    pred = _random_prediction(batch, num_fg + num_bg, 6, gen, mask_size=12)
+    targets, is_thing = [], []
+    for b in range(batch):
+        n = [0, 1, 5, 9][(b + seed) % 4]
+        masks = torch.rand(n, 48, 48, generator=gen) < 0.35
+        coords = torch.rand(points, 2, generator=gen)
+        target = {"labels": torch.randint(0, 6, (n,), generator=gen), "boxes": _random_boxes(n, gen),
+                  "masks": None if b == 1 else masks, "mask_valid": torch.rand(n, generator=gen) < 0.7,
+                  "point_coords": coords, "point_values": sample_masks(masks, coords)}
+        targets.append(target)
+        is_thing.append(torch.rand(n, generator=gen) < 0.5)
+    matcher = HungarianMatcher(num_points=points)
+    for task, decoupled in (("seg", True), ("seg", False), ("det", None)):
+        groups = build_match_groups(is_thing, task, num_fg, num_bg, decoupled)
+        expected = _per_group_reference(matcher, pred, targets, groups)
+        for (q, t), (eq, et) in zip(matcher(pred, targets, groups), expected, strict=True):
+            assert q.tolist() == eq.tolist() and t.tolist() == et.tolist()

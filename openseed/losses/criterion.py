@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
 
@@ -53,8 +54,8 @@ from openseed.core.batch import Batch, Targets
 from openseed.core.outputs import ConditionedOutputs, Outputs, Prediction
 from openseed.losses.matcher import SPEC_WEIGHTS, HungarianMatcher, MatchTarget, build_match_groups
 from openseed.losses.point_sampling import (
+    StackedMasks,
     point_sample,
-    sample_masks,
     uncertain_points_with_randomness,
     uniform_points,
 )
@@ -97,6 +98,39 @@ def sigmoid_bce_loss(logits: Tensor, targets: Tensor, weights: Tensor | None = N
     if weights is None:
         return bce.mean(-1)
     return (bce * weights).sum(-1) / weights.sum(-1).clamp(min=1.0)
+
+
+@dataclass
+class _TargetSamples:
+    """A batch's target masks and crowd regions, sampled for all its images at once (built once per forward,
+    shared by every layer's mask losses)."""
+
+    masks: StackedMasks
+    crowd: StackedMasks | None  # per image its ignore region [1, H, W]; None when no image has one
+    has_crowd: Tensor | None  # bool [B]
+
+    @classmethod
+    def of(cls, targets: list[Targets]) -> _TargetSamples:
+        masks = StackedMasks([p.masks for p in targets])
+        regions = [p.ignore_mask[None] if p.ignore_mask is not None and bool(p.ignore_mask.any()) else None
+                   for p in targets]
+        if all(r is None for r in regions):
+            return cls(masks, None, None)
+        has_crowd = torch.tensor([r is not None for r in regions], device=targets[0].labels.device)
+        return cls(masks, StackedMasks(regions), has_crowd)
+
+    def labels_and_weights(self, coords: Tensor, images: Tensor, index: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Target values [M, P] of mask ``index[m]`` of image ``images[m]`` at ``coords[m]``, and the points'
+        weights (1 - the crowd region there; None when no image has a crowd region)."""
+        labels = self.masks.sample(coords, images, index)
+        if self.crowd is None:
+            return labels, None
+        weights = torch.ones_like(labels)
+        rows = self.has_crowd[images]
+        if bool(rows.any()):
+            crowd_images = images[rows]
+            weights[rows] = 1.0 - self.crowd.sample(coords[rows], crowd_images, torch.zeros_like(crowd_images))
+        return labels, weights
 
 
 class SetCriterion(nn.Module):
@@ -236,21 +270,22 @@ class SetCriterion(nn.Module):
         num_fg, num_bg = outputs.num_fg, outputs.num_bg
         decoupled = num_bg > 0  # the model's switch, as its outputs show it: no bg queries, not decoupled
         match_targets = self._match_targets(targets, boxes, task, assistance)
+        samples = _TargetSamples.of(targets)
         losses: dict[str, Tensor] = {}
         losses.update(self._matched_losses(outputs.final, targets, boxes, match_targets, task, num_fg, num_bg,
-                                           decoupled, num_boxes, ""))
+                                           decoupled, num_boxes, "", samples))
         for i, aux in enumerate(outputs.aux):
             losses.update(self._matched_losses(aux, targets, boxes, match_targets, task, num_fg, num_bg, decoupled,
-                                               num_boxes, f"_aux{i}"))
+                                               num_boxes, f"_aux{i}", samples))
         if outputs.proposals is not None:
             # rows past num_fg: the bg queries (bg_training="reference", in training), matched as the reference
             # matches its "interm" outputs: seg fg x things + bg x stuff, det every row x every target
             prop_bg = outputs.proposals.logits.shape[1] - num_fg
             prop_fg, prop_bg = (num_fg, prop_bg) if task == "seg" else (num_fg + prop_bg, 0)
             losses.update(self._matched_losses(outputs.proposals, targets, boxes, match_targets, task, prop_fg, prop_bg,
-                                               decoupled, num_boxes, "_proposals"))
+                                               decoupled, num_boxes, "_proposals", samples))
         if outputs.conditioned is not None:
-            losses.update(self._conditioned_losses(outputs.conditioned, targets, boxes, num_boxes))
+            losses.update(self._conditioned_losses(outputs.conditioned, targets, boxes, num_boxes, samples))
         return losses
 
     # ------------------------------------------------------------------ helpers
@@ -288,9 +323,11 @@ class SetCriterion(nn.Module):
     @torch.no_grad()
     def _match_targets(self, targets: list[Targets], boxes: list[Tensor], task: str,
                        assistance: list[Tensor] | None) -> list[MatchTarget]:
-        """The matcher's view of the targets, with the mask cost points drawn and the target masks sampled once per
-        image for all the matcher calls of this forward (final, aux layers, proposals)."""
+        """The matcher's view of the targets, with the mask cost points drawn (one set per image, in image order)
+        and the target masks sampled there once for all the matcher calls of this forward (final, aux layers,
+        proposals)."""
         match_targets: list[MatchTarget] = []
+        sampled: list[int] = []
         for b, p in enumerate(targets):
             if task == "seg":
                 target: MatchTarget = {"labels": p.labels, "boxes": boxes[b], "masks": p.masks,
@@ -299,15 +336,24 @@ class SetCriterion(nn.Module):
                 target = {"labels": p.labels, "boxes": boxes[b],
                           "masks": None if assistance is None else assistance[b], "mask_valid": None}
             if target["masks"] is not None and len(p) > 0:
-                coords = uniform_points(self.matcher.num_points, target["masks"].device)
-                target["point_coords"] = coords
-                target["point_values"] = sample_masks(target["masks"], coords)
+                target["point_coords"] = uniform_points(self.matcher.num_points, target["masks"].device)
+                sampled.append(b)
             match_targets.append(target)
+        if sampled:  # every image's masks at its own points, in one sampling call
+            counts = [len(targets[b]) for b in sampled]
+            device = match_targets[sampled[0]]["point_coords"].device
+            coords = torch.cat([match_targets[b]["point_coords"].expand(len(targets[b]), -1, -1) for b in sampled])
+            images = torch.repeat_interleave(torch.tensor(sampled, device=device),
+                                             torch.tensor(counts, device=device))
+            index = torch.cat([torch.arange(n, device=device) for n in counts])
+            stack = StackedMasks([target["masks"] for target in match_targets])
+            for b, values in zip(sampled, stack.sample(coords, images, index).split(counts), strict=True):
+                match_targets[b]["point_values"] = values
         return match_targets
 
     def _matched_losses(self, pred: Prediction, targets: list[Targets], boxes: list[Tensor],
                         match_targets: list[MatchTarget], task: str, num_fg: int, num_bg: int, decoupled: bool,
-                        num_boxes: float, suffix: str) -> dict[str, Tensor]:
+                        num_boxes: float, suffix: str, samples: _TargetSamples) -> dict[str, Tensor]:
         groups = build_match_groups([t.is_thing for t in targets], task, num_fg, num_bg, decoupled)
         indices = self.matcher(pred, match_targets, groups)
 
@@ -328,7 +374,7 @@ class SetCriterion(nn.Module):
         loss_bbox, loss_giou = self._box_losses(boxes_src, boxes_tgt, pred.boxes, num_boxes)
 
         mask_items = [(b, q, t) for b, (q, t) in enumerate(indices)]
-        loss_mask, loss_dice = self._mask_losses(pred, targets, mask_items, num_boxes)
+        loss_mask, loss_dice = self._mask_losses(pred, targets, mask_items, num_boxes, samples)
         return {"loss_class" + suffix: loss_class, "loss_bbox" + suffix: loss_bbox, "loss_giou" + suffix: loss_giou,
                 "loss_mask" + suffix: loss_mask, "loss_dice" + suffix: loss_dice}
 
@@ -344,7 +390,7 @@ class SetCriterion(nn.Module):
         return loss_bbox + zero, loss_giou + zero
 
     def _mask_losses(self, pred: Prediction, targets: list[Targets], items: list[tuple[int, Tensor, Tensor]],
-                     normaliser: float) -> tuple[Tensor, Tensor]:
+                     normaliser: float, samples: _TargetSamples) -> tuple[Tensor, Tensor]:
         """BCE + dice on uncertainty-sampled points. ``items``: (image, query indices, target indices) per image."""
         zero = _zero(pred.masks if pred.masks is not None else pred.logits)
         if pred.masks is None:
@@ -355,36 +401,25 @@ class SetCriterion(nn.Module):
             if p.masks is None or q.numel() == 0:
                 continue
             keep = p.has_mask[t]
-            if not bool(keep.any()):
-                continue
             src_list.append(pred.masks[b, q[keep]])
-            tgt_image.append(torch.full((int(keep.sum()),), b, dtype=torch.long, device=q.device))
+            tgt_image.append(torch.full_like(t[keep], b))
             tgt_index.append(t[keep])
         if not src_list:
             return zero, zero.clone()
         src = torch.cat(src_list).float().unsqueeze(1)  # [P, 1, h, w]
-        images = torch.cat(tgt_image)
-        index = torch.cat(tgt_index)
+        if src.shape[0] == 0:  # no matched target has a mask
+            return zero, zero.clone()
         coords = uncertain_points_with_randomness(src, self.num_points, self.oversample_ratio,
                                                   self.importance_sample_ratio)
         point_logits = point_sample(src, coords)[:, 0]  # [P, S]
-        with torch.no_grad():
-            point_labels = torch.zeros_like(point_logits)
-            weights = None  # crowd regions: points there do not count
-            for b in images.unique().tolist():
-                rows = torch.nonzero(images == b).flatten()
-                point_labels[rows] = sample_masks(targets[b].masks, coords[rows], index[rows])
-                ignore = targets[b].ignore_mask
-                if ignore is not None and bool(ignore.any()):
-                    weights = torch.ones_like(point_logits) if weights is None else weights
-                    crowd = sample_masks(ignore[None], coords[rows], torch.zeros_like(index[rows]))
-                    weights[rows] = 1.0 - crowd
+        with torch.no_grad():  # crowd regions: points there do not count
+            point_labels, weights = samples.labels_and_weights(coords, torch.cat(tgt_image), torch.cat(tgt_index))
         loss_mask = sigmoid_bce_loss(point_logits, point_labels, weights).sum() / normaliser
         loss_dice = dice_loss(point_logits, point_labels, weights).sum() / normaliser
         return loss_mask + zero, loss_dice + zero
 
     def _conditioned_losses(self, conditioned: ConditionedOutputs, targets: list[Targets], boxes: list[Tensor],
-                            num_boxes: float) -> dict[str, Tensor]:
+                            num_boxes: float, samples: _TargetSamples) -> dict[str, Tensor]:
         target_index, slots = conditioned.target_index, conditioned.slots_per_group
         if conditioned.clean_group:  # the noise-free group only assists the matching: not supervised
             target_index = target_index.clone()
@@ -425,7 +460,7 @@ class SetCriterion(nn.Module):
                                                     normaliser)
             losses["loss_bbox" + suffix] = loss_bbox
             losses["loss_giou" + suffix] = loss_giou
-            loss_mask, loss_dice = self._mask_losses(pred, targets, items, normaliser)
+            loss_mask, loss_dice = self._mask_losses(pred, targets, items, normaliser, samples)
             losses["loss_mask" + suffix] = loss_mask
             losses["loss_dice" + suffix] = loss_dice
         return losses

@@ -9,6 +9,10 @@ Which queries may match which targets is given per call as *groups*: per image a
 ``(query selection, target index subset)`` pairs, each solved independently with ``linear_sum_assignment``
 (decoupled segmentation: fg queries x things and bg queries x stuff; detection: fg queries x all targets).
 
+The costs of a whole batch are computed at once (targets padded to the largest count: a few batched tensor ops
+instead of a few dozen per image and group) and moved to the CPU in one transfer; only the assignments themselves
+run per image and group. ``cost_matrix`` is the same cost for one image, pair by pair.
+
 The cost weights are the loss weights (SPEC section 3, as in every reference config): ``SetCriterion`` builds its
 matcher from its own weights and refuses a matcher whose costs differ; ``SPEC_WEIGHTS`` holds the defaults of both.
 """
@@ -20,6 +24,7 @@ from collections.abc import Sequence
 from types import MappingProxyType
 from typing import TypedDict
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
@@ -107,13 +112,17 @@ def solve_assignment(cost: Tensor) -> tuple[Tensor, Tensor]:
     if cost.numel() == 0:
         empty = torch.zeros(0, dtype=torch.long, device=device)
         return empty, empty.clone()
-    cost = cost.detach().double()
-    if not torch.isfinite(cost).all():
-        _warn_nonfinite()
-        cost = torch.nan_to_num(cost, nan=LARGE_COST, posinf=LARGE_COST, neginf=-LARGE_COST)
-    rows, cols = linear_sum_assignment(cost.cpu().numpy())
+    rows, cols = _assign(cost.detach().double().cpu().numpy())
     return (torch.as_tensor(rows, dtype=torch.long, device=device),
             torch.as_tensor(cols, dtype=torch.long, device=device))
+
+
+def _assign(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``linear_sum_assignment`` of a float64 cost with non-finite entries replaced by ``LARGE_COST`` (warned)."""
+    if not np.isfinite(cost).all():
+        _warn_nonfinite()
+        cost = np.nan_to_num(cost, nan=LARGE_COST, posinf=LARGE_COST, neginf=-LARGE_COST)
+    return linear_sum_assignment(cost)
 
 
 _WARNED_NONFINITE = False
@@ -129,7 +138,11 @@ def _warn_nonfinite() -> None:
 
 def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
     """DINO-style focal classification cost [Q, N] = pos_cost - neg_cost at each target's label."""
-    logits = logits.float()[:, labels]
+    return _focal_cost_of_logits(logits.float()[:, labels], alpha, gamma)
+
+
+def _focal_cost_of_logits(logits: Tensor, alpha: float, gamma: float) -> Tensor:
+    """The focal cost of logits already gathered at each pair's target label (any shape)."""
     prob = logits.sigmoid()
     neg = (1.0 - alpha) * prob.pow(gamma) * F.softplus(logits)  # -log(1 - p)
     pos = alpha * (1.0 - prob).pow(gamma) * F.softplus(-logits)  # -log(p)
@@ -137,17 +150,18 @@ def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma:
 
 
 def mask_bce_cost(pred_points: Tensor, tgt_points: Tensor) -> Tensor:
-    """Mean sigmoid BCE over points for every pair: pred logits [Q, P], targets in [0, 1] [N, P] -> [Q, N]."""
-    num_points = max(pred_points.shape[1], 1)
+    """Mean sigmoid BCE over points for every pair: pred logits [..., Q, P], targets in [0, 1] [..., N, P] ->
+    [..., Q, N] (leading dimensions are batch dimensions)."""
+    num_points = max(pred_points.shape[-1], 1)
     # BCE(x, t) = softplus(x) - x * t: one softplus and one product for every pair
-    return (F.softplus(pred_points).sum(-1, keepdim=True) - pred_points @ tgt_points.T) / num_points
+    return (F.softplus(pred_points).sum(-1, keepdim=True) - pred_points @ tgt_points.transpose(-1, -2)) / num_points
 
 
 def mask_dice_cost(pred_points: Tensor, tgt_points: Tensor) -> Tensor:
-    """Dice cost ``1 - (2 |p t| + 1) / (|p| + |t| + 1)`` for every pair: [Q, P], [N, P] -> [Q, N]."""
+    """Dice cost ``1 - (2 |p t| + 1) / (|p| + |t| + 1)`` for every pair: [..., Q, P], [..., N, P] -> [..., Q, N]."""
     prob = pred_points.sigmoid()
-    numerator = 2.0 * prob @ tgt_points.T
-    denominator = prob.sum(-1)[:, None] + tgt_points.sum(-1)[None, :]
+    numerator = 2.0 * prob @ tgt_points.transpose(-1, -2)
+    denominator = prob.sum(-1)[..., :, None] + tgt_points.sum(-1)[..., None, :]
     return 1.0 - (numerator + 1.0) / (denominator + 1.0)
 
 
@@ -226,55 +240,123 @@ class HungarianMatcher(nn.Module):
 
     def _match(self, pred: Prediction, targets: Sequence[MatchTarget], groups: Sequence[Sequence[MatchGroup]] | None,
                use_masks: bool) -> list[tuple[Tensor, Tensor]]:
+        """All images' costs in one batched computation (targets padded to the batch's largest count), moved to the
+        CPU once; then one ``linear_sum_assignment`` per image and group on its block of the cost."""
         batch, num_queries = pred.logits.shape[:2]
         device = pred.logits.device
-        all_queries = torch.arange(num_queries, device=device)
-        results: list[tuple[Tensor, Tensor]] = []
+        if len(targets) != batch:
+            raise ValueError(f"{len(targets)} targets for a batch of {batch}")
+        counts = [int(t["labels"].shape[0]) for t in targets]
+        cost = self._batched_cost(pred, targets, counts, use_masks)  # [B, Q, max N] or None
+        cost_np = None if cost is None else cost.double().cpu().numpy()
+        queries_np = np.arange(num_queries)
+        pairs: list[np.ndarray] = []
         for b in range(batch):
-            tgt = targets[b]
-            labels = tgt["labels"].to(device)
-            tgt_boxes = tgt["boxes"].to(device)
-            num_targets = labels.shape[0]
             image_groups = groups[b] if groups is not None else [(slice(0, num_queries), None)]
-
-            tgt_masks = tgt.get("masks")
-            with_masks = (use_masks and pred.masks is not None and tgt_masks is not None and num_targets > 0
-                          and (self.cost_mask != 0 or self.cost_dice != 0))
-            pred_points = tgt_points = None
-            mask_valid = tgt.get("mask_valid")
-            if with_masks:
-                if tgt.get("point_coords") is not None:  # precomputed by the caller (shared across calls)
-                    points = tgt["point_coords"].to(device)
-                    tgt_points = tgt["point_values"].to(device)
-                else:  # one set of uniform points per image, shared by all its queries and targets
-                    points = uniform_points(self.num_points, device)
-                    tgt_points = sample_masks(tgt_masks.to(device), points)  # [N, P]
-                pred_points = point_sample_shared(pred.masks[b].float(), points)  # [Q, P]
-                if mask_valid is not None:
-                    mask_valid = mask_valid.to(device)
-
-            query_out: list[Tensor] = []
-            target_out: list[Tensor] = []
+            rows_out, cols_out = [], []
             for query_sel, target_sel in image_groups:
-                q_idx = all_queries[query_sel] if isinstance(query_sel, slice) else query_sel.to(device).long()
-                t_idx = (torch.arange(num_targets, device=device) if target_sel is None
-                         else target_sel.to(device).long())
-                if q_idx.numel() == 0 or t_idx.numel() == 0:
+                q_idx = queries_np[query_sel] if isinstance(query_sel, slice) else _as_index(query_sel)
+                t_idx = np.arange(counts[b]) if target_sel is None else _as_index(target_sel)
+                if q_idx.size == 0 or t_idx.size == 0:
                     continue
-                cost = self.cost_matrix(
-                    pred.logits[b, q_idx], pred.boxes[b, q_idx], labels[t_idx], tgt_boxes[t_idx],
-                    None if pred_points is None else pred_points[q_idx],
-                    None if tgt_points is None else tgt_points[t_idx],
-                    None if mask_valid is None or pred_points is None else mask_valid[t_idx])
-                rows, cols = solve_assignment(cost)
-                query_out.append(q_idx[rows])
-                target_out.append(t_idx[cols])
-            if query_out:
-                q_all = torch.cat(query_out)
-                t_all = torch.cat(target_out)
-                order = torch.argsort(q_all)
-                results.append((q_all[order], t_all[order]))
+                rows, cols = _assign(cost_np[b][np.ix_(q_idx, t_idx)])
+                rows_out.append(q_idx[rows])
+                cols_out.append(t_idx[cols])
+            if rows_out:
+                q_all, t_all = np.concatenate(rows_out), np.concatenate(cols_out)
+                order = np.argsort(q_all, kind="stable")
+                pairs.append(np.stack([q_all[order], t_all[order]]))
             else:
-                empty = torch.zeros(0, dtype=torch.long, device=device)
-                results.append((empty, empty.clone()))
-        return results
+                pairs.append(np.zeros((2, 0), dtype=np.int64))
+        # one transfer to the predictions' device for the whole batch
+        flat = torch.from_numpy(np.concatenate(pairs, axis=1).astype(np.int64)).to(device)
+        return [(block[0], block[1]) for block in torch.split(flat, [p.shape[1] for p in pairs], dim=1)]
+
+    def _batched_cost(self, pred: Prediction, targets: Sequence[MatchTarget], counts: list[int],
+                      use_masks: bool) -> Tensor | None:
+        """The weighted cost [B, Q, max N] of every image's queries against its targets (the columns past an
+        image's count are padding, never read). Each entry equals ``cost_matrix``'s for that pair."""
+        batch = len(counts)
+        width = max(counts, default=0)
+        if width == 0:
+            return None
+        device = pred.logits.device
+        labels = torch.zeros(batch, width, dtype=torch.long, device=device)
+        tgt_boxes = torch.tensor([0.5, 0.5, 1.0, 1.0], device=device).repeat(batch, width, 1)  # finite padding
+        for b, (tgt, n) in enumerate(zip(targets, counts, strict=True)):
+            if n:
+                labels[b, :n] = tgt["labels"].to(device)
+                tgt_boxes[b, :n] = tgt["boxes"].to(device).float()
+        logits = torch.gather(pred.logits.float(), 2, labels[:, None, :].expand(-1, pred.logits.shape[1], -1))
+        cost = self.cost_class * _focal_cost_of_logits(logits, self.focal_alpha, self.focal_gamma)
+        boxes = pred.boxes.float()
+        cost = cost + self.cost_box * torch.cdist(boxes, tgt_boxes, p=1)
+        cost = cost - self.cost_giou * batched_generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"),
+                                                                   box_convert(tgt_boxes, "cxcywh", "xyxy"))
+        mask_cost = self._batched_mask_cost(pred, targets, counts, width) if use_masks else None
+        return cost if mask_cost is None else cost + mask_cost
+
+    def _batched_mask_cost(self, pred: Prediction, targets: Sequence[MatchTarget], counts: list[int],
+                           width: int) -> Tensor | None:
+        """Weighted BCE + dice cost [B, Q, width] at each image's points (zero for images without masks and for
+        targets whose ``mask_valid`` is False); None when no image has mask terms."""
+        if pred.masks is None or (self.cost_mask == 0 and self.cost_dice == 0):
+            return None
+        device = pred.logits.device
+        with_masks = [b for b, (t, n) in enumerate(zip(targets, counts, strict=True))
+                      if n > 0 and t.get("masks") is not None]
+        if not with_masks:
+            return None
+        pred_points, tgt_points = [], []
+        for b in with_masks:  # one set of points per image, drawn in image order when not given
+            tgt = targets[b]
+            if tgt.get("point_coords") is not None:  # precomputed by the caller (shared across calls)
+                points = tgt["point_coords"].to(device)
+                values = tgt["point_values"].to(device).float()
+            else:
+                points = uniform_points(self.num_points, device)
+                values = sample_masks(tgt["masks"].to(device), points)  # [N, P]
+            pred_points.append(point_sample_shared(pred.masks[b].float(), points))  # [Q, P]
+            tgt_points.append(values)
+        cost = pred.logits.new_zeros(len(counts), pred.logits.shape[1], width, dtype=torch.float32)
+        if len({p.shape[-1] for p in pred_points}) == 1:  # the usual case: one batched product
+            padded = pred_points[0].new_zeros(len(with_masks), width, pred_points[0].shape[-1])
+            for i, values in enumerate(tgt_points):
+                padded[i, : values.shape[0]] = values
+            block = self._mask_terms(torch.stack(pred_points), padded)
+            cost[with_masks] = block
+        else:
+            for i, b in enumerate(with_masks):
+                cost[b, :, : counts[b]] = self._mask_terms(pred_points[i][None], tgt_points[i][None])[0]
+        for b in with_masks:  # targets whose mask may not be used: no mask cost
+            valid = targets[b].get("mask_valid")
+            if valid is not None:
+                cost[b, :, : counts[b]] *= valid.to(device).to(cost.dtype)[None, :]
+        return cost
+
+    def _mask_terms(self, pred_points: Tensor, tgt_points: Tensor) -> Tensor:
+        """``cost_mask * BCE + cost_dice * dice`` of [B, Q, P] logits against [B, N, P] values -> [B, Q, N]."""
+        return (self.cost_mask * mask_bce_cost(pred_points, tgt_points)
+                + self.cost_dice * mask_dice_cost(pred_points, tgt_points))
+
+
+def _as_index(selection: Tensor) -> np.ndarray:
+    return selection.detach().cpu().long().numpy()
+
+
+def batched_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """GIoU of every pair of xyxy boxes per batch entry: [B, Q, 4] x [B, N, 4] -> [B, Q, N] (the same arithmetic
+    as ``torchvision.ops.generalized_box_iou``, elementwise)."""
+    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
+    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
+    lt = torch.max(boxes1[:, :, None, :2], boxes2[:, None, :, :2])
+    rb = torch.min(boxes1[:, :, None, 2:], boxes2[:, None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area1[:, :, None] + area2[:, None, :] - inter
+    iou = inter / union
+    lti = torch.min(boxes1[:, :, None, :2], boxes2[:, None, :, :2])
+    rbi = torch.max(boxes1[:, :, None, 2:], boxes2[:, None, :, 2:])
+    whi = (rbi - lti).clamp(min=0)
+    hull = whi[..., 0] * whi[..., 1]
+    return iou - (hull - union) / hull

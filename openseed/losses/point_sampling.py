@@ -53,35 +53,33 @@ def sample_masks(masks: Tensor, coords: Tensor, index: Tensor | None = None) -> 
         float32 [N, P] (shared points) or [M, P].
     """
     n, height, width = masks.shape
-    flat = masks.reshape(n, height * width)
-    coords = coords.float()
+    if coords.dim() == 2:
+        rows = torch.arange(n, device=masks.device).view(-1, 1)  # every mask at the same points
+    elif index is None:
+        raise ValueError("per-row coords [M, P, 2] need an index [M]")
+    else:
+        rows = index.view(-1, 1)
+    if rows.numel() == 0 or coords.shape[-2] == 0:
+        return torch.zeros(rows.shape[0], coords.shape[-2], device=masks.device, dtype=torch.float32)
+    coords = coords.float() if coords.dim() == 3 else coords.float()[None]  # [M or 1, P, 2]
     x = coords[..., 0] * width - 0.5
     y = coords[..., 1] * height - 0.5
     x0 = torch.floor(x)
     y0 = torch.floor(y)
     fx = x - x0
     fy = y - y0
-    x0 = x0.long()
-    y0 = y0.long()
-    if coords.dim() == 2:
-        rows = None
-        out = torch.zeros(n, coords.shape[0], device=masks.device, dtype=torch.float32)
-    else:
-        if index is None:
-            raise ValueError("per-row coords [M, P, 2] need an index [M]")
-        rows = index.view(-1, 1)
-        out = torch.zeros(coords.shape[0], coords.shape[1], device=masks.device, dtype=torch.float32)
-    if out.numel() == 0:
-        return out
-    for dx in (0, 1):
-        for dy in (0, 1):
-            xi = x0 + dx
-            yi = y0 + dy
-            weight = (fx if dx else 1.0 - fx) * (fy if dy else 1.0 - fy)
-            inside = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
-            lin = yi.clamp(0, height - 1) * width + xi.clamp(0, width - 1)
-            values = flat[:, lin] if rows is None else flat[rows, lin]
-            out = out + values.float() * weight * inside
+    # the four neighbours, in the order (x0, y0), (x0, y0 + 1), (x0 + 1, y0), (x0 + 1, y0 + 1)
+    xi = x0.long() + torch.tensor([0, 0, 1, 1], device=masks.device).view(4, 1, 1)
+    yi = y0.long() + torch.tensor([0, 1, 0, 1], device=masks.device).view(4, 1, 1)
+    wx = torch.stack([1.0 - fx, 1.0 - fx, fx, fx])
+    wy = torch.stack([1.0 - fy, fy, 1.0 - fy, fy])
+    inside = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
+    lin = yi.clamp(0, height - 1) * width + xi.clamp(0, width - 1)
+    # one gather of the 4 x [rows, P] pixels from the masks seen as one flat array (torch.take)
+    values = torch.take(masks, rows * (height * width) + lin)
+    out = torch.zeros((), device=masks.device, dtype=torch.float32)
+    for corner in range(4):  # summed in this order: the same float result as four separate samples
+        out = out + values[corner].float() * (wx[corner] * wy[corner]) * inside[corner]
     return out
 
 
@@ -131,3 +129,31 @@ def uncertain_points_with_randomness(
     if num_random > 0:
         picked = torch.cat([picked, uniform_points(num_random, device, (n,))], dim=1)
     return picked
+
+
+class StackedMasks:
+    """The masks of a batch's images ([N_b, H, W] each, None for an image without masks) sampled as one tensor:
+    rows are addressed by (image, mask index), so a batch's samples take one ``sample_masks`` call instead of one
+    per image. When the images' masks share their size and dtype (always within a padded ``Batch``) they are
+    concatenated once (a transient copy of the batch's masks); otherwise each image is sampled on its own."""
+
+    def __init__(self, masks: list[Tensor | None]) -> None:
+        self._masks = masks
+        present = [m for m in masks if m is not None]
+        self._flat: Tensor | None = None
+        self._offsets: Tensor | None = None
+        if present and len({(tuple(m.shape[1:]), m.dtype, m.device) for m in present}) == 1:
+            counts = [0 if m is None else m.shape[0] for m in masks]
+            self._flat = torch.cat(present) if len(present) > 1 else present[0]
+            starts = torch.tensor([0] + counts[:-1]).cumsum(0)
+            self._offsets = starts.to(present[0].device)
+
+    def sample(self, coords: Tensor, images: Tensor, index: Tensor) -> Tensor:
+        """float32 [M, P]: mask ``index[m]`` of image ``images[m]`` at its points ``coords[m]`` ([M, P, 2])."""
+        if self._flat is not None:
+            return sample_masks(self._flat, coords, self._offsets[images] + index)
+        out = torch.zeros(coords.shape[:2], dtype=torch.float32, device=coords.device)
+        for b in images.unique().tolist():
+            rows = torch.nonzero(images == b).flatten()
+            out[rows] = sample_masks(self._masks[b], coords[rows], index[rows])
+        return out
