@@ -217,7 +217,7 @@ class Predictor:
         array, path = load_image(image)
         vocab = make_vocabulary(vocabulary, stuff)
         images, padding, size, orig = self._prepare(array)
-        outputs = self.model.forward_images(images, padding, vocab)
+        outputs = self.model.forward_images(images, padding, vocab, masks="final")
         (prediction,) = postprocess_batch(outputs, [(size, orig)], vocab, tuple(images.shape[-2:]), task,
                                           self.inference, things_only=task == "instance")
         return RESULTS[task](**vars(prediction), image=path, array=array, vocabulary=vocab)

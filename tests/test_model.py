@@ -137,3 +137,28 @@ def test_ablation_switches(seg_batch, det_batch):
     assert all(torch.isfinite(v) for v in losses.values())
     with pytest.raises(ValueError, match="unknown model option"):
         build_openseed("tiny", hiden_dim=3)
+
+
+def test_inference_mask_modes_give_the_same_masks_they_keep(seg_batch):
+    """``masks="final"`` (the predictor, the evaluation loop) and ``masks="prompts"`` (box prompts) compute the masks
+    they keep exactly as ``masks="all"`` does, and no others; logits and boxes of every layer are unchanged."""
+    torch.manual_seed(0)
+    model = build_openseed("tiny").eval()
+    images, padding, vocabulary = seg_batch.images, seg_batch.padding_mask, seg_batch.vocabulary
+    with torch.no_grad():
+        full = model.forward_images(images, padding, vocabulary)
+        final = model.forward_images(images, padding, vocabulary, masks="final")
+        pixel_boxes = [t.boxes[:3] for t in seg_batch.targets]
+        labels = [t.labels[:3] for t in seg_batch.targets]
+        prompted_all = model.decode_boxes(images, padding, vocabulary, pixel_boxes, labels)
+        prompted = model.decode_boxes(images, padding, vocabulary, pixel_boxes, labels, masks="prompts")
+    for ours, theirs in [(final.final, full.final), (final.proposals, full.proposals), *zip(final.aux, full.aux)]:
+        assert torch.equal(ours.logits, theirs.logits) and torch.equal(ours.boxes, theirs.boxes)
+    assert torch.equal(final.final.masks, full.final.masks)
+    assert final.proposals.masks is None and all(p.masks is None for p in final.aux)
+    last, last_all = prompted.conditioned.predictions[-1], prompted_all.conditioned.predictions[-1]
+    torch.testing.assert_close(last.masks, last_all.masks, rtol=1e-5, atol=1e-5)  # fewer rows through the MLP
+    assert torch.equal(last.logits, last_all.logits)
+    assert prompted.final.masks is None and all(p.masks is None for p in prompted.conditioned.predictions[:-1])
+    with pytest.raises(ValueError, match="masks must be one of"):
+        model.forward_images(images, padding, vocabulary, masks="some")

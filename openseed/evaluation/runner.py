@@ -118,7 +118,7 @@ class DatasetEvaluator:
         predictions for ``batch`` (``text``: the prompt vocabulary's embeddings, when computed once for the data
         set), added to the evaluation; returns them."""
         vocabulary = batch.vocabulary if self.prompt_vocabulary is self.vocabulary else self.prompt_vocabulary
-        outputs = model.forward_images(batch.images, batch.padding_mask, vocabulary, text=text)
+        outputs = model.forward_images(batch.images, batch.padding_mask, vocabulary, text=text, masks="final")
         self.update(outputs, batch)
         return outputs
 

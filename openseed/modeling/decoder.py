@@ -22,6 +22,12 @@ enters layer l + 1), the loss box of layer l is ``sigmoid(box(norm(h)) + logit(r
 of layer l - 1 ("look forward twice"), and its logits and masks come from ``norm(norm(h))`` (the decoder's final
 LayerNorm applied twice, as the reference applies it: once in its decoder, once before its heads).
 
+Which predictions carry masks (``forward(..., masks=)``): ``"all"`` (training, and whoever reads every layer), or,
+for inference, ``"final"`` (only the last layer's) or ``"prompts"`` (only the last layer's conditioned queries: box
+prompts). A mask is one [queries x mask_dim] by [mask_dim x H/4 x W/4] product per prediction, the decoder's
+largest cost at full size (400 queries x 256 x 200 x 304 for an 800 x 1216 input, for each of the 11 predictions);
+the logits and boxes of every layer stay.
+
 Levels: the pixel decoder's memory is finest level first. ``level_order="coarse_first"`` makes the decoder read it in
 the reverse order, as the reference does; level ``l`` in the decoder's order gets proposal anchors of side
 ``anchor_size x 2^l`` (so in the reference the coarsest level proposes the smallest anchors), and the deformable
@@ -46,6 +52,7 @@ from openseed.ops import MSDeformAttn
 LEVEL_ORDERS = ("fine_first", "coarse_first")
 BOX_NOISE = ("corners", "reference")
 BG_TRAINING = ("openseed", "reference")
+MASK_MODES = ("all", "final", "prompts")
 
 
 #: CLIP's initial log temperature, log(1 / 0.07).
@@ -275,16 +282,26 @@ class OpenSeeDDecoder(nn.Module):
         return blocked.repeat_interleave(self.num_heads, dim=0)
 
     # ------------------------------------------------------------------------------------------------ forward
-    def _predict(self, tgt: Tensor, boxes: Tensor, text: Tensor, mask_features: Tensor) -> Prediction:
-        """Logits and masks from ``norm(tgt)`` (the shared heads), with the given boxes."""
+    def _predict(self, tgt: Tensor, boxes: Tensor, text: Tensor, mask_features: Tensor,
+                 masks: bool = True) -> Prediction:
+        """Logits and (unless ``masks`` is False) masks from ``norm(tgt)`` (the shared heads), with the given boxes."""
         hidden = self.norm(tgt)
-        masks = torch.einsum("bqc,bchw->bqhw", self.mask_head(hidden), mask_features)
-        return Prediction(self.class_head(hidden, text), boxes, masks)
+        return Prediction(self.class_head(hidden, text), boxes,
+                          self._mask_logits(hidden, mask_features) if masks else None)
 
-    def forward(self, memory: EncoderMemory, text: Tensor, conditions: Conditions | None = None) -> Outputs:
-        """memory: the pixel decoder's output; text: [K, text_dim] embeddings of the vocabulary."""
+    def _mask_logits(self, hidden: Tensor, mask_features: Tensor) -> Tensor:
+        return torch.einsum("bqc,bchw->bqhw", self.mask_head(hidden), mask_features)
+
+    def forward(self, memory: EncoderMemory, text: Tensor, conditions: Conditions | None = None,
+                masks: str = "all") -> Outputs:
+        """memory: the pixel decoder's output; text: [K, text_dim] embeddings of the vocabulary; masks: which
+        predictions carry masks, ``"all"``, ``"final"`` or ``"prompts"`` (see the module docstring; the others'
+        ``masks`` are None)."""
         if conditions is not None and not self.conditioned:
             raise ValueError("conditions given to a decoder built with conditioned=False")
+        if masks not in MASK_MODES:
+            raise ValueError(f"masks must be one of {MASK_MODES}, got {masks!r}")
+        every = masks == "all"
         mask_features = memory.mask_features
         memory = self._in_level_order(memory)
         batch = memory.memory.shape[0]
@@ -296,9 +313,9 @@ class OpenSeeDDecoder(nn.Module):
             bg_content = self.bg_content.weight[None].expand(batch, -1, -1)
             bg_anchor = self.bg_anchor.weight[None].expand(batch, -1, -1)
             proposals = self._predict(torch.cat([proposal_content, bg_content], 1),
-                                      torch.cat([proposal_boxes, bg_anchor], 1).sigmoid(), text, mask_features)
+                                      torch.cat([proposal_boxes, bg_anchor], 1).sigmoid(), text, mask_features, every)
         else:
-            proposals = self._predict(proposal_content, proposal_boxes.sigmoid(), text, mask_features)
+            proposals = self._predict(proposal_content, proposal_boxes.sigmoid(), text, mask_features, every)
         if self.num_bg:
             bg_content = self.bg_content.weight[None].expand(batch, -1, -1)
             bg_anchor = self.bg_anchor.weight[None].expand(batch, -1, -1)
@@ -320,20 +337,26 @@ class OpenSeeDDecoder(nn.Module):
         # bg_training="openseed": the background anchors are undetached here and learn through the first layer's
         # loss boxes ("look forward twice"); "reference": detached above, trained through the proposals instead
         reference = torch.cat(boxes, 1).sigmoid()
-        predictions = [self._predict(tgt, reference, text, mask_features)]
+        predictions = [self._predict(tgt, reference, text, mask_features, every or not self.layers)]
         reference_in = reference.detach()
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             query_pos = self.ref_point_head(sine_embedding(reference_in, self.hidden_dim // 2))
             tgt = layer(tgt, query_pos, reference_in, memory, attn_mask)
             hidden = self.norm(tgt)
             loss_boxes = (self.box_head(hidden) + inverse_sigmoid(reference)).sigmoid()
             reference = (self.box_head(tgt) + inverse_sigmoid(reference_in)).sigmoid()
             reference_in = reference.detach()
-            predictions.append(self._predict(hidden, loss_boxes, text, mask_features))
+            last = index == len(self.layers) - 1
+            predictions.append(self._predict(hidden, loss_boxes, text, mask_features,
+                                             every or (last and masks == "final")))
         matching = [_slice(p, num_cond, num_cond + num_matching) for p in predictions]
         if conditions is not None:
-            cond = ConditionedOutputs([_slice(p, 0, num_cond) for p in predictions], target_index, groups,
-                                      clean_group=conditions.clean_group)
+            cond_predictions = [_slice(p, 0, num_cond) for p in predictions]
+            if masks == "prompts":  # the last layer's masks of the conditioned queries alone
+                last_hidden = self.norm(tgt[:, :num_cond]) if self.layers else tgt[:, :num_cond]
+                cond_predictions[-1] = replace(cond_predictions[-1],
+                                               masks=self._mask_logits(self.norm(last_hidden), mask_features))
+            cond = ConditionedOutputs(cond_predictions, target_index, groups, clean_group=conditions.clean_group)
         return Outputs(final=matching[-1], aux=matching[:-1], proposals=proposals, conditioned=cond,
                        num_fg=self.num_fg, num_bg=self.num_bg, mask_features=mask_features)
 

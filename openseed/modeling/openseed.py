@@ -229,9 +229,10 @@ class OpenSeeD(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(reference.device.type, enabled=False)
 
-    def _decode(self, memory: EncoderMemory, text: Tensor, conditions: Conditions | None) -> Outputs:
+    def _decode(self, memory: EncoderMemory, text: Tensor, conditions: Conditions | None,
+                masks: str = "all") -> Outputs:
         with self._full_precision(text):
-            return self.decoder(memory, text.float() if self.fp32_encoder_decoder else text, conditions)
+            return self.decoder(memory, text.float() if self.fp32_encoder_decoder else text, conditions, masks)
 
     def forward(self, batch: Batch, conditions: Conditions | None = None, text: Tensor | None = None,
                 clean_group: bool = False) -> Outputs:
@@ -254,7 +255,8 @@ class OpenSeeD(nn.Module):
         return self.forward_images(batch.images, batch.padding_mask, batch.vocabulary, conditions, text)
 
     def forward_images(self, images: Tensor, padding_mask: Tensor, vocabulary: Vocabulary,
-                       conditions: Conditions | None = None, text: Tensor | None = None) -> Outputs:
+                       conditions: Conditions | None = None, text: Tensor | None = None,
+                       masks: str = "all") -> Outputs:
         """Predictions for images without ground truth (the predictor, the tools; ``forward`` for data batches).
 
         Args:
@@ -263,17 +265,21 @@ class OpenSeeD(nn.Module):
             vocabulary: the classes to score.
             conditions: boxes the conditioned queries decode (box prompts), or None.
             text: precomputed [K, text_dim] embeddings of ``vocabulary`` (skips the text encoder).
+            masks: which predictions carry masks: ``"all"``, or ``"final"`` for inference that reads only
+                ``outputs.final`` (the predictor, the evaluation loop: the same final outputs, without the other
+                layers' mask products); see ``openseed.modeling.decoder``.
         """
         if text is None:
             with record_function("text_encoder"):
                 text = self.embed_vocabulary(vocabulary)
         memory = self.encode_images(images, padding_mask)
         with record_function("decoder"):
-            return self._decode(memory, text, conditions)
+            return self._decode(memory, text, conditions, masks)
 
     @torch.no_grad()
     def decode_boxes(self, images: Tensor, padding_mask: Tensor, vocabulary: Vocabulary, boxes: list[Tensor],
-                     labels: list[Tensor], memory: EncoderMemory | None = None, text: Tensor | None = None) -> Outputs:
+                     labels: list[Tensor], memory: EncoderMemory | None = None, text: Tensor | None = None,
+                     masks: str = "all") -> Outputs:
         """Box-prompted decoding (conditioned queries without noise, one group; paper Fig. 6), in eval mode.
 
         Args:
@@ -283,6 +289,8 @@ class OpenSeeD(nn.Module):
             labels: per image, long [N_i]: the class of each box (its text embedding is the query's content).
             memory, text: the image's ``encode_images`` output and the vocabulary's embeddings, when already
                 computed (an annotation tool encodes an image once and decodes many boxes).
+            masks: which predictions carry masks: ``"all"``, or ``"prompts"`` (only the last layer's conditioned
+                predictions: one mask per box and nothing else).
         Returns:
             ``Outputs`` whose ``conditioned.predictions`` hold, before the first decoder layer and after each layer,
             one query per box (slot j of image i = box j); the matching queries' predictions of the same pass as
@@ -306,7 +314,7 @@ class OpenSeeD(nn.Module):
                 text = self.embed_vocabulary(vocabulary)
             if memory is None:
                 memory = self.encode_images(images, padding_mask)
-            return self._decode(memory, text, conditions)
+            return self._decode(memory, text, conditions, masks)
         finally:
             self.train(was_training)
 
@@ -338,7 +346,7 @@ class OpenSeeD(nn.Module):
         if unknown:
             raise ValueError(f"names not in the given vocabulary: {unknown}")
         labels = [torch.tensor([index[n] for n in image_names], dtype=torch.long) for image_names in names]
-        outputs = self.decode_boxes(images, padding_mask, vocabulary, boxes, labels, text=text)
+        outputs = self.decode_boxes(images, padding_mask, vocabulary, boxes, labels, text=text, masks="prompts")
         padded = tuple(images.shape[-2:])
         masks = F.interpolate(outputs.conditioned.predictions[-1].masks, size=padded, mode="bilinear",
                               align_corners=False)
