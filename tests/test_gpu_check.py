@@ -8,6 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from data_prep import benchmark
 from openseed import gpu_check
 from openseed.config import CONF
 
@@ -41,6 +42,9 @@ def test_sections_on_the_cpu_write_the_report(tmp_path, monkeypatch):
     assert written["sections"]["fsdp"]["status"] == "failed" and written["environment"]["torch"] == torch.__version__
     text = (tmp_path / "gpu_check.md").read_text()
     assert "| 1 + 1 | yes |" in text and "| fp32 |" in text and "failed: RuntimeError: no GPU for FSDP here" in text
+    # the data benchmark reads the images/s to feed from this report
+    consumed, source = benchmark.gpu_images_per_second(tmp_path / "gpu_check.json")
+    assert consumed == tried["images_per_s"] and "1 + 1 images per step" in source
 
 
 def test_synthetic_batches_are_valid_training_batches():
