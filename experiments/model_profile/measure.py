@@ -5,9 +5,10 @@
 
 1. Parameter counts of the released architectures (swint_nodecouple, swint_decouple, swinl_decouple; their text
    tower is the reference's CLIP-style transformer, 12 layers, width 512) and the CPU sizes, whole model and parts.
-2. Forward + backward time and peak memory of one joint training step (segmentation + detection batch; by default
-   the batch sizes, image size and mask points of the default experiment, conf/experiment/synthshapes_joint.yaml)
-   for the small configuration on this machine's CPU.
+2. Forward + backward time and peak memory of one joint training step (segmentation + detection batch; the model
+   and criterion of the default experiment, conf/experiment/synthshapes_joint.yaml, composed with Hydra: its batch
+   sizes, image size, 512 mask points and online mask assistance, ``size``, ``num_points``, ``seg_batch`` and
+   ``det_batch`` overriding them) on this machine's CPU, and the criterion's forward (matcher included) inside it.
 3. Where a training step's time goes: the forward time of backbone, pixel decoder, text encoder and decoder, inside
    them the deformable attention, the matcher and the rest of the criterion, and the backward pass (torch.profiler;
    the regions are marked with ``record_function`` in the code).
@@ -26,10 +27,13 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+
 from data_prep.prepare_synthshapes import prepare_synthshapes  # noqa: E402
 from openseed.cli import Option, command, integer, path  # noqa: E402
+from openseed.config import CONF  # noqa: E402
 from openseed.data.datamodule import OpenSeeDDataModule  # noqa: E402
-from openseed.losses.criterion import SetCriterion  # noqa: E402
 from openseed.modeling.openseed import build_openseed  # noqa: E402
 
 PARTS = ("backbone", "pixel_decoder", "decoder", "text_encoder")
@@ -52,19 +56,33 @@ def parameter_table() -> None:
         del model
 
 
-def joint_step(model, criterion, batch) -> torch.Tensor:
-    total = 0
-    for part in batch.values():
-        outputs = model(part)
+def joint_step(model, criterion, batch, criterion_seconds: list[float] | None = None) -> torch.Tensor:
+    """Forward, losses and backward of one joint batch, as ``OpenSeeDModule.training_step`` runs them; the
+    criterion's forward time is appended to ``criterion_seconds``."""
+    total, spent = 0, 0.0
+    for task, part in batch.items():
+        outputs = model(part, clean_group=criterion.wants_clean_group(task))
+        start = time.perf_counter()
         losses = criterion(outputs, part)
+        spent += time.perf_counter() - start
         total = total + criterion.total_loss(losses)
     total.backward()
+    if criterion_seconds is not None:
+        criterion_seconds.append(spent)
     return total
+
+
+def experiment(size: str, num_points: int, seg_batch: int, det_batch: int):
+    """The default experiment's composed config with these overrides."""
+    overrides = ["experiment=synthshapes_joint", f"model={size}", f"criterion.num_points={num_points}",
+                 f"data.seg.batch_size={seg_batch}", f"data.det.batch_size={det_batch}"]
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        return compose("train", overrides=overrides)
 
 
 OPTIONS = {
     "steps": Option("timed joint steps (after one warm-up)", 5, integer(1)),
-    "size": Option("model size (conf/model)", "small", path),
+    "size": Option("model config (conf/model)", "small", path),
     "data": Option("the synthshapes folder (made when missing)", str(ROOT / "data" / "synthshapes"), path),
     "num_points": Option("point samples per mask in the criterion", 512, integer(1)),
     "seg_batch": Option("segmentation images per step", 8, integer(1)),
@@ -79,31 +97,34 @@ def main(args) -> int:
     if args.params:
         parameter_table()
 
+    cfg = experiment(args.size, args.num_points, args.seg_batch, args.det_batch)
     dirs = prepare_synthshapes(args.data, progress=False)
     data = OpenSeeDDataModule(seg={"path": str(dirs["seg_train"]), "batch_size": args.seg_batch},
-                              det={"path": str(dirs["det_train"]), "batch_size": args.det_batch}, image_size=160,
-                              scale_range=(0.5, 1.5), num_workers=0)
+                              det={"path": str(dirs["det_train"]), "batch_size": args.det_batch},
+                              image_size=cfg.data.image_size, scale_range=tuple(cfg.data.scale_range), num_workers=0)
     batches = [b for _, b in zip(range(args.steps + 1), data.train_dataloader())]
     torch.manual_seed(0)
-    model = build_openseed(args.size)
-    criterion = SetCriterion(num_points=args.num_points)
+    model = instantiate(cfg.model)
+    criterion = instantiate(cfg.criterion)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     joint_step(model, criterion, batches[0])  # warm-up
     optimizer.step()
     optimizer.zero_grad()
-    times = []
+    times, criterion_times = [], []
     for batch in batches[1:]:
         start = time.perf_counter()
-        joint_step(model, criterion, batch)
+        joint_step(model, criterion, batch, criterion_times)
         times.append(time.perf_counter() - start)
         optimizer.step()
         optimizer.zero_grad()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times.sort()
-    print(f"\n{args.size}: joint step ({args.seg_batch} seg + {args.det_batch} det images, 160 px, "
-          f"{args.num_points} points) forward+backward median "
-          f"{times[len(times) // 2]:.2f} s over {len(times)} steps; peak resident memory {peak / 1024:.0f} MiB "
+    criterion_times.sort()
+    print(f"\n{args.size}: joint step ({args.seg_batch} seg + {args.det_batch} det images, {cfg.data.image_size} px, "
+          f"{args.num_points} points, mask assistance {criterion.mask_assistance}) forward+backward median "
+          f"{times[len(times) // 2]:.2f} s over {len(times)} steps, of which the criterion's forward "
+          f"{criterion_times[len(times) // 2]:.3f} s; peak resident memory {peak / 1024:.0f} MiB "
           f"(+{(peak - before) / 1024:.0f} MiB over the loaded model and data)")
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
