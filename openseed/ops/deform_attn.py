@@ -71,17 +71,19 @@ def ms_deform_attn_pytorch(
     """
     batch, _, heads, channels = value.shape
     _, queries, _, _, points, _ = sampling_locations.shape
-    grids = (2 * sampling_locations - 1).to(value.dtype)
-    weights = attention_weights.to(value.dtype)
+    # One layout change of the grids and weights for all levels, then per level a view: grids [B, H, L, Q, P, 2]
+    # and weights [B, H, L, Q, P]. (The value is rearranged level by level: grid_sample reads a contiguous map
+    # faster than a view into all levels' tokens.)
+    grids = (2 * sampling_locations - 1).to(value.dtype).permute(0, 2, 3, 1, 4, 5).contiguous()
+    weights = attention_weights.to(value.dtype).permute(0, 2, 3, 1, 4).contiguous()
     out = value.new_zeros(batch * heads, channels, queries)
     for level, ((h, w), start) in enumerate(zip(_level_shapes(spatial_shapes), level_start_index.tolist())):
         # [B, h*w, H, C] -> [B*H, C, h, w]
         level_value = value.narrow(1, int(start), h * w).permute(0, 2, 3, 1).reshape(batch * heads, channels, h, w)
-        # [B, Q, H, P, 2] -> [B*H, Q, P, 2]
-        grid = grids[:, :, :, level].transpose(1, 2).reshape(batch * heads, queries, points, 2)
+        grid = grids[:, :, level].view(batch * heads, queries, points, 2)
         sampled = F.grid_sample(level_value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         # sampled [B*H, C, Q, P] weighted by [B*H, 1, Q, P], summed over points
-        level_weights = weights[:, :, :, level].transpose(1, 2).reshape(batch * heads, 1, queries, points)
+        level_weights = weights[:, :, level].view(batch * heads, 1, queries, points)
         out = out + (sampled * level_weights).sum(-1)
     return out.view(batch, heads * channels, queries).transpose(1, 2).contiguous()
 
