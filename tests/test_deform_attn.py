@@ -81,8 +81,11 @@ def test_pytorch_path_matches_naive_reference():
     assert out.shape == (batch, queries, heads * channels)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
-    direct = da.ms_deform_attn_pytorch(value, spatial, start, loc, attn)
+    direct = da.ms_deform_attn_pytorch(value, spatial, start, loc, attn)  # no gradient: accumulated in place
     torch.testing.assert_close(direct, expected, rtol=0, atol=1e-12)
+    differentiable = da.ms_deform_attn_pytorch(value.clone().requires_grad_(), spatial, start, loc, attn)
+    assert differentiable.requires_grad
+    torch.testing.assert_close(differentiable.detach(), expected, rtol=0, atol=1e-12)
 
 
 def test_pixel_centre_reads_the_pixel_and_far_outside_reads_zero():
