@@ -105,7 +105,7 @@ def gpu_images_per_second(report: Path | None) -> tuple[float, str]:
     """(images/s one GPU's training step consumes, where the figure comes from): the first batch that fitted in
     the ``train_step`` section of a ``gpu_check.json``, or the reference's V100 floor without a report."""
     if report is None:
-        return REFERENCE_GPU_IMAGES_PER_S, "the reference's training speed per V100 (floor)"
+        return REFERENCE_GPU_IMAGES_PER_S, "the reference's training speed per V100, as the floor"
     try:
         data = json.loads(Path(report).read_text())
         section = data["sections"]["train_step"]
@@ -182,7 +182,7 @@ def print_feeding(seg_dir: Path, det_dir: Path, args) -> None:
         print(f"| {batch} | {workers} | {rates[workers]:.1f} | {rates[workers] / workers:.1f} |", flush=True)
     per_worker = rates[1]
     per_gpu = workers_needed(consumed, per_worker)
-    print(f"\none GPU consumes {consumed:.2f} images/s ({source}); one loader worker process gives "
+    print(f"\none GPU consumes {consumed:.2f} images/s ({source}).\nOne loader worker process gives "
           f"{per_worker:.1f} images/s ({consumed / per_worker:.2f} of a worker per GPU): {per_gpu} worker(s) per GPU, "
           f"{per_gpu * args.gpus_per_node} per node of {args.gpus_per_node} GPUs (one CPU core each)")
 

@@ -21,7 +21,7 @@ def test_workers_needed_rounds_up_and_refuses_a_stalled_worker():
 
 
 def test_gpu_rate_without_a_report_is_the_reference_floor(tmp_path):
-    assert benchmark.gpu_images_per_second(None) == (2.85, "the reference's training speed per V100 (floor)")
+    assert benchmark.gpu_images_per_second(None) == (2.85, "the reference's training speed per V100, as the floor")
     broken = tmp_path / "gpu_check.json"
     broken.write_text("{not json")
     with pytest.raises(ValueError, match="gpu_check.json: not a gpu_check.json"):
