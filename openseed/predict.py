@@ -44,6 +44,7 @@ from openseed.core.predictions import BoxPromptMasks, Instances, PanopticSegment
 from openseed.core.vocabulary import Vocabulary
 from openseed.data.transforms import EvalResize, eval_resize_for
 from openseed.modeling.openseed import OpenSeeD
+from openseed.modeling.pixel_decoder import EncoderMemory
 from openseed.modeling.postprocess import InferenceConfig, postprocess_batch
 from openseed.visualize import draw_overlay
 
@@ -152,6 +153,20 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image as ``Predictor.encode`` prepared it: the picture (``array``, ``path``), the model's padded input
+    (``images``, ``padding``), its resized and original sizes, and the encoder's output (``memory``)."""
+
+    array: np.ndarray
+    path: str | None
+    images: torch.Tensor
+    padding: torch.Tensor
+    size: tuple[int, int]
+    orig: tuple[int, int]
+    memory: EncoderMemory
+
+
 class Predictor:
     """A model ready for inference on single images.
 
@@ -223,19 +238,36 @@ class Predictor:
         return RESULTS[task](**vars(prediction), image=path, array=array, vocabulary=vocab)
 
     @torch.no_grad()
+    def encode(self, image) -> EncodedImage:
+        """The image read, resized, padded and through the backbone and pixel decoder once, for any number of
+        ``segment_boxes`` calls on it (an annotation tool: each box then costs the decoder only)."""
+        array, path = load_image(image)
+        images, padding, size, orig = self._prepare(array)
+        memory = self.model.encode_images(images, padding)
+        return EncodedImage(array=array, path=path, images=images, padding=padding, size=size, orig=orig,
+                            memory=memory)
+
+    @torch.no_grad()
     def segment_boxes(self, image, boxes: Sequence[Sequence[float]], names: Sequence[str]) -> BoxPromptResult:
         """One mask per box (xyxy pixels of the original image) for the given class names (one per box; a name may
         repeat). Boxes are checked by ``box_prompts``: a non-finite, empty, inverted or entirely outside box is a
         ValueError naming it; a box partly outside is clipped to the image, and ``boxes`` in the result are the
-        clipped ones."""
-        array, path = load_image(image)
+        clipped ones. ``image`` may be an ``encode`` result: the image is then not encoded again."""
+        encoded = image if isinstance(image, EncodedImage) else None
+        array, path = (encoded.array, encoded.path) if encoded is not None else load_image(image)
         boxes = box_prompts(boxes, array.shape[:2])
         names = class_names(names, "names")
         if len(boxes) != len(names):
             raise ValueError(f"give one class name per box: {len(boxes)} boxes, {len(names)} names")
-        images, padding, size, orig = self._prepare(array)
+        if encoded is None:
+            images, padding, size, orig = self._prepare(array)
+            memory = None
+        else:
+            images, padding, size, orig, memory = (encoded.images, encoded.padding, encoded.size, encoded.orig,
+                                                   encoded.memory)
         scale = torch.tensor([size[1] / orig[1], size[0] / orig[0]] * 2)
-        (masks,) = self.model.segment_boxes(images, padding, [(boxes * scale).to(self.device)], [list(names)])
+        (masks,) = self.model.segment_boxes(images, padding, [(boxes * scale).to(self.device)], [list(names)],
+                                            memory=memory)
         masks = F.resize(masks[None].float(), list(orig), interpolation=F.InterpolationMode.NEAREST)[0].bool().cpu()
         return BoxPromptResult(masks=masks, boxes=boxes, names=list(names), image=path, array=array)
 

@@ -113,6 +113,23 @@ def test_box_prompts_give_one_mask_per_box(predictor, tmp_path):
     assert [r["bbox"] for r in records] == [[100, 100, 200, 300], [10, 10, 40, 50], [0, 0, 640, 427]]
 
 
+def test_an_encoded_image_is_not_encoded_again(predictor, monkeypatch):
+    """``encode`` once, then box prompts on it: the same masks as from the file, and the backbone never runs again
+    (what an annotation tool relies on: a box costs the decoder only)."""
+    boxes = [[100, 100, 300, 400], [10, 10, 50, 60]]
+    expected = predictor.segment_boxes(PHOTO, boxes, ["person", "horse"])
+    encoded = predictor.encode(PHOTO)
+    assert encoded.orig == (427, 640) and encoded.path == str(PHOTO)
+    calls = []
+    backbone = predictor.model.backbone
+    monkeypatch.setattr(backbone, "forward", lambda *a, **k: calls.append(1) or (_ for _ in ()).throw(
+        AssertionError("the backbone ran again")))
+    for _ in range(2):
+        result = predictor.segment_boxes(encoded, boxes, ["person", "horse"])
+        assert torch.equal(result.masks, expected.masks) and result.image == str(PHOTO)
+    assert calls == []
+
+
 def test_default_preprocessing_is_longer_side_and_square_padding(predictor):
     images, padding, size, orig = predictor._prepare(load_image(PHOTO)[0])
     assert images.shape == (1, 3, 256, 256) and size == (171, 256) and orig == (427, 640)

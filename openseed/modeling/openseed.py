@@ -321,7 +321,7 @@ class OpenSeeD(nn.Module):
     @torch.no_grad()
     def segment_boxes(self, images: Tensor, padding_mask: Tensor, boxes: list[Tensor], names: list[list[str]],
                       threshold: float = 0.0, vocabulary: Vocabulary | None = None,
-                      text: Tensor | None = None) -> list[Tensor]:
+                      text: Tensor | None = None, memory: EncoderMemory | None = None) -> list[Tensor]:
         """Box-prompted segmentation: one mask per box (``decode_boxes`` with a vocabulary of the given names).
 
         Args:
@@ -331,6 +331,7 @@ class OpenSeeD(nn.Module):
             threshold: mask logit threshold.
             vocabulary, text: a vocabulary holding every name and its ``embed_vocabulary`` embeddings, to embed the
                 names once for many calls (a data set's boxes); by default a vocabulary of this call's names.
+            memory: the images' ``encode_images`` output when already computed (then a call costs the decoder only).
         Returns:
             per image, bool [N_i, h_i, w_i] masks at the image's unpadded size (from ``padding_mask``).
         """
@@ -346,7 +347,8 @@ class OpenSeeD(nn.Module):
         if unknown:
             raise ValueError(f"names not in the given vocabulary: {unknown}")
         labels = [torch.tensor([index[n] for n in image_names], dtype=torch.long) for image_names in names]
-        outputs = self.decode_boxes(images, padding_mask, vocabulary, boxes, labels, text=text, masks="prompts")
+        outputs = self.decode_boxes(images, padding_mask, vocabulary, boxes, labels, memory=memory, text=text,
+                                    masks="prompts")
         padded = tuple(images.shape[-2:])
         masks = F.interpolate(outputs.conditioned.predictions[-1].masks, size=padded, mode="bilinear",
                               align_corners=False)
