@@ -151,3 +151,19 @@ def test_a_malformed_coco_file_is_a_clear_error(tmp_path, content, message):
         import_coco(store, path, {"a.jpg": (20, 24)})
     assert "bad.json" in str(err.value)
     assert store.objects() == []  # nothing half-imported
+
+
+def test_proposals_wait_for_review_and_only_accepted_objects_are_exported(tmp_path):
+    store = AnnotationStore(tmp_path / "j")
+    mask = _blob(20, 24, 5)
+    kept, dropped = store.add_many([("a.jpg", "dog", [0, 0, 9, 9], _rle(mask), "model"),
+                                    ("a.jpg", "cat", [1, 1, 9, 9], _rle(mask), "model")], status="proposed")
+    assert export_coco(store, [("a.jpg", 20, 24)])["annotations"] == []
+    store.update(kept.id, status="accepted")
+    store.remove(dropped.id)
+    reopened = AnnotationStore(tmp_path / "j")
+    assert [(o.category, o.status) for o in reopened.objects()] == [("dog", "accepted")]
+    coco = export_coco(reopened, [("a.jpg", 20, 24)])
+    assert [c["name"] for c in coco["categories"]] == ["dog"] and len(coco["annotations"]) == 1
+    with pytest.raises(ValueError, match="status must be one of"):
+        store.update(kept.id, status="maybe")

@@ -87,7 +87,8 @@ def _corners(loop: list[tuple[int, int]]) -> list[tuple[int, int]]:
 # ---------------------------------------------------------------------------------------------------- export
 def export_coco(store: AnnotationStore, images: Sequence[tuple[str, int, int]], categories: Sequence[str] = (),
                 segmentation: str = "rle") -> dict:
-    """COCO instances of the store's objects on ``images`` (``(file name, height, width)``, in this order).
+    """COCO instances of the store's accepted objects on ``images`` (``(file name, height, width)``, in this order;
+    proposals awaiting review are left out).
 
     ``categories``: names numbered first (a vocabulary), in this order; other names the objects use follow in
     alphabetical order. ``segmentation``: ``"rle"`` (exact) or ``"polygons"``. Objects without a mask get their box
@@ -96,7 +97,8 @@ def export_coco(store: AnnotationStore, images: Sequence[tuple[str, int, int]], 
     if segmentation not in SEGMENTATION_FORMATS:
         raise ValueError(f"segmentation must be one of {SEGMENTATION_FORMATS}, got {segmentation!r}")
     image_ids = {name: i for i, (name, _, _) in enumerate(images, 1)}
-    used = sorted({obj.category for obj in store.objects() if obj.image in image_ids} - set(categories))
+    accepted = [obj for obj in store.objects() if obj.image in image_ids and obj.status == "accepted"]
+    used = sorted({obj.category for obj in accepted} - set(categories))
     names = list(dict.fromkeys(categories)) + used
     category_ids = {name: i for i, name in enumerate(names, 1)}
     out = {"info": {"description": "openseed.annotate export"},
@@ -107,6 +109,8 @@ def export_coco(store: AnnotationStore, images: Sequence[tuple[str, int, int]], 
     sizes = {name: (int(h), int(w)) for name, h, w in images}
     for name, _, _ in images:
         for obj in store.objects(name):
+            if obj.status != "accepted":
+                continue
             entry = {"id": len(out["annotations"]) + 1, "image_id": image_ids[name],
                      "category_id": category_ids[obj.category], "iscrowd": 0}
             if obj.rle is not None:

@@ -36,6 +36,7 @@ class AnnotatedObject:
     box: tuple[float, float, float, float]
     rle: dict | None = None
     source: str = "manual"  # "manual", "model" (decoded from a box), "import"
+    status: str = "accepted"  # or "proposed": awaiting review (masks decoded for a detection file's boxes)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -45,8 +46,8 @@ class AnnotatedObject:
     @classmethod
     def from_json(cls, data: dict) -> AnnotatedObject:
         return cls(id=int(data["id"]), image=str(data["image"]), category=str(data["category"]),
-                   box=tuple(float(v) for v in data["box"]), rle=data.get("rle"), source=str(data.get("source",
-                                                                                                       "manual")))
+                   box=tuple(float(v) for v in data["box"]), rle=data.get("rle"),
+                   source=str(data.get("source", "manual")), status=_status(data.get("status", "accepted")))
 
 
 @dataclass
@@ -102,17 +103,19 @@ class AnnotationStore:
 
     # ------------------------------------------------------------------------------------------------ changes
     def add(self, image: str, category: str, box: Iterable[float], rle: dict | None = None,
-            source: str = "manual") -> AnnotatedObject:
+            source: str = "manual", status: str = "accepted") -> AnnotatedObject:
         """A new object (its id is the store's next); written to the journal before returning."""
-        obj = AnnotatedObject(self._next_id, image, _name(category), _box(box), rle, source)
+        obj = AnnotatedObject(self._next_id, image, _name(category), _box(box), rle, source, _status(status))
         self._change(None, obj, "do")
         return obj
 
-    def add_many(self, objects: Iterable[tuple[str, str, Iterable[float], dict | None, str]]) -> list[AnnotatedObject]:
-        """Several new objects ``(image, category, box, rle, source)`` in one journal write (an import)."""
+    def add_many(self, objects: Iterable[tuple[str, str, Iterable[float], dict | None, str]],
+                 status: str = "accepted") -> list[AnnotatedObject]:
+        """Several new objects ``(image, category, box, rle, source)`` in one journal write (an import, a batch of
+        decoded boxes), all with ``status``."""
         lines, added = [], []
         for image, category, box, rle, source in objects:
-            obj = AnnotatedObject(self._next_id, image, _name(category), _box(box), rle, source)
+            obj = AnnotatedObject(self._next_id, image, _name(category), _box(box), rle, source, _status(status))
             self._apply(None, obj, "do")
             lines.append(_line(None, obj, "do"))
             added.append(obj)
@@ -121,12 +124,13 @@ class AnnotationStore:
         return added
 
     def update(self, object_id: int, *, category: str | None = None, box: Iterable[float] | None = None,
-               rle: dict | None = None, source: str | None = None) -> AnnotatedObject:
-        """The object with the given fields replaced (others kept)."""
+               rle: dict | None = None, source: str | None = None, status: str | None = None) -> AnnotatedObject:
+        """The object with the given fields replaced (others kept); ``status="accepted"`` accepts a proposal."""
         before = self.get(object_id)
         after = AnnotatedObject(before.id, before.image, before.category if category is None else _name(category),
                                 before.box if box is None else _box(box), before.rle if rle is None else rle,
-                                before.source if source is None else source)
+                                before.source if source is None else source,
+                                before.status if status is None else _status(status))
         self._change(before, after, "do")
         return after
 
@@ -224,6 +228,15 @@ class AnnotationStore:
 def _line(before: AnnotatedObject | None, after: AnnotatedObject | None, kind: str) -> dict:
     return {"kind": kind, "before": None if before is None else before.to_json(),
             "after": None if after is None else after.to_json()}
+
+
+STATUSES = ("accepted", "proposed")
+
+
+def _status(status: str) -> str:
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+    return status
 
 
 def _name(category: str) -> str:
