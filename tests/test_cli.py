@@ -54,7 +54,8 @@ def test_help_lists_every_key_and_exits_0(word, capsys):
                          "  progress  show a bar (default true)"]
 
 
-TOOLS = ["openseed/predict.py", "openseed/convert_checkpoint.py", "openseed/evaluation/instances.py",
+TOOLS = ["openseed/predict.py", "openseed/convert_checkpoint.py", "openseed/annotate/__main__.py",
+         "openseed/evaluation/instances.py",
          "openseed/evaluation/panoptic.py", "openseed/evaluation/runner.py", "openseed/evaluation/box_prompts.py",
          "openseed/evaluation/benchmark.py", "openseed/evaluation/oracle.py",
          "openseed/ops/benchmark.py", "data_prep/coco_detection_to_shards.py", "data_prep/coco_panoptic_to_shards.py",

@@ -138,9 +138,10 @@ def _bytes_rle(rle: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- import
-def import_coco(store: AnnotationStore, path: str | Path, sizes: dict[str, tuple[int, int]]) -> dict[str, int]:
-    """Add the objects of the COCO instances file ``path`` on the folder's images (``sizes``: file name ->
-    (height, width)); returns counts: ``imported``, ``skipped_images`` (not in the folder, or of another size)."""
+def read_coco(path: str | Path, sizes: dict[str, tuple[int, int]]) -> tuple[list[tuple], int]:
+    """The objects of a COCO instances file on the folder's images (``sizes``: file name -> (height, width)):
+    ``(file name, class name, xyxy box, RLE or None)`` each, and how many of the file's images are not in the folder
+    (or not of its size) and were skipped. A malformed file is a ValueError naming the file and the key."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -166,7 +167,7 @@ def import_coco(store: AnnotationStore, path: str | Path, sizes: dict[str, tuple
             raise ValueError(f"{path}: images[{i}] needs 'id', 'file_name', 'height' and 'width'") from None
         if sizes.get(name) != (height, width):
             skipped.add(image["id"])
-    new = []
+    objects = []
     for i, ann in enumerate(data["annotations"]):
         where = f"{path}: annotations[{i}]"
         if not isinstance(ann, dict) or ann.get("image_id") not in images:
@@ -189,6 +190,22 @@ def import_coco(store: AnnotationStore, path: str | Path, sizes: dict[str, tuple
                 raise ValueError(f"{where}: 'segmentation' {err}") from None
         if w <= 0 or h <= 0:
             raise ValueError(f"{where}: 'bbox' has no area ({[x, y, w, h]})")
-        new.append((name, categories[ann["category_id"]], (x, y, x + w, y + h), rle, "import"))
-    store.add_many(new)
-    return {"imported": len(new), "skipped_images": len(skipped)}
+        objects.append((name, categories[ann["category_id"]], (x, y, x + w, y + h), rle))
+    return objects, len(skipped)
+
+
+def import_coco(store: AnnotationStore, path: str | Path, sizes: dict[str, tuple[int, int]]) -> dict[str, int]:
+    """Add the objects of the COCO instances file ``path`` on the folder's images (``sizes``: file name ->
+    (height, width)); returns counts: ``imported``, ``skipped_images`` (not in the folder, or of another size)."""
+    objects, skipped = read_coco(path, sizes)
+    store.add_many([(name, category, box, rle, "import") for name, category, box, rle in objects])
+    return {"imported": len(objects), "skipped_images": skipped}
+
+
+def detection_boxes(path: str | Path, sizes: dict[str, tuple[int, int]]) -> dict[str, list[tuple[list[float], str]]]:
+    """The boxes of a COCO detection file per image of the folder: ``{file name: [(xyxy box, class name), ...]}``
+    (the masks the file may carry are not used: the model decodes its own for review)."""
+    out: dict[str, list[tuple[list[float], str]]] = {}
+    for name, category, box, _ in read_coco(path, sizes)[0]:
+        out.setdefault(name, []).append((list(box), category))
+    return out
