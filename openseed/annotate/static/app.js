@@ -104,6 +104,11 @@ function draw() {
   if (!state.picture) return;
   canvas.width = state.picture.naturalWidth;
   canvas.height = state.picture.naturalHeight;
+  // shown as large as the stage allows (small pictures enlarged, large ones reduced); boxes stay in picture pixels
+  const stage = $("stage"), scale = Math.min(stage.clientWidth / canvas.width, stage.clientHeight / canvas.height);
+  canvas.style.width = `${Math.floor(canvas.width * scale)}px`;
+  canvas.style.height = `${Math.floor(canvas.height * scale)}px`;
+  context.imageSmoothingEnabled = false;
   context.drawImage(state.picture, 0, 0);
   if ($("show").checked) {
     context.globalAlpha = $("opacity").value / 100;
@@ -130,8 +135,8 @@ function renderList() {
     const item = document.createElement("li");
     item.dataset.id = o.id;
     item.className = (o.status === "proposed" ? "proposed " : "") + (o.id === state.selected ? "selected" : "");
-    item.innerHTML = `#${o.id} <b>${o.category}</b> ${o.status === "proposed" ? "(proposed)" : ""}
-      <button data-act="accept">accept</button> <button data-act="remove">remove</button>`;
+    item.innerHTML = `#${o.id} <b>${o.category}</b> ${o.status === "proposed"
+      ? '(proposed) <button data-act="accept">accept</button>' : ""} <button data-act="remove">remove</button>`;
     item.onclick = async (event) => {
       const act = event.target.dataset.act;
       if (act === "accept") await accept(o.id);
@@ -191,7 +196,9 @@ async function decodePending() {
   });
 }
 
-async function accept(id) { await run(async () => { await api("POST", "/api/update", { id, status: "accepted" }); await loadObjects(); }); }
+async function accept(id) {
+  await run(async () => { await api("POST", "/api/update", { id, status: "accepted" }); await loadObjects(); await loadState(); });
+}
 async function removeObject(id) { await run(async () => { await api("POST", "/api/remove", { id }); state.selected = null; await loadObjects(); await loadState(); }); }
 
 async function undoRedo(which) {
@@ -215,6 +222,7 @@ $("next").onclick = () => openImage(state.index + 1);
 $("undo").onclick = () => undoRedo("undo");
 $("redo").onclick = () => undoRedo("redo");
 $("opacity").oninput = draw;
+window.addEventListener("resize", draw);
 $("show").onchange = draw;
 $("export-rle").onclick = () => exportCoco("rle");
 $("export-poly").onclick = () => exportCoco("polygons");
