@@ -121,3 +121,17 @@ def seg_batch(synth_shards):
 def det_batch(synth_shards):
     """Two synthshapes detection training images as a batch (128 px)."""
     return model_batch(synth_shards["det_train"])
+
+
+@pytest.fixture(scope="session")
+def tiny_model_file(tmp_path_factory) -> Path:
+    """The tiny model (seed 0, random weights) saved as a model file."""
+    import torch
+
+    from openseed.modeling.checkpoint import save_model
+    from openseed.modeling.openseed import build_openseed
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_model") / "tiny.pt"
+    save_model(build_openseed("tiny"), path)
+    return path

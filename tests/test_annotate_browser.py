@@ -12,13 +12,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 from pycocotools.coco import COCO
 
 from openseed.annotate.__main__ import build_app
 from openseed.annotate.server import serve
-from openseed.modeling.checkpoint import save_model
-from openseed.modeling.openseed import build_openseed
 
 PHOTO = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "coco_panoptic_sample" / "input_images" / \
     "000000142238.jpg"
@@ -38,9 +35,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
 @pytest.fixture
-def app_url(tmp_path):
-    torch.manual_seed(0)
-    save_model(build_openseed("tiny"), tmp_path / "tiny.pt")
+def app_url(tmp_path, tiny_model_file):
     root = tmp_path / "images"
     root.mkdir()
     shutil.copy(PHOTO, root / "a.jpg")
@@ -48,7 +43,7 @@ def app_url(tmp_path):
                   "categories": [{"id": 1, "name": "horse"}],
                   "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [300, 120, 200, 250]}]}
     (tmp_path / "detections.json").write_text(json.dumps(detections))
-    args = SimpleNamespace(images=str(root), ckpt=str(tmp_path / "tiny.pt"), vocabulary=["person", "horse"],
+    args = SimpleNamespace(images=str(root), ckpt=str(tiny_model_file), vocabulary=["person", "horse"],
                            boxes=str(tmp_path / "detections.json"), out=str(tmp_path / "annotations.json"),
                            device="cpu", image_size=256, **{"import": None})
     app = build_app(args)

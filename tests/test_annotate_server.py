@@ -13,28 +13,17 @@ from types import SimpleNamespace
 import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
-import torch
 from pycocotools.coco import COCO
 
 from openseed.annotate.__main__ import build_app, main
 from openseed.annotate.server import mask_runs, serve
-from openseed.modeling.checkpoint import save_model
-from openseed.modeling.openseed import build_openseed
 
 PHOTO = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "coco_panoptic_sample" / "input_images" / \
     "000000142238.jpg"
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_model(build_openseed("tiny"), path)
-    return path
-
-
 @pytest.fixture
-def server(checkpoint, tmp_path):
+def server(tiny_model_file, tmp_path):
     root = tmp_path / "images"
     root.mkdir()
     shutil.copy(PHOTO, root / "a.jpg")
@@ -45,7 +34,7 @@ def server(checkpoint, tmp_path):
                   "annotations": [{"id": 1, "image_id": 7, "category_id": 3, "bbox": [10, 10, 100, 80]},
                                   {"id": 2, "image_id": 7, "category_id": 3, "bbox": [200, 100, 150, 200]}]}
     (tmp_path / "detections.json").write_text(json.dumps(detections))
-    args = SimpleNamespace(images=str(root), ckpt=str(checkpoint), vocabulary=["person", "horse"],
+    args = SimpleNamespace(images=str(root), ckpt=str(tiny_model_file), vocabulary=["person", "horse"],
                            boxes=str(tmp_path / "detections.json"), out=str(tmp_path / "out" / "annotations.json"),
                            device="cpu", image_size=256, **{"import": None})
     app = build_app(args)

@@ -10,8 +10,6 @@ from pycocotools import mask as mask_utils
 
 from openseed import Predictor
 from openseed.core.predictions import Instances
-from openseed.modeling.checkpoint import save_model
-from openseed.modeling.openseed import build_openseed
 from openseed.modeling.postprocess import InferenceConfig
 from openseed.predict import InstanceResult, load_image, main
 from tests._reference import load_npz
@@ -21,11 +19,8 @@ PHOTO = PANOPTIC / "input_images" / "000000142238.jpg"  # 640 x 427
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_model(build_openseed("tiny"), path)
-    return path
+def checkpoint(tiny_model_file):
+    return tiny_model_file
 
 
 @pytest.fixture(scope="module")

@@ -142,18 +142,21 @@ class AnnotationStore:
     def undo(self, image: str) -> AnnotatedObject | None:
         """Revert the image's last change; returns the object as restored (None when the change was an addition).
         Raises LookupError when there is nothing to undo."""
-        history = self._history.get(image)
-        if history is None or not history.undo:
-            raise LookupError(f"nothing to undo on {image}")
-        before, after = history.undo[-1]
-        self._change(after, before, "undo")
-        return before
+        return self._step(image, undo=True)
 
     def redo(self, image: str) -> AnnotatedObject | None:
+        """Apply again the image's last undone change; returns the object as it is now (None: removed again)."""
+        return self._step(image, undo=False)
+
+    def _step(self, image: str, undo: bool) -> AnnotatedObject | None:
         history = self._history.get(image)
-        if history is None or not history.redo:
-            raise LookupError(f"nothing to redo on {image}")
-        before, after = history.redo[-1]
+        stack = None if history is None else (history.undo if undo else history.redo)
+        if not stack:
+            raise LookupError(f"nothing to {'undo' if undo else 'redo'} on {image}")
+        before, after = stack[-1]
+        if undo:
+            self._change(after, before, "undo")
+            return before
         self._change(before, after, "redo")
         return after
 
