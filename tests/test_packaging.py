@@ -26,6 +26,8 @@ def test_wheel_holds_every_module_and_config(tmp_path):
     assert modules <= names, sorted(modules - names)
     configs = {"openseed/" + str(p.relative_to(ROOT)) for p in (ROOT / "conf").rglob("*.yaml")}
     assert len(configs) > 20 and configs <= names, sorted(configs - names)
+    page = {str(p.relative_to(ROOT)) for p in (ROOT / "openseed" / "annotate" / "static").iterdir()}
+    assert {"openseed/annotate/static/index.html", "openseed/annotate/static/app.js"} <= page <= names
 
 
 def test_distribution_name_is_not_the_taken_one():
