@@ -5,6 +5,7 @@ traversal, unknown routes, bad bodies, boxes outside the picture)."""
 import json
 import shutil
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -140,3 +141,45 @@ def test_command_line_errors(tmp_path, capsys):
     assert main(["images=" + str(tmp_path / "none"), "ckpt=x.pt"]) == 1
     assert "not a folder of images" in capsys.readouterr().err
     assert main(["ckpt=x.pt"]) == 2
+
+
+def _wait_for_job(server, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = call(server, "GET", "/api/job")[1]["job"]
+        if not job["running"]:
+            return job
+        time.sleep(0.05)
+    raise AssertionError("the proposal run did not end")
+
+
+def test_proposals_for_the_whole_folder_in_the_background_and_cancel(server, monkeypatch):
+    status, started = call(server, "POST", "/api/propose_all")
+    assert status == 200 and started["job"]["total"] == 1  # only b.jpg has boxes
+    job = _wait_for_job(server)
+    assert (job["done"], job["cancelled"], job["error"]) == (1, False, None)
+    assert [o.status for o in server.app.session.store.objects("b.jpg")] == ["proposed", "proposed"]
+    assert call(server, "POST", "/api/propose_all")[1]["job"]["total"] == 0  # proposed already: nothing to do
+    assert call(server, "POST", "/api/propose", {"name": "b.jpg"})[1]["objects"] == []  # nor per image
+
+    # cancel: both images with boxes; the first one's decoding waits until the cancel has arrived
+    app = server.app
+    app.proposals = {"a.jpg": [([10, 10, 50, 50], "dog")], "b.jpg": [([10, 10, 50, 50], "dog")]}
+    for obj in app.session.store.objects("b.jpg"):
+        app.session.store.remove(obj.id)
+    cancelled, decoding = threading.Event(), []
+    original = app.propose
+
+    def slow_propose(name):
+        decoding.append(name)
+        assert cancelled.wait(30)
+        return {"objects": []}
+
+    monkeypatch.setattr(app, "propose", slow_propose)
+    assert call(server, "POST", "/api/propose_all")[1]["job"]["total"] == 2
+    assert call(server, "POST", "/api/propose_all")[0] == 409  # one run at a time
+    call(server, "POST", "/api/cancel")
+    cancelled.set()
+    job = _wait_for_job(server)
+    assert decoding == ["a.jpg"] and (job["done"], job["cancelled"]) == (1, True)
+    monkeypatch.setattr(app, "propose", original)

@@ -16,6 +16,9 @@ unreadable picture):
     POST /api/remove {id}
     POST /api/undo {name} | /api/redo {name}
     POST /api/propose {name}             masks for the detection file's boxes of the image, as proposals
+    POST /api/propose_all                the same for every image with boxes and no proposals yet, in the background
+    GET  /api/job                        that run's progress (done, total, running, cancelled, error)
+    POST /api/cancel                     stop it after the image under way
     POST /api/export {format?}           write the COCO file (``rle`` or ``polygons``); its path and counts
 """
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import mimetypes
+import threading
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -76,6 +80,9 @@ class AnnotationApp:
                  proposals: dict[str, list[tuple[list[float], str]]] | None = None):
         self.session, self.out, self.vocabulary = session, Path(out), list(vocabulary)
         self.proposals = proposals or {}
+        self._job = {"done": 0, "total": 0, "running": False, "cancelled": False, "error": None, "current": None}
+        self._job_lock = threading.Lock()
+        self._cancel = threading.Event()
 
     def state(self) -> dict:
         counts, proposed = {}, {}
@@ -132,11 +139,64 @@ class AnnotationApp:
         return self.objects(name)
 
     def propose(self, name: str) -> dict:
+        """Proposals for the detection file's boxes of the image, once: an image that has proposals already keeps
+        them (reviewing removes or accepts them one by one)."""
         self._image(name)
         boxes = self.proposals.get(name, [])
-        if not boxes:
+        if not boxes or self._has_proposals(name):
             return {"objects": []}
         return self.segment(name, [b for b, _ in boxes], [c for _, c in boxes], status="proposed")
+
+    def _has_proposals(self, name: str) -> bool:
+        return any(o.status == "proposed" for o in self.session.store.objects(name))
+
+    def propose_all(self) -> dict:
+        """Start proposing for every image with boxes and no proposals yet, in a background thread."""
+        with self._job_lock:
+            if self._job["running"]:
+                raise ApiError(409, "a proposal run is under way")
+            names = [i.name for i in self.session.folder.images
+                     if self.proposals.get(i.name) and not self._has_proposals(i.name)]
+            self._cancel.clear()
+            self._job = {"done": 0, "total": len(names), "running": bool(names), "cancelled": False, "error": None,
+                         "current": None}
+        if names:
+            threading.Thread(target=self._run_proposals, args=(names,), daemon=True,
+                             name="openseed-proposals").start()
+        return self.job()
+
+    def _run_proposals(self, names: list[str]) -> None:
+        try:
+            for name in names:
+                if self._cancel.is_set():
+                    with self._job_lock:
+                        self._job["cancelled"] = True
+                    break
+                with self._job_lock:
+                    self._job["current"] = name
+                try:
+                    self.propose(name)
+                except UnreadableImage as err:  # counted, said, and the run goes on
+                    log.warning("proposals: %s", err)
+                    with self._job_lock:
+                        self._job["error"] = str(err)
+                with self._job_lock:
+                    self._job["done"] += 1
+        except Exception as err:  # a bug: said in the job, the server keeps serving
+            log.exception("proposal run failed")
+            with self._job_lock:
+                self._job["error"] = f"{type(err).__name__}: {err}"
+        finally:
+            with self._job_lock:
+                self._job["running"], self._job["current"] = False, None
+
+    def job(self) -> dict:
+        with self._job_lock:
+            return {"job": dict(self._job)}
+
+    def cancel(self) -> dict:
+        self._cancel.set()
+        return self.job()
 
     def export(self, fmt: str = "rle") -> dict:
         if fmt not in SEGMENTATION_FORMATS:
@@ -189,6 +249,8 @@ def make_handler(app: AnnotationApp) -> type[BaseHTTPRequestHandler]:
                 return self._static(path[len("/static/"):])
             if path == "/api/state":
                 return app.state()
+            if path == "/api/job":
+                return app.job()
             if path == "/api/objects":
                 return app.objects(query.get("name"))
             if path == "/api/image":
@@ -209,6 +271,8 @@ def make_handler(app: AnnotationApp) -> type[BaseHTTPRequestHandler]:
                 "/api/undo": lambda: app.undo(body.get("name")),
                 "/api/redo": lambda: app.undo(body.get("name"), redo=True),
                 "/api/propose": lambda: app.propose(body.get("name")),
+                "/api/propose_all": app.propose_all,
+                "/api/cancel": app.cancel,
                 "/api/export": lambda: app.export(body.get("format", "rle")),
             }
             if path not in routes:

@@ -233,6 +233,27 @@ $("propose").onclick = () => run(async () => {
   await loadState();
 });
 
+$("propose-all").onclick = () => run(async () => { await api("POST", "/api/propose_all"); await watchJob(); });
+$("cancel").onclick = () => run(async () => { await api("POST", "/api/cancel"); });
+
+async function watchJob() {  // the background proposal run: a progress bar and a cancel button until it ends
+  for (;;) {
+    const { job } = await api("GET", "/api/job");
+    $("job-progress").hidden = $("cancel").hidden = !job.running;
+    $("job-progress").max = Math.max(job.total, 1);
+    $("job-progress").value = job.done;
+    if (!job.running) {
+      say(`proposals: ${job.done} of ${job.total} images${job.cancelled ? " (cancelled)" : ""}` +
+          (job.error ? ` - ${job.error}` : ""));
+      await loadState();
+      if (state.index >= 0) await loadObjects();
+      return;
+    }
+    say(`proposals: ${job.done} / ${job.total} images (${job.current || ""})`);
+    await new Promise((resolve) => setTimeout(resolve, 500));
+  }
+}
+
 document.addEventListener("keydown", (event) => {
   if (event.target === $("category")) { if (event.key === "Enter") decodePending(); return; }
   const key = event.key.toLowerCase();
