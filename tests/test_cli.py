@@ -65,6 +65,7 @@ TOOLS = ["openseed/predict.py", "openseed/convert_checkpoint.py", "openseed/anno
          "data_prep/prepare_synthshapes.py", "data_prep/pseudo_masks.py", "data_prep/synthetic.py",
          "data_prep/benchmark.py", "experiments/paper_claims/run.py", "experiments/paper_claims/gather.py",
          "experiments/model_profile/measure.py", "experiments/model_profile/predictor_latency.py",
+         "experiments/model_profile/annotate_latency.py",
          "experiments/reference_weights/latency.py", "experiments/reference_weights/layout_checkpoint.py",
          "experiments/reference_weights/parity_table.py", "experiments/reliability/kill_during_save.py"]
 
