@@ -101,6 +101,11 @@ def test_draw_a_box_accept_a_proposal_export(app_url, browser):
     proposal.find_element(By.CSS_SELECTOR, "button[data-act=accept]").click()
     WebDriverWait(browser, 60).until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#object-list li.proposed"))
     WebDriverWait(browser, 60).until(lambda d: d.find_element(By.CSS_SELECTOR, "#image-list li").text == "a.jpg (2)")
+    category.clear()
+    category.send_keys("man")  # a new class for the drawn object: relabelled and decoded again
+    browser.find_element(By.CSS_SELECTOR, "#object-list li button[data-act=relabel]").click()
+    _status(browser, "is now man")
+    assert "man" in browser.find_elements(By.CSS_SELECTOR, "#object-list li")[0].text
     if os.environ.get("OPENSEED_SCREENSHOT"):
         time.sleep(0.5)
         browser.save_screenshot(os.environ["OPENSEED_SCREENSHOT"])
@@ -108,7 +113,7 @@ def test_draw_a_box_accept_a_proposal_export(app_url, browser):
     _status(browser, "exported 2 annotations")
     coco = COCO(str(out))
     anns = coco.loadAnns(coco.getAnnIds())
-    assert [coco.loadCats(a["category_id"])[0]["name"] for a in anns] == ["person", "horse"]
+    assert [coco.loadCats(a["category_id"])[0]["name"] for a in anns] == ["man", "horse"]
     assert all(a["area"] > 0 and a["segmentation"]["size"] == [427, 640] for a in anns)
     drawn = app.session.store.objects("a.jpg")[0]  # the box as the mouse drew it, in picture pixels
     assert all(abs(a - b) <= 2 for a, b in zip(drawn.box, (100, 100, 300, 400), strict=True))

@@ -136,11 +136,13 @@ function renderList() {
     item.dataset.id = o.id;
     item.className = (o.status === "proposed" ? "proposed " : "") + (o.id === state.selected ? "selected" : "");
     item.innerHTML = `#${o.id} <b>${o.category}</b> ${o.status === "proposed"
-      ? '(proposed) <button data-act="accept">accept</button>' : ""} <button data-act="remove">remove</button>`;
+      ? '(proposed) <button data-act="accept">accept</button>' : ""} <button data-act="remove">remove</button>
+      <button data-act="relabel" title="give it the class typed above and decode its mask again">relabel</button>`;
     item.onclick = async (event) => {
       const act = event.target.dataset.act;
       if (act === "accept") await accept(o.id);
       else if (act === "remove") await removeObject(o.id);
+      else if (act === "relabel") await relabel(o.id);
       else { state.selected = state.selected === o.id ? null : o.id; renderList(); draw(); }
     };
     $("object-list").appendChild(item);
@@ -199,6 +201,17 @@ async function decodePending() {
 async function accept(id) {
   await run(async () => { await api("POST", "/api/update", { id, status: "accepted" }); await loadObjects(); await loadState(); });
 }
+async function relabel(id) {
+  const category = $("category").value.trim();
+  if (!category) return say("type the new class name first");
+  await run(async () => {
+    await api("POST", "/api/update", { id, category, decode: true });
+    say(`object #${id} is now ${category}`);
+    await loadObjects();
+    refreshVocabulary();
+  });
+}
+
 async function removeObject(id) { await run(async () => { await api("POST", "/api/remove", { id }); state.selected = null; await loadObjects(); await loadState(); }); }
 
 async function undoRedo(which) {
