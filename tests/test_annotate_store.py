@@ -12,6 +12,7 @@ from scipy import ndimage
 from openseed.annotate.coco import export_coco, import_coco, mask_to_polygons
 from openseed.annotate.store import AnnotationStore, JournalError
 from openseed.core.codecs import encode_rle
+from openseed.evaluation.instances import evaluate_coco
 
 
 def _rle(mask: np.ndarray) -> dict:
@@ -121,6 +122,12 @@ def test_export_is_read_back_by_pycocotools_and_imported_again(tmp_path):
                 assert (got >= masks[key]).all() and (got & ~masks[key]).sum() == (
                     ndimage.binary_fill_holes(masks[key]) & ~masks[key]).sum()
         assert anns[2]["bbox"] == [2.5, 3.0, 4.5, 6.0] and anns[2]["area"] == 27.0
+    # openseed's own COCO evaluator reads the export as ground truth: the objects themselves score AP 1
+    exported = json.loads((tmp_path / "rle.json").read_text())
+    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
+                "segmentation": a["segmentation"], "score": 1.0} for a in exported["annotations"]]
+    for iou_type in ("bbox", "segm"):
+        assert evaluate_coco(exported, results, iou_type)["AP"] == pytest.approx(1.0)
     again = AnnotationStore(tmp_path / "j2")
     counts = import_coco(again, tmp_path / "rle.json", {"a.jpg": (20, 24), "b.jpg": (30, 40)})
     assert counts == {"imported": 4, "skipped_images": 1}  # empty.jpg is not in this folder
