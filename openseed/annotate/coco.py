@@ -21,7 +21,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 
 from openseed.annotate.store import AnnotationStore
-from openseed.core.codecs import segmentation_to_rle
+from openseed.core.codecs import decode_rle, segmentation_to_rle
 
 SEGMENTATION_FORMATS = ("rle", "polygons")
 
@@ -118,10 +118,9 @@ def export_coco(store: AnnotationStore, images: Sequence[tuple[str, int, int]], 
                     raise ValueError(f"object {obj.id} on {name}: its mask is {obj.rle['size']}, the image "
                                      f"{list(sizes[name])}")
                 rle = {"size": obj.rle["size"], "counts": obj.rle["counts"]}
-                entry["bbox"] = [float(v) for v in mask_utils.toBbox(_bytes_rle(rle))]
-                entry["area"] = float(mask_utils.area(_bytes_rle(rle)))
-                entry["segmentation"] = rle if segmentation == "rle" else mask_to_polygons(
-                    mask_utils.decode(_bytes_rle(rle)))
+                entry["bbox"] = [float(v) for v in mask_utils.toBbox(rle)]
+                entry["area"] = float(mask_utils.area(rle))
+                entry["segmentation"] = rle if segmentation == "rle" else mask_to_polygons(decode_rle(rle).numpy())
             else:
                 x0, y0, x1, y1 = obj.box
                 entry["bbox"] = [x0, y0, x1 - x0, y1 - y0]
@@ -129,12 +128,6 @@ def export_coco(store: AnnotationStore, images: Sequence[tuple[str, int, int]], 
                 entry["segmentation"] = [[x0, y0, x1, y0, x1, y1, x0, y1]]
             out["annotations"].append(entry)
     return out
-
-
-def _bytes_rle(rle: dict) -> dict:
-    counts = rle["counts"]
-    return {"size": [int(v) for v in rle["size"]], "counts": counts.encode("ascii") if isinstance(counts, str) else
-            counts}
 
 
 # ---------------------------------------------------------------------------------------------------- import

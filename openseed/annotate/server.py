@@ -35,11 +35,11 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
-import pycocotools.mask as mask_utils
 
 from openseed.annotate.coco import SEGMENTATION_FORMATS, export_coco
 from openseed.annotate.session import AnnotationSession, UnreadableImage
 from openseed.annotate.store import AnnotatedObject
+from openseed.core.codecs import decode_rle
 from openseed.fileio import atomic_write
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,7 @@ def mask_runs(rle: dict | None) -> list[int] | None:
     paints them)."""
     if rle is None:
         return None
-    counts = rle["counts"]
-    flat = mask_utils.decode({"size": rle["size"], "counts": counts.encode() if isinstance(counts, str) else counts})
-    pixels = flat.flatten(order="F")
+    pixels = decode_rle(rle).numpy().flatten(order="F")
     changes = np.flatnonzero(np.diff(pixels)) + 1
     bounds = np.concatenate([[0], changes, [pixels.size]])
     runs = np.diff(bounds).tolist()
